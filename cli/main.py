@@ -1,0 +1,67 @@
+"""Entry point of the `vpr` command.
+
+Each `cli/<area>.py` module exposes `register(subparsers)`, adding its
+subcommands with `set_defaults(func=main_fn)`; `main_fn(args) -> int` is the
+exit status. User errors (bad files, bad specs) print one line naming the
+file and the problem and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from model.config import HomeSettings
+
+# Command modules, in the order they appear in --help. A module that is not
+# there yet (work in progress) is skipped rather than breaking the CLI.
+COMMAND_MODULES = ("cli.model_cmd", "cli.data_cmd", "cli.train_cmd", "cli.index_cmd", "cli.server_cmd")
+
+
+class CLIError(Exception):
+    """An error to show the user as one line (exit status 2)."""
+
+
+def home_from(args: argparse.Namespace) -> HomeSettings:
+    """`--home` beats `VPR_HOME`, which beats ./var."""
+    return HomeSettings(home=Path(args.home)) if getattr(args, "home", None) else HomeSettings()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpr", description="Visual place recognition for low-quality queries.")
+    parser.add_argument("--home", help="state folder (default: $VPR_HOME or ./var)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"vpr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

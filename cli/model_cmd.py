@@ -1,0 +1,157 @@
+"""`vpr model ...`: register, inspect, activate, verify and use models."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
+from model.extract import default_device, extract
+from model.fileio import atomic_write_bytes
+from model.registry import Registry, RegistryError
+from model.teacher import init_teacher
+from model.weights import import_pytorch_netvlad
+
+from .main import CLIError, home_from
+
+
+def registry_from(args: argparse.Namespace) -> Registry:
+    return Registry(home_from(args).models_dir)
+
+
+def main_init(args: argparse.Namespace) -> int:
+    config = ModelConfig(
+        backbone=BackboneConfig(name=args.backbone, cut=args.cut,
+                                trainable=args.trainable.split(",") if args.trainable else None),
+        netvlad=NetVLADConfig(clusters=args.clusters),
+        preprocess=PreprocessConfig(mode=args.preprocess, max_side=args.max_side, small_policy=args.policy),
+        pca_dim=args.pca_dim,
+    )
+    ref = init_teacher(registry_from(args), args.name, config, args.weights, Path(args.cluster_images),
+                       samples=args.samples, seed=args.seed,
+                       pca_images=Path(args.pca_images) if args.pca_images else None,
+                       activate=not args.no_activate, device=default_device())
+    print(ref)
+    return 0
+
+
+def main_import(args: argparse.Namespace) -> int:
+    net, details = import_pytorch_netvlad(Path(args.checkpoint))
+    reg = registry_from(args)
+    ref = reg.register(args.name, net, role="teacher", details=details)
+    if not args.no_activate:
+        reg.activate(ref)
+    print(ref)
+    return 0
+
+
+def summary(reg: Registry, name: str, version: int) -> dict:
+    m = reg.manifest(f"{name}@{version}")
+    active = reg.active(name)
+    return {"ref": f"{name}@{version}", "role": m["role"], "backbone": m["config"]["backbone"]["name"],
+            "dim": m["descriptor_dim"], "parent": m.get("parent"), "created": m["created"],
+            "active": bool(active and active.version == version)}
+
+
+def main_list(args: argparse.Namespace) -> int:
+    reg = registry_from(args)
+    rows = [summary(reg, n, v) for n in reg.names() for v in reg.versions(n)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models in {reg.root}")
+    for r in rows:
+        print(f"{'*' if r['active'] else ' '} {r['ref']:<28} {r['role']:<8} {r['backbone']:<9} "
+              f"dim={r['dim']:<6} parent={r['parent'] or '-'}  {r['created']}")
+    return 0
+
+
+def main_show(args: argparse.Namespace) -> int:
+    m = registry_from(args).manifest(args.model)
+    print(json.dumps(m, indent=2) if args.json else "\n".join(f"{k}: {json.dumps(v)}" for k, v in m.items()))
+    return 0
+
+
+def main_activate(args: argparse.Namespace) -> int:
+    print(registry_from(args).activate(args.model))
+    return 0
+
+
+def main_verify(args: argparse.Namespace) -> int:
+    reg = registry_from(args)
+    try:
+        reg.load(args.model)
+    except RegistryError as e:
+        raise CLIError(f"verification failed: {e}") from e
+    print(f"{reg.resolve(args.model)}: ok")
+    return 0
+
+
+def main_embed(args: argparse.Namespace) -> int:
+    loaded = registry_from(args).load(args.model, device=default_device())
+    descs = extract(loaded.net, [Path(p) for p in args.images], batch_size=args.batch_size, progress="embed")
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise CLIError(f"{out}: --out must end in .npy")
+    buf = io.BytesIO()
+    np.save(buf, descs)
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"{out}: {descs.shape[0]} x {descs.shape[1]} descriptors from {loaded.ref}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model", help="register, inspect and activate models")
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+
+    q = msub.add_parser("init", help="build a teacher, initialise its clusters by k-means, register it")
+    q.add_argument("--name", required=True)
+    q.add_argument("--backbone", default="vgg16", choices=["vgg16", "resnet18", "resnet50"])
+    q.add_argument("--cut", default="layer3", choices=["layer3", "layer4"], help="ResNet cut point")
+    q.add_argument("--trainable", help="comma-separated backbone blocks left trainable (default: last block)")
+    q.add_argument("--weights", required=True, help="FILE.safetensors (vgg16 features), 'imagenet' or 'none'")
+    q.add_argument("--preprocess", default="caffe", choices=["caffe", "imagenet"])
+    q.add_argument("--max-side", type=int, default=640, help="cap on the longer image side")
+    q.add_argument("--policy", default="upsample", choices=["native", "upsample"], help="small-query policy")
+    q.add_argument("--cluster-images", required=True, help="folder of images for k-means")
+    q.add_argument("--clusters", type=int, default=64)
+    q.add_argument("--samples", type=int, default=50_000, help="local features sampled for k-means")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--pca-dim", type=int, help="add PCA-whitening to this dimension")
+    q.add_argument("--pca-images", help="folder to fit PCA on (default: the cluster images)")
+    q.add_argument("--no-activate", action="store_true")
+    q.set_defaults(func=main_init)
+
+    q = msub.add_parser("import-netvlad", help="import a pytorch-NetVLAD checkpoint (.pth.tar)")
+    q.add_argument("checkpoint")
+    q.add_argument("--name", required=True)
+    q.add_argument("--no-activate", action="store_true")
+    q.set_defaults(func=main_import)
+
+    q = msub.add_parser("list", help="list registered models")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=main_list)
+
+    q = msub.add_parser("show", help="print a model's manifest")
+    q.add_argument("model", help="NAME@VERSION or NAME (active)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=main_show)
+
+    q = msub.add_parser("activate", help="make a version the active one of its name")
+    q.add_argument("model")
+    q.set_defaults(func=main_activate)
+
+    q = msub.add_parser("verify", help="check weights hash and config (non-zero exit on mismatch)")
+    q.add_argument("model")
+    q.set_defaults(func=main_verify)
+
+    q = msub.add_parser("embed", help="describe images, save an (N, D) .npy")
+    q.add_argument("model")
+    q.add_argument("images", nargs="+")
+    q.add_argument("--out", required=True)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.set_defaults(func=main_embed)

@@ -1,0 +1,4 @@
+"""The place database: descriptor store, FAISS (or Milvus) search, metadata, versions.
+
+Imports `model/` only.
+"""

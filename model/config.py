@@ -1,0 +1,95 @@
+"""Configuration models: the architecture of a network and the home folder.
+
+The architecture config is stored in every registry manifest, so that a
+version can be rebuilt exactly; one pydantic model per concept, validated
+choices with messages that list what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BACKBONES = ("vgg16", "resnet18", "resnet50")
+
+
+class BackboneConfig(BaseModel):
+    """Which CNN produces the local features, where it is cut and what trains."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "vgg16"
+    # ResNets only: cut after "layer3" (1/16 resolution) or "layer4" (1/32).
+    cut: Literal["layer3", "layer4"] = "layer3"
+    # Names of the top-level blocks that stay trainable (see Backbone.blocks()).
+    # None means the backbone's own default (vgg16: conv5 only, as in the paper).
+    trainable: list[str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; choose one of {', '.join(BACKBONES)}")
+        return v
+
+
+class NetVLADConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clusters: int = Field(64, ge=1, le=1024)
+    # Sharpness of the soft assignment used to initialise the 1x1 conv from the
+    # centroids (NetVLAD paper, Arandjelovic et al. 2016, alpha).
+    alpha: float = Field(100.0, gt=0)
+
+
+class PreprocessConfig(BaseModel):
+    """How a decoded image becomes the network's input tensor.
+
+    `max_side` caps the longer side (aspect kept). `small_policy` decides what
+    happens to images smaller than that: `native` feeds them at their own size,
+    `upsample` resizes them up to `max_side` first (helps very small queries).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["caffe", "imagenet"] = "caffe"
+    max_side: int = Field(640, ge=32, le=4096)
+    small_policy: Literal["native", "upsample"] = "upsample"
+
+
+class ModelConfig(BaseModel):
+    """The full architecture of one place-recognition network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: BackboneConfig = BackboneConfig()
+    netvlad: NetVLADConfig = NetVLADConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    # Output dimension of the optional PCA-whitening projection; None = raw NetVLAD.
+    pca_dim: int | None = Field(None, ge=1)
+
+
+class HomeSettings(BaseSettings):
+    """Where state lives. `VPR_HOME` overrides; CLI `--home` overrides both."""
+
+    model_config = SettingsConfigDict(env_prefix="VPR_", extra="ignore")
+
+    home: Path = Path("var")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.home / "indexes"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"

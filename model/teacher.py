@@ -1,0 +1,51 @@
+"""Build, initialise and register a teacher: the `vpr model init` workflow."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .clusters import fit_pca, init_clusters
+from .config import ModelConfig
+from .fileio import sha256_file
+from .network import VPRNet, build_model
+from .preprocess import list_images
+from .registry import ModelRef, Registry
+from .weights import WeightsError, load_torchvision_imagenet, load_vgg16_features
+
+log = logging.getLogger(__name__)
+
+
+def load_backbone_weights(net: VPRNet, weights: str) -> dict:
+    """`none`, `imagenet` (torchvision cache) or a safetensors file; returns what to record."""
+    if weights == "none":
+        log.warning("backbone weights: none (random init); descriptors will be poor")
+        return {"weights": "none"}
+    if weights == "imagenet":
+        load_torchvision_imagenet(net)
+        return {"weights": "torchvision-imagenet"}
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file (use a .safetensors file, 'imagenet' or 'none')")
+    load_vgg16_features(net, path)
+    return {"weights": str(path.resolve()), "weights_sha256": sha256_file(path)}
+
+
+def init_teacher(registry: Registry, name: str, config: ModelConfig, weights: str,
+                 cluster_images: Path, samples: int = 50_000, seed: int = 0,
+                 pca_images: Path | None = None, activate: bool = True,
+                 device: torch.device | str = "cpu") -> ModelRef:
+    torch.manual_seed(seed)
+    net = build_model(config).to(device)
+    details = {"source": "init", **load_backbone_weights(net, weights)}
+    images = list_images(cluster_images)
+    details |= init_clusters(net, images, samples=samples, seed=seed, device=device)
+    details["cluster_folder"] = str(Path(cluster_images).resolve())
+    if config.pca_dim:
+        pca_list = list_images(pca_images) if pca_images else images
+        details |= fit_pca(net, pca_list, device=device)
+    ref = registry.register(name, net.cpu(), role="teacher", details=details)
+    if activate:
+        registry.activate(ref)
+    return ref

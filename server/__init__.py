@@ -1,0 +1,1 @@
+"""The online service. Imports `model/` and `index/`; nothing imports it."""

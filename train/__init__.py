@@ -1,0 +1,4 @@
+"""Degradation, dataset readers, losses, distillation, evaluation, heatmaps.
+
+Imports `model/` and `index/`.
+"""
