@@ -18,6 +18,7 @@ serve: $(STAMP)
 	$(BIN)/vpr serve --demo
 
 test: $(STAMP)
+	@bash .ci/install-browser.sh || echo "note: Chromium not installed; the browser tests will be skipped"
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -11,22 +11,12 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
 
-from model.config import HomeSettings
+from cli.common import CLIError, home_from  # noqa: F401  (re-exported for the command modules)
 
 # Command modules, in the order they appear in --help. A module that is not
 # there yet (work in progress) is skipped rather than breaking the CLI.
 COMMAND_MODULES = ("cli.model_cmd", "cli.data_cmd", "cli.train_cmd", "cli.index_cmd", "cli.server_cmd")
-
-
-class CLIError(Exception):
-    """An error to show the user as one line (exit status 2)."""
-
-
-def home_from(args: argparse.Namespace) -> HomeSettings:
-    """`--home` beats `VPR_HOME`, which beats ./var."""
-    return HomeSettings(home=Path(args.home)) if getattr(args, "home", None) else HomeSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:

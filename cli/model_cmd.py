@@ -6,23 +6,23 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
+from .common import CLIError, home_from
 
-from model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
-from model.extract import default_device, extract
-from model.fileio import atomic_write_bytes
-from model.registry import Registry, RegistryError
-from model.teacher import init_teacher
-from model.weights import import_pytorch_netvlad
-
-from .main import CLIError, home_from
+# Heavy imports (torch) happen inside the command functions, so that
+# `vpr --help` and the light commands of other modules start fast.
 
 
-def registry_from(args: argparse.Namespace) -> Registry:
+def registry_from(args: argparse.Namespace):
+    from model.registry import Registry
+
     return Registry(home_from(args).models_dir)
 
 
 def main_init(args: argparse.Namespace) -> int:
+    from model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
+    from model.extract import default_device
+    from model.teacher import init_teacher
+
     config = ModelConfig(
         backbone=BackboneConfig(name=args.backbone, cut=args.cut,
                                 trainable=args.trainable.split(",") if args.trainable else None),
@@ -39,6 +39,8 @@ def main_init(args: argparse.Namespace) -> int:
 
 
 def main_import(args: argparse.Namespace) -> int:
+    from model.weights import import_pytorch_netvlad
+
     net, details = import_pytorch_netvlad(Path(args.checkpoint))
     reg = registry_from(args)
     ref = reg.register(args.name, net, role="teacher", details=details)
@@ -48,7 +50,7 @@ def main_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(reg: Registry, name: str, version: int) -> dict:
+def summary(reg, name: str, version: int) -> dict:
     m = reg.manifest(f"{name}@{version}")
     active = reg.active(name)
     return {"ref": f"{name}@{version}", "role": m["role"], "backbone": m["config"]["backbone"]["name"],
@@ -82,6 +84,8 @@ def main_activate(args: argparse.Namespace) -> int:
 
 
 def main_verify(args: argparse.Namespace) -> int:
+    from model.registry import RegistryError
+
     reg = registry_from(args)
     try:
         reg.load(args.model)
@@ -92,6 +96,11 @@ def main_verify(args: argparse.Namespace) -> int:
 
 
 def main_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from model.extract import default_device, extract
+    from model.fileio import atomic_write_bytes
+
     loaded = registry_from(args).load(args.model, device=default_device())
     descs = extract(loaded.net, [Path(p) for p in args.images], batch_size=args.batch_size, progress="embed")
     out = Path(args.out)

@@ -32,6 +32,12 @@ class Backbone(nn.Module):
     def blocks(self) -> "OrderedDict[str, nn.Module]":
         raise NotImplementedError
 
+    def layers(self) -> nn.Sequential:
+        """The backbone as one nn.Sequential whose composition is forward().
+        Distillation splits it into a frozen prefix, whose output it caches,
+        and a trainable rest."""
+        raise NotImplementedError
+
     def set_trainable(self, names: list[str] | tuple[str, ...] | None) -> None:
         """Freeze every block but `names` (None: the backbone's default)."""
         names = self.default_trainable if names is None else tuple(names)
@@ -63,6 +69,9 @@ class VGG16Backbone(Backbone):
         layers = list(self.features.children())
         return OrderedDict((n, nn.Sequential(*layers[a:b])) for n, (a, b) in _VGG_BLOCKS.items())
 
+    def layers(self) -> nn.Sequential:
+        return self.features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
@@ -87,6 +96,9 @@ class ResNetBackbone(Backbone):
             if n.startswith("layer"):
                 b[n] = m
         return b
+
+    def layers(self) -> nn.Sequential:
+        return self.body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

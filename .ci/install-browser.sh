@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install what tests/test_webpage.py needs on a fresh Debian machine (run as root):
+# Debian's headless Chromium and its matching chromedriver. The Python driver
+# (selenium) comes with the project's dev extras (pip install -e '.[dev]').
+# Idempotent and quiet: does nothing when both binaries are already present.
+set -euo pipefail
+
+if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-browser.sh: run as root (apt-get install chromium chromium-driver)" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null
+echo "install-browser.sh: $(chromium --version 2>/dev/null | head -1); $(chromedriver --version 2>/dev/null | head -1)"

@@ -1,0 +1,110 @@
+"""`vpr serve`, `vpr query`, `vpr stream`: run the server and talk to it."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import CLIError, home_from
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+    from server.settings import ServerSettings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model, "index": args.index,
+                                   "device": args.device, "admin_token_file": args.admin_token_file}.items()
+                 if v is not None}
+    settings = ServerSettings(home=home_from(args).home, **overrides)
+    if args.demo and settings.model is None and settings.index is None:
+        settings = with_demo(settings)
+    print(f"vpr: serving on http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True)
+    return serve(settings)
+
+
+def with_demo(settings):
+    """Serve the demo when it exists, or build it when nothing is registered yet."""
+    from train.demo import INDEX, STUDENT, ensure_demo, existing_demo
+
+    from index.ops import store_for
+
+    demo = existing_demo(settings)
+    if demo is None and store_for(settings).names():
+        return settings  # the user has indexes of their own: serve those
+    demo = demo or ensure_demo(settings)
+    print(f"vpr: demo ready: model {demo.model}, index {demo.index}, teacher weights: {demo.weights}", flush=True)
+    return settings.model_copy(update={"model": STUDENT, "index": INDEX})
+
+
+def main_query(args: argparse.Namespace) -> int:
+    from server.client import ServerError, query_command
+
+    try:
+        return query_command(args.url, [Path(p) for p in args.images], top_k=args.top_k, as_json=args.json)
+    except (ConnectionError, ServerError) as e:
+        raise CLIError(str(e)) from None
+
+
+def main_stream(args: argparse.Namespace) -> int:
+    from server.client import ServerError, stream_command
+
+    try:
+        return stream_command(args.url, Path(args.video), codec=args.codec, top_k=args.top_k,
+                              realtime=not args.fast, speed=args.speed, as_json=args.json,
+                              max_frames=args.max_frames)
+    except (ConnectionError, ServerError, TimeoutError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{v:g} must be positive")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP/websocket server",
+                       description="Serve the active query model and index (env VPR_* configures the rest, "
+                                   "see server/settings.py).")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--model", help="query model NAME or NAME@VERSION (default: the active student)")
+    p.add_argument("--index", help="index NAME or NAME@VERSION (default: the only / last served index)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--admin-token-file", help="file holding the admin token (enables /v1/admin)")
+    p.add_argument("--demo", action="store_true",
+                   help="with nothing registered, build a demo (synthetic route, teacher, index, student) first")
+    p.set_defaults(func=main_serve)
+
+    url_help = "server URL (default $VPR_URL or http://127.0.0.1:8000)"
+    p = sub.add_parser("query", help="send images to a server, print the top matches")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--url", help=url_help)
+    p.add_argument("--top-k", type=_positive_int, help="matches per image (server default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON answer per line")
+    p.set_defaults(func=main_query)
+
+    p = sub.add_parser("stream", help="stream a video file to a server at its frame rate, print results")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("--url", help=url_help)
+    p.add_argument("--codec", choices=("h264", "jpeg"), default="h264",
+                   help="send the H.264 bitstream (Annex-B) or one JPEG per frame (default h264)")
+    p.add_argument("--top-k", type=_positive_int, help="matches per frame (server default 5)")
+    p.add_argument("--speed", type=_positive_float, default=1.0, help="playback speed factor (default 1)")
+    p.add_argument("--fast", action="store_true", help="send as fast as possible (the server drops frames)")
+    p.add_argument("--max-frames", type=_positive_int, help="stop after this many frames")
+    p.add_argument("--json", action="store_true", help="print the raw JSON messages")
+    p.set_defaults(func=main_stream)

@@ -1,0 +1,214 @@
+"""Dynamic micro-batching: concurrent queries share one forward pass.
+
+Requests (HTTP images, stream frames) put prepared input tensors into a
+bounded queue. One worker thread takes the first waiting item, gathers
+whatever else arrives within `max_wait_ms` (up to `max_batch_size`), runs
+one forward pass per (model, input shape) group and one index search per
+(index, search params) group, then resolves each item's future. Under load
+the model runs on full batches; when idle a lone query waits at most
+`max_wait_ms`. A full queue refuses new work at once (`QueueFull`) so that
+latency stays bounded: HTTP answers 503 with Retry-After, streams drop the
+frame.
+
+Each item carries the `Serving` snapshot it was admitted with, so a hot swap
+never mixes models: items of the old and new model simply land in different
+groups, and requests in flight finish on the model they started with.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from model.extract import embed_tensors
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .runtime import Serving
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The model queue is at capacity; try again shortly."""
+
+
+class BatcherStopped(RuntimeError):
+    """The server is shutting down."""
+
+
+@dataclass
+class Answer:
+    """One item's result: ranked hits and where its time went."""
+
+    hits: list  # list[index.store.Hit]
+    queue_ms: float
+    embed_ms: float
+    search_ms: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Item:
+    tensor: torch.Tensor
+    serving: "Serving"
+    k: int
+    params: dict | None
+    enqueued: float = field(default_factory=time.perf_counter)
+    future: cf.Future = field(default_factory=cf.Future)
+
+
+class MicroBatcher:
+    def __init__(self, max_batch_size: int = 8, max_wait_ms: float = 2.0, queue_size: int = 64,
+                 metrics: "Metrics | None" = None) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="vpr-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in progress, fail what is still queued."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(BatcherStopped("the server is shutting down"))
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- producers ----------------------------------------------------------
+    def submit(self, tensor: torch.Tensor, serving: "Serving", k: int, params: dict | None = None,
+               source: str = "http") -> cf.Future:
+        """Queue one prepared input (3, H, W); the future yields an `Answer`.
+
+        Raises QueueFull at once when the queue is at capacity."""
+        if self._stop.is_set() or not self.running:
+            raise BatcherStopped("the model runtime is not running")
+        item = _Item(tensor, serving, int(k), params)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if self.metrics:
+                self.metrics.queue_rejected.labels(source).inc()
+            raise QueueFull(f"the model queue is full ({self.queue_size} items waiting)") from None
+        if self.metrics:
+            self.metrics.queue_depth.set(self._queue.qsize())
+        return item.future
+
+    # ---- the worker -----------------------------------------------------------
+    def _gather(self) -> list[_Item]:
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._gather()
+            if self.metrics:
+                self.metrics.queue_depth.set(self._queue.qsize())
+            # Items whose waiter gave up (timeout, disconnect) are skipped.
+            live = [it for it in batch if it.future.set_running_or_notify_cancel()]
+            if live:
+                try:
+                    self.run_batch(live)
+                except BaseException as e:  # never let the worker die
+                    log.exception("batch of %d failed", len(live))
+                    for it in live:
+                        if not it.future.done():
+                            it.future.set_exception(e)
+
+    def run_batch(self, items: list[_Item]) -> None:
+        """Embed by (model, shape) group, search by (index, params) group."""
+        started = time.perf_counter()
+        descs: dict[int, np.ndarray] = {}
+        embed_ms: dict[int, float] = {}
+        sizes: dict[int, int] = {}
+        for group in _groups(items, lambda it: (id(it.serving.model), tuple(it.tensor.shape))):
+            serving = group[0].serving
+            t = time.perf_counter()
+            try:
+                out = embed_tensors(serving.model.net, torch.stack([it.tensor for it in group]), serving.device)
+            except Exception as e:
+                log.exception("forward pass of %d items failed", len(group))
+                for it in group:
+                    it.future.set_exception(e)
+                continue
+            ms = (time.perf_counter() - t) * 1000
+            if self.metrics:
+                self.metrics.batch_size.observe(len(group))
+                self.metrics.stage.labels("embed").observe(ms / 1000)
+            for it, d in zip(group, out):
+                descs[id(it)], embed_ms[id(it)], sizes[id(it)] = d, ms, len(group)
+        ready = [it for it in items if id(it) in descs]
+        for group in _groups(ready, lambda it: (id(it.serving.index), _params_key(it.params))):
+            self._search(group, descs, embed_ms, sizes, started)
+
+    def _search(self, group: list[_Item], descs: dict, embed_ms: dict, sizes: dict, started: float) -> None:
+        index = group[0].serving.index
+        k = max(it.k for it in group)
+        t = time.perf_counter()
+        try:
+            hits = index.search(np.stack([descs[id(it)] for it in group]), k, group[0].params)
+        except Exception as e:
+            log.exception("search of %d queries failed", len(group))
+            for it in group:
+                it.future.set_exception(e)
+            return
+        ms = (time.perf_counter() - t) * 1000
+        if self.metrics:
+            self.metrics.stage.labels("search").observe(ms / 1000)
+        for it, h in zip(group, hits):
+            queue_ms = (started - it.enqueued) * 1000
+            if self.metrics:
+                self.metrics.stage.labels("queue").observe(queue_ms / 1000)
+            it.future.set_result(Answer(list(h)[:it.k], queue_ms, embed_ms[id(it)], ms, sizes[id(it)]))
+
+
+def _groups(items: list[_Item], key) -> list[list[_Item]]:
+    out: dict[Any, list[_Item]] = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return list(out.values())
+
+
+def _params_key(params: dict | None) -> tuple:
+    return tuple(sorted((params or {}).items()))

@@ -1,0 +1,283 @@
+"""Background admin jobs (index rebuilds), persisted as $VPR_HOME/jobs/<id>.json.
+
+A job file is rewritten atomically on every state change (and on progress,
+at most twice a second), so `GET /v1/admin/jobs/{id}` and a human with `cat`
+always read a whole, current document, also after a restart: jobs that were
+queued or running when the server stopped are marked failed on the next
+start, with the reason. Rebuilds run one at a time on their own thread, so
+queries keep being served (more slowly, on the same cores) meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from index.store import IndexMismatch, IndexRef, check_name
+from model.fileio import atomic_write_json
+from model.preprocess import list_images
+from model.registry import RegistryError, now_iso
+
+from .runtime import NotReady, Runtime
+
+log = logging.getLogger(__name__)
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+FINAL = ("succeeded", "failed")
+PROGRESS_EVERY_S = 0.5
+
+
+class JobCancelled(RuntimeError):
+    """Raised inside a running job (through its progress callback) to stop it."""
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="folder | mat | traversal | synthetic (see train.datasets)")
+    path: Path
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class RebuildRequest(BaseModel):
+    """Body of POST /v1/admin/index/rebuild: one source of database images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: Path | None = Field(None, description="a folder of database images (file stems become labels)")
+    recursive: bool = Field(False, description="with `folder`: include sub-folders")
+    dataset: DatasetSpec | None = Field(None, description="a dataset whose database side is indexed")
+    name: str | None = Field(None, description="index name; default: the served index's name")
+    model: str | None = Field(None, description="model describing the database (NAME or NAME@VERSION); "
+                                                "default: the model that built the served index")
+    factory: str = Field("Flat", description="FAISS index_factory spec, e.g. Flat, HNSW32, IVF1024,PQ64")
+    batch_size: int = Field(8, ge=1, le=512)
+    skip_bad: bool = Field(False, description="leave out undecodable images instead of failing")
+    activate: bool = Field(True, description="serve the new version when it is built")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RebuildRequest":
+        if (self.folder is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `folder` or `dataset`")
+        return self
+
+
+class JobManager:
+    def __init__(self, jobs_dir: Path, runtime: Runtime, keep: int = 200) -> None:
+        self.dir = Path(jobs_dir)
+        self.runtime = runtime
+        self.metrics = runtime.metrics
+        self.keep = keep
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="vpr-job")
+        self._futures: list[Future] = []
+        self._stopping = threading.Event()
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def recover(self) -> int:
+        """Mark jobs a previous process left unfinished as failed."""
+        n = 0
+        for path in sorted(self.dir.glob("*.json")):
+            job = self._read(path)
+            if job and job.get("state") not in FINAL:
+                job.update(state="failed", finished=now_iso(),
+                           error="interrupted: the server stopped before the job finished")
+                atomic_write_json(path, job)
+                n += 1
+        if n:
+            log.warning("marked %d interrupted job(s) as failed", n)
+        return n
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel queued jobs and stop the running one at its next progress
+        step (descriptors already computed are kept: a rebuild of the same
+        images resumes from them)."""
+        self._stopping.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            queued = [j for j in self._jobs.values() if j["state"] == "queued"]
+        for job in queued:
+            self._update(job, state="failed", finished=now_iso(), error="cancelled: the server is shutting down")
+        wait([f for f in self._futures if not f.done()], timeout=timeout)
+
+    # ---- reading ------------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        if not JOB_ID_RE.match(job_id):
+            return None
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                return json.loads(json.dumps(job))
+        return self._read(self.dir / f"{job_id}.json")
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
+        return [j for j in (self.get(p.stem) for p in files) if j]
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable job file (%s)", path, e)
+            return None
+
+    # ---- submitting -------------------------------------------------------------------
+    def submit_rebuild(self, req: RebuildRequest) -> dict[str, Any]:
+        """Validate what can be checked now (a 422 beats a failed job), then queue."""
+        plan = self._plan(req)
+        job = {"id": uuid.uuid4().hex, "kind": "index.rebuild", "state": "queued", "created": now_iso(),
+               "started": None, "finished": None, "progress": {"stage": "queued", "done": 0, "total": None},
+               "request": json.loads(req.model_dump_json()), "plan": {k: str(v) for k, v in plan.items()},
+               "result": None, "error": None}
+        with self._lock:
+            self._jobs[job["id"]] = job
+        self._write(job)
+        self._prune()
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(self._executor.submit(self._run, job, req, plan))
+        log.info("job %s: rebuild of index %s with %s queued", job["id"], plan["name"], plan["model"])
+        return json.loads(json.dumps(job))
+
+    def _plan(self, req: RebuildRequest) -> dict[str, Any]:
+        cur = self.runtime.current
+        name = req.name or (cur.index.ref.name if cur else None)
+        model = req.model or (cur.index.manifest["model"] if cur else None)
+        if name is None or model is None:
+            raise ValueError("nothing is served yet: give the index `name` and the `model` that describes it")
+        check_name(name)
+        self.runtime.registry.resolve(model)  # RegistryError: unknown model
+        source = req.folder if req.folder is not None else req.dataset.path  # type: ignore[union-attr]
+        source = self._allowed(Path(source))
+        if req.folder is not None and not source.is_dir():
+            raise FileNotFoundError(f"{source}: not a folder")
+        if req.dataset is not None and not source.exists() and req.dataset.kind != "synthetic":
+            raise FileNotFoundError(f"{source}: no such file or folder")
+        return {"name": name, "model": model, "source": source}
+
+    def _allowed(self, path: Path) -> Path:
+        path = path.expanduser().resolve()
+        roots = self.runtime.settings.data_roots
+        if roots and not any(path.is_relative_to(Path(r).resolve()) for r in roots):
+            raise PermissionError(f"{path}: outside the allowed data roots ({', '.join(map(str, roots))})")
+        return path
+
+    # ---- running -------------------------------------------------------------------------
+    def _run(self, job: dict, req: RebuildRequest, plan: dict) -> None:
+        t0 = time.perf_counter()
+        self._update(job, state="running", started=now_iso())
+        try:
+            result = self._rebuild(job, req, plan)
+        except Exception as e:  # the job fails, the server does not
+            if not isinstance(e, (ValueError, FileNotFoundError, PermissionError, RegistryError, NotReady,
+                                  JobCancelled)):
+                log.exception("job %s failed", job["id"])
+            else:
+                log.error("job %s failed: %s", job["id"], e)
+            self._update(job, state="failed", finished=now_iso(), error=f"{type(e).__name__}: {e}",
+                         seconds=round(time.perf_counter() - t0, 3))
+            self.metrics.jobs.labels(job["kind"], "failed").inc()
+            return
+        self._update(job, state="succeeded", finished=now_iso(), result=result,
+                     seconds=round(time.perf_counter() - t0, 3),
+                     progress={**job["progress"], "stage": "done"})
+        self.metrics.jobs.labels(job["kind"], "succeeded").inc()
+        log.info("job %s succeeded: %s", job["id"], result)
+
+    def _rebuild(self, job: dict, req: RebuildRequest, plan: dict) -> dict[str, Any]:
+        rt = self.runtime
+        self._stage(job, "loading model")
+        cur = rt.current
+        ref = rt.registry.resolve(plan["model"])
+        model = cur.model if cur is not None and cur.model.ref == ref else rt.registry.load(ref, rt.device)
+        self._stage(job, "listing images")
+        items, root = self._items(req, plan["source"])
+        log.info("job %s: describing %d images under %s with %s", job["id"], len(items), root, ref)
+        self._stage(job, "describing", total=len(items))
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if self._stopping.is_set():
+                raise JobCancelled("interrupted: the server is shutting down (a new rebuild of the same "
+                                   "images resumes from the descriptors computed so far)")
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY_S or done >= total:
+                last[0] = now
+                self._update(job, progress={"stage": "describing", "done": int(done), "total": int(total)})
+
+        new: IndexRef = rt.store.build(plan["name"], model, items, root, factory=req.factory,
+                                       batch_size=req.batch_size, progress=progress, activate=False,
+                                       device=rt.device, skip_bad=req.skip_bad)
+        manifest = rt.store.manifest(new)
+        result: dict[str, Any] = {"index": str(new), "count": manifest["count"], "model": manifest["model"],
+                                  "activated": False}
+        if req.activate:
+            self._stage(job, "activating")
+            if rt.current is not None:
+                try:
+                    rt.swap(index_spec=str(new))
+                except IndexMismatch as e:
+                    raise IndexMismatch(f"built {new} but did not activate it: {e}") from None
+            else:
+                rt.store.activate(new)
+                rt.load()
+            result["activated"] = True
+        cur = rt.current
+        result["served"] = {"model": cur.model_spec, "index": cur.index_spec} if cur else None
+        return result
+
+    def _items(self, req: RebuildRequest, source: Path) -> tuple[list[Any], Path]:
+        if req.folder is not None:
+            if req.recursive:
+                from train.datasets import list_images_recursive
+                return list_images_recursive(source), source
+            return list_images(source), source
+        from train.datasets import open_dataset  # the one dataset reader (imports train lazily)
+
+        ds = open_dataset(req.dataset.kind, source, **req.dataset.options)  # type: ignore[union-attr]
+        if not ds.database:
+            raise ValueError(f"{source}: the dataset has no database images")
+        return list(ds.database), Path(ds.root)
+
+    # ---- persistence ----------------------------------------------------------------------
+    def _stage(self, job: dict, stage: str, total: int | None = None) -> None:
+        """A new stage; the image counts stay visible after describing."""
+        progress = {**job["progress"], "stage": stage}
+        if total is not None:
+            progress.update(done=0, total=total)
+        self._update(job, progress=progress)
+
+    def _update(self, job: dict, **changes: Any) -> None:
+        with self._lock:
+            job.update(changes)
+            job["updated"] = now_iso()
+            snapshot = json.loads(json.dumps(job))
+        self._write(snapshot)
+
+    def _write(self, job: dict) -> None:
+        try:
+            atomic_write_json(self.dir / f"{job['id']}.json", job)
+        except OSError as e:  # a full disk must not kill the job itself
+            log.error("cannot write job %s: %s", job["id"], e)
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` finished job files."""
+        files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for path in files[self.keep:]:
+            job = self._read(path)
+            if job is None or job.get("state") in FINAL:
+                path.unlink(missing_ok=True)
+                with self._lock:
+                    self._jobs.pop(path.stem, None)
+

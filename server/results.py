@@ -1,0 +1,94 @@
+"""JSON shapes of answers (also the OpenAPI schema at /docs)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+POSITION_KEYS = ("utm_e", "utm_n", "utm_zone", "lat", "lon")
+
+
+class Position(BaseModel):
+    utm_e: float | None = None
+    utm_n: float | None = None
+    utm_zone: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+
+class Match(BaseModel):
+    rank: int = Field(description="1 = best match")
+    id: int = Field(description="database item id in the index")
+    score: float = Field(description="cosine similarity of the descriptors (higher is closer)")
+    path: str | None = Field(description="database image, relative to the index root")
+    label: str | None = Field(description="place label")
+    position: Position | None = Field(description="where the database image was taken, when known")
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timings(BaseModel):
+    decode: float = Field(description="image decoding and preprocessing, ms")
+    queue: float = Field(description="waiting for the model (micro-batching), ms")
+    embed: float = Field(description="the forward pass of the batch this image was in, ms")
+    search: float = Field(description="index search of that batch, ms")
+    total: float = Field(description="from request start to answer, ms")
+
+
+class QueryResponse(BaseModel):
+    results: list[Match]
+    model: str = Field(description="query model NAME@VERSION")
+    index: str = Field(description="index NAME@VERSION")
+    top_k: int
+    timings_ms: Timings
+    batch_size: int = Field(description="images in the forward pass this one shared")
+
+
+class BatchItem(BaseModel):
+    file: str
+    results: list[Match]
+    timings_ms: Timings
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem]
+    model: str
+    index: str
+    top_k: int
+    timings_ms: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="stable machine-readable code")
+    detail: Any = Field(description="what is wrong, for humans")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    state: Literal["starting", "loading", "ready", "not_ready"]
+    reason: str | None = None
+    model: str | None = None
+    index: str | None = None
+    index_size: int | None = None
+    device: str
+
+
+def _finite(x: Any) -> Any:
+    return x if not isinstance(x, float) or math.isfinite(x) else None
+
+
+def match_json(rank: int, hit: Any) -> dict[str, Any]:
+    m = hit.meta
+    pos = {k: _finite(m.get(k)) for k in POSITION_KEYS}
+    return {"rank": rank, "id": int(hit.id), "score": round(float(hit.score), 6), "path": m.get("path"),
+            "label": m.get("label"), "position": pos if any(v is not None for v in pos.values()) else None,
+            "extra": m.get("extra") or {}}
+
+
+def answer_json(hits: list, serving: Any) -> dict[str, Any]:
+    return {"results": [match_json(r, h) for r, h in enumerate(hits, 1)], "model": serving.model_spec,
+            "index": serving.index_spec}
+
+
+def rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(float(v), 3) for k, v in timings.items()}

@@ -1,0 +1,142 @@
+"""Server configuration: one pydantic-settings model, `VPR_*` environment overrides.
+
+Every knob a deployment may need lives here with a safe default; the CLI
+(`vpr serve --...`) only overrides a few of them. Limits are deliberately
+conservative: a query is a small compressed image, so bodies and pixel
+counts far above that are refused early rather than decoded.
+"""
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from model.config import HomeSettings
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+class ServerSettings(HomeSettings):
+    """Everything `vpr serve` and `create_app` need. Env: `VPR_<FIELD>` (e.g.
+    `VPR_MODEL=student@3`, `VPR_ADMIN_TOKEN_FILE=/run/secrets/vpr`)."""
+
+    model_config = SettingsConfigDict(env_prefix="VPR_", extra="ignore")
+
+    # ---- listening ------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    access_log: bool = True  # one line per request (uvicorn's access log)
+
+    # ---- what is served -------------------------------------------------
+    # Query model: "name" (its active version) or "name@version". None: the
+    # model last activated through the admin API, else the active version of
+    # the newest student compatible with the index, else its teacher.
+    model: str | None = None
+    # Index: "name" (its active version) or "name@version". None: the index
+    # last served, else the only index, else the one the model can query.
+    index: str | None = None
+    # "cuda", "cuda:1", "cpu"; None picks CUDA when present.
+    device: str | None = None
+    # One forward pass at start so the first real query is not the slow one.
+    warmup: bool = True
+    # Load model and index in a background thread (the server answers
+    # /healthz and /readyz=503 meanwhile) instead of blocking start-up.
+    load_in_background: bool = True
+
+    # ---- queries ----------------------------------------------------------
+    top_k_default: int = Field(5, ge=1)
+    top_k_max: int = Field(100, ge=1, le=10_000)
+    max_body_bytes: int = Field(8 * MiB, ge=1024)  # one image, raw or multipart
+    max_batch_body_bytes: int = Field(32 * MiB, ge=1024)  # /v1/query/batch
+    max_batch_files: int = Field(16, ge=1, le=1024)
+    max_admin_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_pixels: int = Field(25_000_000, ge=64 * 64)  # decompression-bomb guard
+    query_timeout_s: float = Field(60.0, gt=0)  # waiting for the model, else 504
+    decode_threads: int = Field(4, ge=1, le=64)
+
+    # ---- micro-batching (the model runtime) -------------------------------
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    queue_size: int = Field(64, ge=1)  # pending items; full -> 503 + Retry-After
+    retry_after_s: int = Field(1, ge=1)
+
+    # ---- websocket streams ------------------------------------------------
+    stream_max_message_bytes: int = Field(4 * MiB, ge=1024)
+    stream_hello_timeout_s: float = Field(10.0, gt=0)
+    # Undecodable frames tolerated per connection before it is closed.
+    stream_max_bad_frames: int = Field(3, ge=0)
+    # An H.264 stream that yields no frame within this many bytes is refused.
+    stream_probe_bytes: int = Field(8 * MiB, ge=1024)
+    stream_max_fps: float = Field(240.0, gt=0)
+    stream_max_connections: int = Field(64, ge=1)
+
+    # ---- admin ------------------------------------------------------------
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+    # When set, rebuild jobs may only read folders under these roots.
+    data_roots: list[Path] | None = None
+    jobs_keep: int = Field(200, ge=1)  # job files kept in $VPR_HOME/jobs
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is None or v in ("", "auto"):
+            return None
+        if v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"bad device {v!r}: use cpu, cuda, cuda:N or auto")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if v.lower() not in levels:
+            raise ValueError(f"bad log level {v!r}; choose one of {', '.join(levels)}")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServerSettings":
+        if self.top_k_default > self.top_k_max:
+            raise ValueError(f"top_k_default {self.top_k_default} exceeds top_k_max {self.top_k_max}")
+        if self.max_batch_files > self.queue_size:
+            raise ValueError(f"max_batch_files {self.max_batch_files} exceeds queue_size {self.queue_size}: "
+                             "such a batch could never be queued")
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("set either VPR_ADMIN_TOKEN or VPR_ADMIN_TOKEN_FILE, not both")
+        return self
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin token, or None when admin routes are off.
+
+        A configured but unusable token file is an error (failing closed and
+        loudly beats silently serving without the admin routes someone set up).
+        """
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value().strip()
+            if not token:
+                raise ValueError("VPR_ADMIN_TOKEN is set but empty")
+            return _checked(token, "VPR_ADMIN_TOKEN")
+        if self.admin_token_file is None:
+            return None
+        path = Path(self.admin_token_file)
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read the admin token file ({e.strerror or e})") from e
+        if not token:
+            raise ValueError(f"{path}: the admin token file is empty")
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("%s: admin token file is readable by group/others; chmod 600 it", path)
+        return _checked(token, str(path))
+
+
+def _checked(token: str, source: str) -> str:
+    if len(token) < 16:
+        log.warning("%s: admin token has only %d characters; use 32+ random ones", source, len(token))
+    return token

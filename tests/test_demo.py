@@ -1,0 +1,29 @@
+"""The out-of-the-box demo: built once, found again in seconds, served by `vpr serve --demo`."""
+from __future__ import annotations
+
+import time
+
+from model.config import HomeSettings
+from model.registry import Registry
+from index.ops import store_for
+from train.demo import INDEX, STUDENT, TEACHER, ensure_demo, existing_demo
+
+
+def test_demo_builds_once_and_is_reused(home, monkeypatch):
+    monkeypatch.setenv("VPR_DEMO_WEIGHTS", "/nonexistent/weights.safetensors")
+    settings = HomeSettings(home=home)
+    assert existing_demo(settings) is None
+    demo = ensure_demo(settings, places=8, epochs=1, max_side=64)
+    reg = Registry(settings.models_dir)
+    student = reg.manifest(demo.model)
+    assert student["role"] == "student" and student["parent"] == f"{TEACHER}@1"
+    assert demo.model == f"{STUDENT}@1" and demo.index == f"{INDEX}@1"
+    index = store_for(settings).load(INDEX)
+    assert index.count == 8
+    index.check_model(reg.load(demo.model))  # the student may query its teacher's index
+
+    t0 = time.perf_counter()
+    again = ensure_demo(settings, places=8, epochs=1, max_side=64)
+    assert time.perf_counter() - t0 < 5
+    assert again == demo
+    assert reg.versions(STUDENT) == [1] and reg.versions(TEACHER) == [1]
