@@ -1,0 +1,344 @@
+"""Headline experiment: does a distilled student beat its teacher on low-quality queries?
+
+Gardens Point Walking (../shared/datasets/gardens_point_walking):
+- teacher: VGG16 (../shared/weights, caffe preprocessing) + NetVLAD K=64,
+  clusters by k-means on `day_left` (`model.teacher.init_teacher`, what
+  `vpr model init` runs); reused when the same teacher is already registered;
+- student: distilled label-free on `day_left` only (`train.distill.run_distill`,
+  what `vpr train distill` runs), qualities drawn from --train-qualities;
+- database: `day_left` described by the teacher at `orig`;
+- queries: `day_right` and `night_right` at every --eval-qualities, described
+  by the teacher and by the student under the same small-image policy;
+  positives from `ground_truth.csv` (+-2 frames); recall through
+  `train.evaluate.recall_at_n`.
+
+Evaluation modes:
+- `full`: `train.evaluate.evaluate` (every query through the whole network,
+  descriptor cache keyed by model version);
+- `fast` (default): the student's frozen layers are the teacher's, so each
+  (query, quality) runs the shared frozen prefix once (cached on disk, shared
+  with training and between runs) and then the teacher's and the student's
+  top layers. Same numbers up to float rounding (tests/test_distill.py checks
+  prefix+head == full network); the report also records a spot check
+  against the full network on a few queries.
+
+Reports recalls, training wall/CPU time, the CPU and the load; writes JSON
+and a PNG (recall@1 per quality, teacher vs student).
+
+    .venv/bin/python bench/distill_gardens.py --max-side 640 --epochs 5 \\
+        --json bench/out/distill_gardens.json --plot bench/out/distill_gardens.png
+    # cheap cost probe
+    .venv/bin/python bench/distill_gardens.py --max-side 320 --epochs 1 --limit 20 --query-limit 20
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
+from model.extract import extract  # noqa: E402
+from model.fileio import atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
+from model.preprocess import load_image, to_input  # noqa: E402
+from model.registry import LoadedModel, Registry, RegistryError  # noqa: E402
+from model.teacher import init_teacher  # noqa: E402
+from train.datasets import PlaceDataset, open_dataset  # noqa: E402
+from train.degrade import degrade_image, parse_qualities  # noqa: E402
+from train.distill import DistillConfig, run_distill  # noqa: E402
+from train.distill_cache import FileIdentity, TensorCache  # noqa: E402
+from train.distill_data import PrefixRunner, StudentHead  # noqa: E402
+from train.evaluate import evaluate, recall_at_n  # noqa: E402
+from train.losses import parse_loss  # noqa: E402
+
+log = logging.getLogger("distill_gardens")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+QUALITIES = "orig,h240,h180-jpeg20,h120-jpeg20,h180-h264-qp40"
+NS = (1, 5, 10, 20)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+class Clock:
+    """Wall and CPU seconds (this process and its children) of a phase."""
+
+    def __init__(self) -> None:
+        self.t0, self.c0 = time.perf_counter(), self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def done(self) -> dict[str, float]:
+        return {"wall_s": round(time.perf_counter() - self.t0, 1), "cpu_s": round(self._cpu() - self.c0, 1)}
+
+
+# ---- teacher -------------------------------------------------------------------------
+def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple[str, dict]:
+    """The registered teacher for these settings, initialising it when missing."""
+    name = f"gardens-vgg16-k{args.clusters}-ms{args.max_side}-{args.policy}"
+    weights_sha = sha256_file(args.weights)
+    for v in reversed(reg.versions(name)):
+        m = reg.manifest(f"{name}@{v}")
+        if m["details"].get("weights_sha256") == weights_sha and m["details"].get("cluster_seed") == args.seed:
+            log.info("reusing teacher %s@%d", name, v)
+            return f"{name}@{v}", {"reused": True}
+    config = ModelConfig(backbone=BackboneConfig(name="vgg16"), netvlad=NetVLADConfig(clusters=args.clusters),
+                         preprocess=PreprocessConfig(mode="caffe", max_side=args.max_side, small_policy=args.policy))
+    clock = Clock()
+    ref = init_teacher(reg, name, config, str(args.weights), gardens / "day_left", samples=args.samples,
+                       seed=args.seed, activate=True, device=args.device or "cpu")
+    return str(ref), {"reused": False, **clock.done()}
+
+
+# ---- student -------------------------------------------------------------------------
+def run_tag(args: argparse.Namespace) -> str:
+    tag = (f"ms{args.max_side}-{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
+           f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}")
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", tag)[:180]
+
+
+def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gardens: Path) -> tuple[str, dict]:
+    cfg = DistillConfig(
+        teacher=teacher, name=args.name, qualities=args.train_qualities.split(","), images=gardens / "day_left",
+        limit=args.limit, loss=args.loss,
+        loss_weights=parse_loss(args.loss, args.loss_weights).weights,
+        trainable=args.trainable.split(","), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        schedule=args.schedule, seed=args.seed, device=args.device, progress=True,
+        run_dir=home.home / "runs" / run_tag(args))
+    clock = Clock()
+    result = run_distill(cfg, home, resume=cfg.run_dir.joinpath("state.json").exists())
+    reg = Registry(home.models_dir)
+    details = reg.manifest(result.ref)["details"]
+    return str(result.ref), {**clock.done(), "train_seconds": details["train_seconds"], "best_epoch": result.best_epoch,
+                             "history": details["history"], "run_dir": str(result.run_dir)}
+
+
+# ---- evaluation -------------------------------------------------------------------------
+def query_sets(gardens: Path, limit: int | None) -> dict[str, PlaceDataset]:
+    out = {}
+    for q in ("day_right", "night_right"):
+        ds = open_dataset("traversal", gardens, database="day_left", queries=q,
+                          ground_truth=gardens / "ground_truth.csv")
+        out[q] = ds.subset_queries(limit) if limit else ds
+    return out
+
+
+class SharedPrefix:
+    """Teacher and student descriptors from one run of their common frozen layers."""
+
+    def __init__(self, teacher: LoadedModel, student: LoadedModel, home: HomeSettings, device: torch.device) -> None:
+        cut = split_point_of(teacher, student)
+        layers = teacher.net.backbone.layers()
+        cache = TensorCache(1 << 30, home.cache_dir / "distill" / "prefix")
+        self.runner = PrefixRunner(layers[:cut], cut, teacher.sha256, teacher.net.config.preprocess, device, cache,
+                                   FileIdentity())
+        self.heads = {"teacher": StudentHead(teacher.net, cut).eval(), "student": StudentHead(student.net, cut).eval()}
+        self.cut, self.device = cut, device
+
+    @torch.no_grad()
+    def describe(self, paths: list[Path], quality: str, who: tuple[str, ...] = ("teacher", "student"),
+                 label: str = "") -> dict[str, np.ndarray]:
+        from tqdm import tqdm
+
+        out: dict[str, list[np.ndarray]] = {w: [] for w in who}
+        for p in tqdm(paths, desc=label or quality, unit="img"):
+            h = self.runner(p, quality).unsqueeze(0).to(self.device)
+            for w in who:
+                out[w].append(self.heads[w](h)[0].float().cpu().numpy()[0])
+        return {w: np.stack(v) for w, v in out.items()}
+
+
+def split_point_of(teacher: LoadedModel, student: LoadedModel) -> int:
+    """First backbone layer where the student's weights differ from the teacher's."""
+    t_layers, s_layers = list(teacher.net.backbone.layers()), list(student.net.backbone.layers())
+    for i, (a, b) in enumerate(zip(t_layers, s_layers)):
+        if any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())):
+            return i
+    return len(t_layers)
+
+
+def spot_check(shared: SharedPrefix, models: dict[str, LoadedModel], paths: list[Path], quality: str) -> dict:
+    """Fast path vs the full network (model.extract) on a few queries: min cosine."""
+    fast = shared.describe(paths, quality, label="spot check")
+    out = {}
+    for who, m in models.items():
+        x = [to_input(degrade_image(load_image(p), quality), m.net.config.preprocess) for p in paths]
+        full = extract(m.net, x, device=shared.device)
+        out[who] = float((fast[who] * full).sum(axis=1).min())
+    return {"quality": quality, "images": len(paths), "min_cosine": out}
+
+
+def eval_fast(reg: Registry, teacher: str, student: str, sets: dict[str, PlaceDataset], qualities: list[str],
+              home: HomeSettings, device: torch.device) -> tuple[dict, dict]:
+    models = {"teacher": reg.load(teacher, device), "student": reg.load(student, device)}
+    shared = SharedPrefix(models["teacher"], models["student"], home, device)
+    log.info("fast evaluation: shared frozen prefix of %d layers", shared.cut)
+    db_set = next(iter(sets.values()))
+    db = shared.describe([i.path for i in db_set.database], "orig", ("teacher",), "database day_left")["teacher"]
+    results: dict = {}
+    for name, ds in sets.items():
+        paths = [i.path for i in ds.queries]
+        for q in qualities:
+            desc = shared.describe(paths, q, label=f"{name} {q}")
+            for who in ("teacher", "student"):
+                rec = recall_at_n(db, desc[who], ds.positives, NS)
+                results.setdefault(name, {}).setdefault(q, {})[who] = {str(n): round(float(v), 4) for n, v in rec.items()}
+            log.info("%s %s: R@1 teacher %.3f student %.3f", name, q, results[name][q]["teacher"]["1"],
+                     results[name][q]["student"]["1"])
+    check = spot_check(shared, models, [i.path for i in next(iter(sets.values())).queries[:2]], qualities[-1])
+    return results, {"mode": "fast", "shared_prefix_layers": shared.cut, "spot_check": check}
+
+
+def eval_full(reg: Registry, teacher: str, student: str, sets: dict[str, PlaceDataset], qualities: list[str],
+              home: HomeSettings, device: torch.device) -> tuple[dict, dict]:
+    from train.cache import DescriptorCache
+
+    results: dict = {}
+    for name, ds in sets.items():
+        report = evaluate(reg, ds, teacher, [teacher, student], qualities, cache=DescriptorCache(home.cache_dir),
+                          ns=NS, device=device)
+        for r in report["results"]:
+            who = "teacher" if r["query_model"] == teacher else "student"
+            results.setdefault(name, {}).setdefault(r["quality"], {})[who] = {
+                k: round(float(v), 4) for k, v in r["recall"].items()}
+    return results, {"mode": "full"}
+
+
+def verdict(results: dict) -> dict:
+    """The issue's acceptance: student R@1 > teacher R@1 at every degraded quality, >= teacher - 1 point at orig."""
+    rows = []
+    for name, per_q in results.items():
+        for q, r in per_q.items():
+            t, s = r["teacher"]["1"], r["student"]["1"]
+            ok = s >= t - 0.01 if q == "orig" else s > t
+            rows.append({"set": name, "quality": q, "teacher_r1": t, "student_r1": s,
+                         "delta_points": round(100 * (s - t), 1), "ok": ok})
+    return {"all_ok": all(r["ok"] for r in rows), "rows": rows}
+
+
+def plot(results: dict, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (name, per_q) in zip(axes[0], results.items()):
+        qs = list(per_q)
+        for who, style in (("teacher", "o--"), ("student", "s-")):
+            ax.plot(qs, [100 * per_q[q][who]["1"] for q in qs], style, label=who)
+        ax.set(title=f"queries {name}", ylabel="recall@1 (%)", ylim=(0, 100))
+        ax.tick_params(axis="x", rotation=20)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gardens", type=Path, default=SHARED / "datasets" / "gardens_point_walking")
+    p.add_argument("--weights", type=Path, default=SHARED / "weights" / "vgg16_imagenet_caffe_features.safetensors")
+    p.add_argument("--home", type=Path, default=REPO / "var" / "bench-distill")
+    p.add_argument("--max-side", type=int, default=640)
+    p.add_argument("--policy", default="upsample", choices=["native", "upsample"])
+    p.add_argument("--clusters", type=int, default=64)
+    p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
+    p.add_argument("--name", default="gardens-student")
+    p.add_argument("--train-qualities", default=QUALITIES)
+    p.add_argument("--eval-qualities", default=QUALITIES)
+    p.add_argument("--loss", default="mse+ickd")
+    p.add_argument("--loss-weights", help="name=value,...")
+    p.add_argument("--trainable", default="conv5,netvlad")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="train on this many day_left images (evenly spread)")
+    p.add_argument("--query-limit", type=int, help="evaluate this many queries per set (evenly spread)")
+    p.add_argument("--eval", default="fast", choices=["fast", "full"])
+    p.add_argument("--device", help="cpu or cuda (default: CUDA when available)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (on a shared, loaded CPU 1 can beat 2)")
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--plot", type=Path, help="write recall@1 per quality here (PNG)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gardens = args.gardens
+    for need in (gardens / "day_left", gardens / "ground_truth.csv", args.weights):
+        if not need.exists():
+            raise SystemExit(f"{need}: missing (see ../shared/README.md)")
+    parse_qualities(args.train_qualities)
+    quals = [str(q) for q in parse_qualities(args.eval_qualities)]
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    home = HomeSettings(home=args.home)
+    reg = Registry(home.models_dir)
+    report: dict = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_name(),
+                    "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": str(device), "loadavg_start": loadavg()}
+    teacher, report["teacher_init"] = get_teacher(reg, args, gardens)
+    student, report["training"] = get_student(home, teacher, args, gardens)
+    report.update(teacher=teacher, student=student)
+    clock = Clock()
+    sets = query_sets(gardens, args.query_limit)
+    evaluate_fn = eval_fast if args.eval == "fast" else eval_full
+    try:
+        results, report["evaluation"] = evaluate_fn(reg, teacher, student, sets, quals, home, device)
+    except RegistryError as e:
+        raise SystemExit(str(e)) from e
+    report["evaluation"].update(clock.done())
+    report["recall"] = results
+    report["verdict"] = verdict(results)
+    report["loadavg_end"] = loadavg()
+    print(f"\nteacher {teacher}  student {student}  ({args.loss}, lr {args.lr:g}, {args.trainable}, "
+          f"{args.epochs} epochs, max side {args.max_side})")
+    print(f"{'set':<12} {'quality':<16} {'teacher R@1':>11} {'student R@1':>11} {'delta':>7}")
+    for r in report["verdict"]["rows"]:
+        print(f"{r['set']:<12} {r['quality']:<16} {100 * r['teacher_r1']:>10.1f}% {100 * r['student_r1']:>10.1f}% "
+              f"{r['delta_points']:>+6.1f}{'' if r['ok'] else '  (criterion not met)'}")
+    print(f"training: {report['training']['wall_s']} s wall, {report['training']['cpu_s']} s CPU; "
+          f"evaluation {report['evaluation']['wall_s']} s; all criteria met: {report['verdict']['all_ok']}")
+    if args.json:
+        atomic_write_json(args.json, report)
+    if args.plot:
+        plot(results, args.plot, f"{teacher} vs {student}: {args.loss}, lr {args.lr:g}, {args.trainable}, "
+                                 f"{args.epochs} ep, max side {args.max_side}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""Distil a registered teacher into a student for low-quality queries.
+
+The method of Yang et al. ("Distillation Improves Visual Place Recognition
+for Low-Quality Queries"): the student starts as a copy of the teacher; the
+frozen teacher (eval mode) sees each training image as it is, the student a
+degraded copy (a quality drawn per sample from a list, seeded); the losses of
+`train.losses` pull the student's descriptor and conv maps of the degraded
+image towards the teacher's of the original. Without positions the run is
+label-free: any folder of images works (for instance the database images of
+the place being served, so no query is ever seen). With positions, the
+triplet loss becomes available and a validation split reports recall.
+
+How a step is computed (and why it is cheap on a CPU):
+
+- The teacher's descriptor and channel correlation of every image are
+  computed once (`TensorCache`, see `train.distill_cache`).
+- Only the student's top layers train (default: the backbone's last block
+  and NetVLAD). The backbone is split at the first trainable layer into a
+  frozen prefix and the rest (`StudentHead`); the prefix's output for an
+  (image, quality) pair never changes, so it is cached too (on by default;
+  `prefix_cache="off"` recomputes it each time, with the same result).
+- BatchNorm layers (ResNets) keep their running statistics: batches are
+  small, and frozen statistics keep the cached prefix valid. These backbones
+  have no dropout, so the student runs in eval mode while its weights train.
+
+Under `torchrun` the trainable head is wrapped in DistributedDataParallel
+(`train.ddp`): each process takes its share of every epoch's shuffled images
+and gradients are averaged; on CPU the same path runs with gloo.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tqdm import tqdm
+
+from model.config import HomeSettings
+from model.extract import autocast_for
+from model.network import VPRNet
+from model.registry import ModelRef, Registry, check_name
+
+from . import ddp
+from .distill_cache import FileIdentity, TensorCache
+from .distill_data import (PrefixRunner, TeacherTargets, collect_images, has_positions, split_student,
+                           trainable_names, validation_split)
+from .losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
+from .mining import NegativeMiner, TripletConfig
+from .run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "cosine", "step")
+CACHE_MODES = ("disk", "memory", "off")
+
+
+# ---- configuration -------------------------------------------------------------
+class DistillConfig(BaseModel):
+    """Everything that defines a distillation run (recorded in its state and the student's manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str
+    name: str                                  # the student's registry name
+    qualities: list[str]
+    images: Path | None = None                 # a folder of images: label-free
+    dataset: str | None = None                 # KIND:PATH of a dataset with positions (its database images train)
+    dataset_options: dict[str, Any] = {}
+    limit: int | None = Field(None, ge=1)      # use this many images, evenly spread (cheap runs)
+    loss: str = DEFAULT_LOSS
+    loss_weights: dict[str, float] | None = None
+    trainable: list[str] | None = None         # backbone blocks + netvlad/pca; None: backbone default + netvlad
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1)           # per process
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global gradient norm; None: off
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    step_gamma: float = Field(0.5, gt=0, le=1)  # "step": lr factor per epoch
+    seed: int = 0
+    val_fraction: float | None = Field(None, ge=0, lt=1)  # None: 0.1 with positions, 0 without
+    val_radius: float = Field(25.0, gt=0)      # validation positives (metres)
+    triplet: TripletConfig = TripletConfig()
+    prefix_cache: Literal["disk", "memory", "off"] = "disk"
+    cache_dir: Path | None = None              # default <home>/cache/distill
+    cache_memory_mb: int = Field(2048, ge=0)
+    run_dir: Path | None = None                # default <home>/runs/<register>
+    activate: bool = False
+    device: str | None = None                  # cpu | cuda | cuda:N; None: CUDA if available
+    log_every: int = Field(10, ge=1)
+    progress: bool = True
+
+    @field_validator("qualities")
+    @classmethod
+    def _qualities(cls, v: list[str]) -> list[str]:
+        from .degrade import parse_qualities
+
+        return [str(q) for q in parse_qualities(v)]
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if (self.images is None) == (self.dataset is None):
+            raise ValueError("give exactly one source of training images: images (a folder) or dataset (KIND:PATH)")
+        losses = parse_loss(self.loss, self.loss_weights)  # validates names and weights
+        self.loss, self.loss_weights = str(losses), losses.weights
+        check_name(self.name)
+        return self
+
+    def loss_set(self) -> LossSet:
+        return parse_loss(self.loss, self.loss_weights)
+
+
+# Fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = {"epochs", "activate", "prefix_cache", "cache_dir", "cache_memory_mb", "device",
+                     "log_every", "progress", "run_dir"}
+
+
+# ---- learning rate -------------------------------------------------------------------------
+def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: DistillConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** (step // max(1, steps_per_epoch))
+    span = max(1, total - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+
+# ---- the run ------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    ref: ModelRef
+    run_dir: Path
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def group_by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Positions of same-shaped tensors (one forward pass each), in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(k)
+    return list(groups.values())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Distiller:
+    def __init__(self, cfg: DistillConfig, home: HomeSettings, ctx: ddp.DistContext) -> None:
+        self.cfg, self.home, self.ctx, self.device = cfg, home, ctx, ctx.device
+        self.losses = cfg.loss_set()
+        self.registry = Registry(home.models_dir)
+        self.files = RunFiles(Path(cfg.run_dir) if cfg.run_dir else home.home / "runs" / cfg.name)
+        torch.manual_seed(cfg.seed)
+        self.teacher = self.registry.load(cfg.teacher, device=self.device)
+        for p in self.teacher.net.parameters():
+            p.requires_grad_(False)
+        self.teacher.net.eval()
+        self.student: VPRNet = copy.deepcopy(self.teacher.net).to(self.device).eval()
+        self.trainable = trainable_names(self.student, cfg.trainable)
+        self.prefix, self.head, self.cut = split_student(self.student, self.trainable)
+        self.params = [p for p in self.head.parameters() if p.requires_grad]
+        self.images, self.source = collect_images(cfg)
+        self._setup_split()
+        self._setup_data()
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.miner: NegativeMiner | None = None
+        self._resume_tensors: dict[str, torch.Tensor] | None = None  # checkpoint read by _resume, used by _prepare
+        n_shard = math.ceil(len(self.train_ids) / ctx.world_size)
+        self.steps_per_epoch = math.ceil(n_shard / cfg.batch_size)
+        self.state = RunState(config=cfg.model_dump(mode="json"))
+
+    def _setup_data(self) -> None:
+        """The caches: teacher targets always (computed once); prefix outputs unless turned off."""
+        cfg = self.cfg
+        folder = Path(cfg.cache_dir) if cfg.cache_dir else self.home.cache_dir / "distill"
+        disk = cfg.prefix_cache == "disk"
+        budget = cfg.cache_memory_mb << 20
+        identity = FileIdentity()
+        paths = [i.path for i in self.images]
+        self.targets = TeacherTargets(self.teacher, paths, self.device,
+                                      TensorCache(budget if disk else 1 << 62, folder / "teacher" if disk else None),
+                                      identity, cfg.batch_size, cfg.progress)
+        prefix_cache = None if cfg.prefix_cache == "off" else TensorCache(budget, folder / "prefix" if disk else None)
+        self.inputs = PrefixRunner(self.prefix, self.cut, self.teacher.sha256, self.student.config.preprocess,
+                                   self.device, prefix_cache, identity)
+
+    def student_input(self, i: int, quality: str) -> torch.Tensor:
+        return self.inputs(self.images[i].path, quality)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return {"teacher": self.targets.cache.stats(),
+                "prefix": self.inputs.cache.stats() if self.inputs.cache else "off"}
+
+    def _setup_split(self) -> None:
+        cfg = self.cfg
+        positions = has_positions(self.images)
+        if "triplet" in self.losses and not positions:
+            raise ValueError("the triplet loss needs positions: train from a dataset with UTM positions "
+                             "(--dataset KIND:PATH), or drop 'triplet' from the loss")
+        fraction = cfg.val_fraction if cfg.val_fraction is not None else (0.1 if positions else 0.0)
+        self.train_ids, self.val_ids = validation_split(self.images, fraction, cfg.seed)
+        self.val_mode = "none" if not len(self.val_ids) else ("recall" if positions else "loss")
+        self.val_positives: list[np.ndarray] = []
+        if self.val_mode == "recall":
+            from .datasets import positives_within
+
+            utm = np.array([i.utm for i in self.images])
+            pos = positives_within(utm[self.train_ids], utm[self.val_ids], cfg.val_radius)
+            keep = [k for k, p in enumerate(pos) if len(p)]
+            if len(keep) < len(self.val_ids):
+                log.warning("validation: %d of %d held-out images have no training image within %.1f m; dropped",
+                            len(self.val_ids) - len(keep), len(self.val_ids), cfg.val_radius)
+            self.val_ids = self.val_ids[keep]
+            self.val_positives = [pos[k] for k in keep]
+            if not len(self.val_ids):
+                self.val_mode = "none"
+
+    # -- setup / resume
+    def _prepare(self, resume: bool) -> None:
+        if self.files.exists() and not resume:
+            raise ValueError(f"{self.files.dir}: holds a previous run ({self.files.state_path.name}); "
+                             "pass --resume to continue it, or --run-dir to start elsewhere")
+        if resume:
+            self._resume()
+        self.targets.prepare(self.ctx)
+        if "triplet" in self.losses:
+            utm = np.array([i.utm for i in self.images])
+            self.miner = NegativeMiner(utm, self.targets.desc, self.train_ids, self.cfg.triplet, self.cfg.seed)
+            if self._resume_tensors is not None:
+                self.miner.load_state(self._resume_tensors)
+        self._resume_tensors = None
+        self.head_ddp = ddp.wrap(self.head, self.ctx, find_unused=not self.losses.needs_descriptors)
+
+    def _resume(self) -> None:
+        old = self.files.read_state()
+        new = self.state.config
+        changed = sorted(k for k in set(old.config) | set(new)
+                         if k not in RESUMABLE_CHANGES and old.config.get(k) != new.get(k))
+        if changed:
+            diffs = "; ".join(f"{k}: {old.config.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise ValueError(f"{self.files.state_path}: --resume with different settings ({diffs}); "
+                             "use the original ones or a new --run-dir")
+        if old.config.get("epochs") != new.get("epochs"):
+            log.warning("resuming with %s epochs instead of %s; the lr schedule stretches accordingly",
+                        new.get("epochs"), old.config.get("epochs"))
+        old.config = new
+        self.state = old
+        if old.checkpoint:
+            tensors = self.files.read_tensors(old.checkpoint, old.checkpoint_sha256)
+            student = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+            self.student.load_state_dict(student, strict=True)
+            load_optimizer(self.opt, tensors, old.optimizer_groups)
+            self._resume_tensors = tensors
+        if self.ctx.is_main:
+            self.files.truncate_metrics(old.epoch)
+        log.info("resuming %s after epoch %d (step %d)", self.files.dir, old.epoch, old.step)
+
+    # -- one step
+    def _loss_parts(self, ids: list[int], desc: torch.Tensor, fmap: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        parts: dict[str, torch.Tensor] = {}
+        if "mse" in self.losses:
+            parts["mse"] = mse_loss(desc, self.targets.desc[ids].to(self.device))
+        if "ickd" in self.losses:
+            parts["ickd"] = ickd_loss(fmap, self.targets.grams(ids).to(self.device))
+        if "triplet" in self.losses:
+            pos, neg, mask = self.miner.select(ids, desc, step)
+            t = self.targets.desc
+            parts["triplet"] = triplet_loss(desc, t[pos].to(self.device), t[neg].to(self.device),
+                                            self.cfg.triplet.margin, mask.to(self.device))
+        return parts
+
+    def train_step(self, ids: list[int], qualities: list[str], step: int) -> dict[str, float]:
+        """One optimizer step on a batch; returns the batch's loss terms."""
+        if self.miner is not None:
+            self.miner.maybe_refresh(step)
+        inputs = [self.student_input(i, q) for i, q in zip(ids, qualities)]
+        groups = group_by_shape(inputs)
+        self.opt.zero_grad(set_to_none=True)
+        logged: dict[str, float] = defaultdict(float)
+        for g, members in enumerate(groups):
+            share = len(members) / len(ids)
+            sync = g == len(groups) - 1
+            with ddp.no_sync(self.head_ddp) if not sync else contextlib.nullcontext():
+                x = torch.stack([inputs[k] for k in members]).to(self.device)
+                with autocast_for(self.device):
+                    desc, fmap = self.head_ddp(x)
+                gids = [ids[k] for k in members]
+                parts = self._loss_parts(gids, desc.float(), fmap.float(), step)
+                loss = self.losses.combine(parts) * share
+                loss.backward()
+            if self.miner is not None:
+                self.miner.observe(gids, desc)
+            logged["loss"] += float(loss.detach())
+            for k, v in parts.items():
+                logged[k] += float(v.detach()) * share
+        if self.cfg.grad_clip:
+            logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        lr = self.cfg.lr * lr_factor(step, self.total_steps, self.steps_per_epoch, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        logged["lr"] = lr
+        return dict(logged)
+
+    # -- epochs
+    def epoch_plan(self, epoch: int) -> tuple[list[int], dict[int, str]]:
+        """This process's image order for `epoch` and each image's quality (seeded, same for any world size)."""
+        n = len(self.images)
+        qualities = self.cfg.qualities
+        draws = np.random.default_rng([self.cfg.seed, epoch, 7]).integers(0, len(qualities), n)
+        order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
+        pad = (-len(order)) % self.ctx.world_size
+        order = np.concatenate([order, order[:pad]])
+        mine = order[self.ctx.rank::self.ctx.world_size]
+        return [int(i) for i in mine], {int(i): qualities[draws[i]] for i in mine}
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        ids, quality = self.epoch_plan(epoch)
+        bs = self.cfg.batch_size
+        sums: dict[str, float] = defaultdict(float)
+        bar = tqdm(total=len(ids), desc=f"epoch {epoch}/{self.cfg.epochs}", unit="img",
+                   disable=not (self.cfg.progress and self.ctx.is_main))
+        for b in range(0, len(ids), bs):
+            batch = ids[b:b + bs]
+            out = self.train_step(batch, [quality[i] for i in batch], self.state.step)
+            self.state.step += 1
+            for k, v in out.items():
+                sums[k] += v
+            n_steps = b // bs + 1
+            bar.update(len(batch))
+            bar.set_postfix({k: f"{sums[k] / n_steps:.4g}" for k in ["loss", *self.losses.terms]})
+            if self.ctx.is_main and (self.state.step % self.cfg.log_every == 0 or b + bs >= len(ids)):
+                self.files.append_metrics({"kind": "step", "epoch": epoch, "step": self.state.step,
+                                           "loss": out["loss"], "lr": out["lr"],
+                                           "terms": {t: out[t] for t in self.losses.terms}})
+        bar.close()
+        means = {k: v / self.steps_per_epoch for k, v in sums.items() if k != "lr"}
+        return ddp.all_mean(means, self.ctx)
+
+    @torch.no_grad()
+    def describe(self, ids: list[int], quality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student descriptors and conv maps of images `ids` degraded to `quality` (eval, no grad)."""
+        inputs = [self.student_input(i, quality) for i in ids]
+        descs: list[torch.Tensor | None] = [None] * len(ids)
+        maps: list[torch.Tensor | None] = [None] * len(ids)
+        for members in group_by_shape(inputs):
+            for start in range(0, len(members), self.cfg.batch_size):
+                part = members[start:start + self.cfg.batch_size]
+                with autocast_for(self.device):
+                    d, f = self.head(torch.stack([inputs[k] for k in part]).to(self.device))
+                for k, dd, ff in zip(part, d.float().cpu(), f.float().cpu()):
+                    descs[k], maps[k] = dd, ff
+        return torch.stack(descs), maps  # type: ignore[arg-type]
+
+    def validate(self) -> dict[str, Any] | None:
+        """Recall of held-out images (positions) or their loss (label-free), over all qualities."""
+        if self.val_mode == "none":
+            return None
+        ids = [int(i) for i in self.val_ids]
+        out: dict[str, Any] = {"per_quality": {}}
+        if self.val_mode == "recall":
+            from .evaluate import recall_at_n
+
+            db = self.targets.desc[self.train_ids].numpy()
+            for q in self.cfg.qualities:
+                desc, _ = self.describe(ids, q)
+                r = recall_at_n(db, desc.numpy(), self.val_positives, ns=(1, 5, 10))
+                out["per_quality"][q] = {f"recall@{n}": float(v) for n, v in r.items()}
+            for n in (1, 5, 10):
+                out[f"recall@{n}"] = float(np.mean([v[f"recall@{n}"] for v in out["per_quality"].values()]))
+            return out
+        total = []
+        for q in self.cfg.qualities:
+            desc, maps = self.describe(ids, q)
+            parts = {}
+            if "mse" in self.losses:
+                parts["mse"] = mse_loss(desc, self.targets.desc[ids])
+            if "ickd" in self.losses:
+                parts["ickd"] = torch.stack([ickd_loss(m.unsqueeze(0), self.targets.grams([i]))
+                                             for i, m in zip(ids, maps)]).mean()
+            value = float(self.losses.combine(parts))
+            out["per_quality"][q] = {"val_loss": value, **{k: float(v) for k, v in parts.items()}}
+            total.append(value)
+        out["val_loss"] = float(np.mean(total))
+        return out
+
+    def score(self, train: dict[str, float], val: dict[str, Any] | None) -> tuple[float, ...]:
+        """Higher is better: validation recall@1 (then @5), or minus the (validation) loss."""
+        if val and "recall@1" in val:
+            return (val["recall@1"], val["recall@5"], -train["loss"])
+        if val and "val_loss" in val:
+            return (-val["val_loss"],)
+        return (-train["loss"],)
+
+    def save_checkpoint(self, epoch: int, record: dict[str, Any], improved: bool) -> None:
+        if not self.ctx.is_main:
+            return
+        student = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        optim, groups = optimizer_tensors(self.opt)
+        extra = self.miner.state() if self.miner is not None else {}
+        name = f"checkpoint-e{epoch}.safetensors"
+        self.state.checkpoint_sha256 = self.files.write_tensors(name, {**student, **optim, **extra})
+        self.state.checkpoint, self.state.optimizer_groups = name, groups
+        if improved:
+            self.state.best_sha256 = self.files.write_tensors("best.safetensors", self.student.state_dict())
+        self.state.epoch = epoch
+        self.state.history.append(record)
+        self.files.write_state(self.state)
+        self.files.remove_stale_checkpoints(keep=name)
+
+    def run(self, resume: bool) -> DistillResult:
+        self._prepare(resume)
+        cfg = self.cfg
+        if self.state.registered and self.state.epoch >= cfg.epochs:
+            log.info("%s: this run already finished and registered %s", self.files.dir, self.state.registered)
+            name, _, ver = self.state.registered.partition("@")
+            return DistillResult(ModelRef(name, int(ver)), self.files.dir, self.state.best["epoch"],
+                                 self.state.history, self.state.best.get("metrics", {}))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        log.info("distilling %s -> %s: %d train / %d val images, qualities %s, loss %s, trainable %s "
+                 "(prefix of %d layers frozen and %s), %d epochs x %d steps x %d processes",
+                 self.teacher.ref, cfg.name, len(self.train_ids), len(self.val_ids), ",".join(cfg.qualities),
+                 self.losses.describe(), ",".join(self.trainable), self.cut,
+                 "cached" if self.inputs.cache else "recomputed", cfg.epochs, self.steps_per_epoch,
+                 self.ctx.world_size)
+        if self.state.epoch == 0 and self.val_mode != "none":
+            self._log_baseline()
+        for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+            started = time.time()
+            train = self.train_epoch(epoch)
+            val = self.validate() if self.ctx.is_main else None
+            seconds = time.time() - started
+            self.state.train_seconds += seconds
+            record = {"kind": "epoch", "epoch": epoch, "step": self.state.step, **train, "val": val,
+                      "seconds": round(seconds, 2), "cache": self.cache_stats()}
+            score = self.score(train, val)
+            improved = self.state.best is None or tuple(score) > tuple(self.state.best["score"])
+            if improved:
+                self.state.best = {"epoch": epoch, "score": list(score), "metrics": self._metrics(train, val)}
+            if self.ctx.is_main:
+                self.files.append_metrics(record)
+                prefix = record["cache"]["prefix"]
+                log.info("epoch %d: loss %.5f %s%s (%.0f s; prefix cache %s)%s", epoch, train["loss"],
+                         " ".join(f"{t} {train[t]:.5f}" for t in self.losses.terms),
+                         f" val {json.dumps({k: v for k, v in val.items() if k != 'per_quality'})}" if val else "",
+                         seconds, prefix if prefix == "off" else
+                         f"{prefix['memory_hits'] + prefix['disk_hits']} hits, {prefix['misses']} computed",
+                         " *best*" if improved else "")
+            self.save_checkpoint(epoch, record, improved)
+            ddp.barrier(self.ctx)
+        return self._finish()
+
+    def _log_baseline(self) -> None:
+        """Validation of the untrained student (= the teacher on degraded inputs), for reference."""
+        if self.ctx.is_main:
+            val = self.validate()
+            self.files.append_metrics({"kind": "baseline", "epoch": 0, "val": val})
+            log.info("before training: %s", json.dumps({k: v for k, v in (val or {}).items() if k != "per_quality"}))
+        ddp.barrier(self.ctx)
+
+    def _metrics(self, train: dict[str, float], val: dict[str, Any] | None) -> dict[str, Any]:
+        m: dict[str, Any] = {"train_loss": train["loss"], **{f"train_{t}": train[t] for t in self.losses.terms}}
+        if val:
+            m.update({f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()})
+        return m
+
+    def _finish(self) -> DistillResult:
+        best = self.state.best or {}
+        ref = None
+        if self.ctx.is_main:
+            weights = self.files.read_tensors("best.safetensors", self.state.best_sha256)
+            self.student.load_state_dict(weights, strict=True)
+            ref = self.registry.register(self.cfg.name, self.student.cpu(), role="student",
+                                         parent=str(self.teacher.ref), details=self._details(),
+                                         metrics={"best_epoch": best.get("epoch"), **best.get("metrics", {})})
+            if self.cfg.activate:
+                self.registry.activate(ref)
+            self.state.registered = str(ref)
+            self.files.write_state(self.state)
+            plot = self.files.plot(f"{self.teacher.ref} -> {ref} ({self.losses})")
+            log.info("registered %s (best epoch %s); run files in %s%s", ref, best.get("epoch"), self.files.dir,
+                     f", plot {plot}" if plot else "")
+        registered, best = ddp.broadcast((str(ref) if ref else None, best), self.ctx)
+        name, _, ver = registered.partition("@")
+        return DistillResult(ModelRef(name, int(ver)), self.files.dir, best.get("epoch", 0),
+                             self.state.history, best.get("metrics", {}))
+
+    def _details(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "source": "distill",
+            "teacher": str(self.teacher.ref), "teacher_sha256": self.teacher.sha256,
+            **self.source, "train_images": len(self.train_ids), "val_images": len(self.val_ids),
+            "validation": self.val_mode, "qualities": list(cfg.qualities),
+            "losses": self.losses.describe(), "trainable": self.trainable,
+            "epochs": cfg.epochs, "best_epoch": (self.state.best or {}).get("epoch"),
+            "batch_size": cfg.batch_size, "world_size": self.ctx.world_size,
+            "optimizer": {"name": "adam", "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                          "grad_clip": cfg.grad_clip, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
+                          **({"step_gamma": cfg.step_gamma} if cfg.schedule == "step" else {})},
+            **({"triplet": cfg.triplet.model_dump()} if "triplet" in self.losses else {}),
+            "seed": cfg.seed, "steps": self.state.step,
+            "train_seconds": round(self.state.train_seconds, 1),
+            "device": str(self.device), "cpu": cpu_name(), "torch": torch.__version__,
+            "history": [{k: r.get(k) for k in ("epoch", "loss", *self.losses.terms, "val")} for r in self.state.history],
+            "run_dir": str(self.files.dir.resolve()),
+        }
+
+
+def run_distill(cfg: DistillConfig, home: HomeSettings, resume: bool = False) -> DistillResult:
+    """Train, checkpoint each epoch, keep the best epoch, register it as a student of the teacher."""
+    ctx = ddp.init_distributed(cfg.device)
+    try:
+        return Distiller(cfg, home, ctx).run(resume)
+    finally:
+        ddp.shutdown(ctx)
