@@ -7,7 +7,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     VPR_HOME=/data \
     VPR_HOST=0.0.0.0 \
-    VPR_PORT=8000
+    VPR_PORT=8000 \
+    OMP_WAIT_POLICY=PASSIVE
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common curl ca-certificates \

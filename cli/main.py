@@ -7,12 +7,18 @@ file and the problem and exit 2, without a traceback.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
-import sys
+import os
 
-from cli.common import CLIError, home_from  # noqa: F401  (re-exported for the command modules)
+# Spinning OpenMP workers fight the server's own threads on small machines
+# (forward passes 2-10x slower, erratically, on 2 cores); must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from cli.common import CLIError, home_from  # noqa: F401,E402  (re-exported for the command modules)
 
 # Command modules, in the order they appear in --help. A module that is not
 # there yet (work in progress) is skipped rather than breaking the CLI.

@@ -34,7 +34,10 @@ class ImageTooLarge(ValueError):
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> Image.Image:
     """Decode compressed bytes to RGB, refusing bombs before allocating pixels."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            # Pillow warns (or raises) on huge declared sizes; our own limit decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
             raise ImageTooLarge(f"{source}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")

@@ -107,15 +107,20 @@ class MicroBatcher:
 
     # ---- producers ----------------------------------------------------------
     def submit(self, tensor: torch.Tensor, serving: "Serving", k: int, params: dict | None = None,
-               source: str = "http") -> cf.Future:
+               source: str = "http", wait_s: float = 0.0) -> cf.Future:
         """Queue one prepared input (3, H, W); the future yields an `Answer`.
 
-        Raises QueueFull at once when the queue is at capacity."""
+        Raises QueueFull at once when the queue is at capacity, or after
+        `wait_s` seconds of waiting for room (internal work such as the
+        warm-up of a hot swap waits rather than fail under load)."""
         if self._stop.is_set() or not self.running:
             raise BatcherStopped("the model runtime is not running")
         item = _Item(tensor, serving, int(k), params)
         try:
-            self._queue.put_nowait(item)
+            if wait_s > 0:
+                self._queue.put(item, timeout=wait_s)
+            else:
+                self._queue.put_nowait(item)
         except queue.Full:
             if self.metrics:
                 self.metrics.queue_rejected.labels(source).inc()

@@ -105,7 +105,9 @@ def check_media(declared: str | None, data: bytes, source: str) -> None:
     The declared type must be one we accept (or generic, for multipart parts
     sent as octet-stream); bytes that are clearly another image format are
     refused too, so Pillow's other decoders are never reached from outside.
-    Bytes of no recognisable format go on to the decoder, which answers 400.
+    Bytes without the signature of an accepted format are refused with 400
+    here, not handed to Pillow: it would try every decoder it has, and some
+    formats have no signature at all (a TGA header decodes from 18 bytes).
     """
     kind = media_type(declared)
     accepted = ", ".join(ACCEPTED_TYPES)
@@ -116,3 +118,6 @@ def check_media(declared: str | None, data: bytes, source: str) -> None:
     if actual is not None and actual not in ACCEPTED_TYPES:
         raise ApiError(415, "unsupported_media_type",
                        f"{source}: the data is {actual}, which is not supported; send one of {accepted}")
+    if actual is None:
+        raise ApiError(400, "bad_image", f"{source}: not a decodable image (the data does not start like a "
+                       "JPEG, PNG or WebP file)")

@@ -275,8 +275,10 @@ class Runtime:
         x = torch.zeros(3, h, w)
         t = time.perf_counter()
         if self.batcher.running:
-            fut = self.batcher.submit(x, Serving(model, index, self.device), 1, source="warmup")
-            fut.result(timeout=max(60.0, self.settings.query_timeout_s))
+            # Under load the queue may be full: wait for room (a hot swap must not fail because of traffic).
+            timeout = max(60.0, self.settings.query_timeout_s)
+            fut = self.batcher.submit(x, Serving(model, index, self.device), 1, source="warmup", wait_s=timeout)
+            fut.result(timeout=timeout)
         else:
             desc = embed_tensors(model.net, x[None], self.device)
             if index.count:

@@ -360,8 +360,9 @@ class StreamSession:
             return self.runtime.prepare_array(rgb, serving)
         assert frame.data is not None
         kind = sniff(frame.data)
-        if kind not in (None, "image/jpeg"):
-            raise ImageDecodeError(f"frame {frame.number}: {kind} data on a jpeg stream")
+        if kind != "image/jpeg":  # Pillow's other decoders are never reached (see inputs.check_media)
+            raise ImageDecodeError(f"frame {frame.number}: not a decodable image ({kind or 'not JPEG'} data on a "
+                                   "jpeg stream)")
         return self.runtime.prepare(frame.data, serving, source=f"frame {frame.number}")
 
     async def _bad_frame(self, frame: Frame, detail: str) -> None:
