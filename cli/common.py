@@ -15,3 +15,36 @@ class CLIError(Exception):
 def home_from(args: argparse.Namespace) -> HomeSettings:
     """`--home` beats `VPR_HOME`, which beats ./var."""
     return HomeSettings(home=Path(args.home)) if getattr(args, "home", None) else HomeSettings()
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{v:g} must be positive")
+    return v
+
+
+def key_values(pairs: list[str] | None, option: str) -> dict[str, str]:
+    """`KEY=VALUE` strings (a repeatable option) -> dict, keys with '-' as '_'."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"bad {option} {pair!r}: expected KEY=VALUE")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out

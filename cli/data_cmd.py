@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from cli.main import CLIError, home_from
+from cli.common import CLIError, home_from, key_values, positive_int
 
 EVAL_EPILOG = """\
 data (one of):
@@ -24,14 +24,6 @@ examples:
 """
 
 
-def _options(pairs: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise CLIError(f"bad --option {pair!r}: expected KEY=VALUE")
-        out[key.strip().replace("-", "_")] = value
-    return out
 
 
 def _ns(text: str) -> tuple[int, ...]:
@@ -44,14 +36,6 @@ def _ns(text: str) -> tuple[int, ...]:
     return ns
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--radius", type=float, metavar="M", help="positives within M metres (UTM-named data)")
     g.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="more reader options, e.g. images_root=DIR for mat (repeatable)")
-    g.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate N queries spread over the set")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="evaluate N queries spread over the set")
     g = p.add_argument_group("models and qualities")
     g.add_argument("--db-model", required=True, metavar="NAME@VERSION", help="describes the database (the teacher)")
     g.add_argument("--query-model", required=True, action="append", metavar="NAME@VERSION",
@@ -91,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output and running")
     g.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
     g.add_argument("--plot", type=Path, metavar="OUT.png", help="plot recall@1 against quality")
-    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--batch-size", type=positive_int, default=8)
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the descriptor cache")
     g.add_argument("--no-progress", action="store_true")
@@ -151,7 +135,7 @@ def main_eval(args: argparse.Namespace) -> int:
     from train.evaluate import EvalConfig, run_eval
 
     source = dataset_source(args.dataset, args.database, args.queries, args.ground_truth, args.tolerance,
-                            args.radius, _options(args.option))
+                            args.radius, key_values(args.option, "--option"))
     run_eval(EvalConfig(home=home_from(args), source=source, db_model=args.db_model,
                         query_models=args.query_model, qualities=args.quality, json_out=args.json,
                         plot_out=args.plot, policy=args.policy, ns=args.recall_at, batch_size=args.batch_size,
@@ -187,7 +171,7 @@ def main_info(args: argparse.Namespace) -> int:
     from train.datasets import dataset_source
 
     ds = dataset_source(args.dataset, tolerance=args.tolerance, radius=args.radius,
-                        options=_options(args.option)).open()
+                        options=key_values(args.option, "--option")).open()
     json.dump(ds.summary(), sys.stdout, indent=2, default=str)
     print()
     if args.check_images:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CLIError, home_from
+from .common import CLIError, home_from, positive_float, positive_int
 
 
 def main_serve(args: argparse.Namespace) -> int:
@@ -55,24 +55,8 @@ def main_stream(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{v:g} must be positive")
-    return v
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("query", help="send images to a server, print the top matches")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--url", help=url_help)
-    p.add_argument("--top-k", type=_positive_int, help="matches per image (server default 5)")
+    p.add_argument("--top-k", type=positive_int, help="matches per image (server default 5)")
     p.add_argument("--json", action="store_true", help="one JSON answer per line")
     p.set_defaults(func=main_query)
 
@@ -102,9 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help=url_help)
     p.add_argument("--codec", choices=("h264", "jpeg"), default="h264",
                    help="send the H.264 bitstream (Annex-B) or one JPEG per frame (default h264)")
-    p.add_argument("--top-k", type=_positive_int, help="matches per frame (server default 5)")
-    p.add_argument("--speed", type=_positive_float, default=1.0, help="playback speed factor (default 1)")
+    p.add_argument("--top-k", type=positive_int, help="matches per frame (server default 5)")
+    p.add_argument("--speed", type=positive_float, default=1.0, help="playback speed factor (default 1)")
     p.add_argument("--fast", action="store_true", help="send as fast as possible (the server drops frames)")
-    p.add_argument("--max-frames", type=_positive_int, help="stop after this many frames")
+    p.add_argument("--max-frames", type=positive_int, help="stop after this many frames")
     p.add_argument("--json", action="store_true", help="print the raw JSON messages")
     p.set_defaults(func=main_stream)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .main import home_from
+from .common import home_from, key_values
 
 
 def _config_error(e: ValidationError) -> str:
@@ -24,14 +24,6 @@ def _config_error(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _options(pairs: list[str] | None) -> dict[str, str]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--dataset-option {pair!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def main_distill(args: argparse.Namespace) -> int:
@@ -41,7 +33,7 @@ def main_distill(args: argparse.Namespace) -> int:
         cfg = DistillConfig(
             teacher=args.teacher, name=args.register, qualities=args.quality.split(","),
             images=Path(args.images) if args.images else None, dataset=args.dataset,
-            dataset_options=_options(args.dataset_option), limit=args.limit,
+            dataset_options=key_values(args.dataset_option, "--dataset-option"), limit=args.limit,
             loss=args.loss, loss_weights=_weights(args), trainable=args.trainable.split(",") if args.trainable else None,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip or None, schedule=args.schedule, warmup_steps=args.warmup_steps,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,19 @@ def read_pointer(path: Path) -> str | None:
 def write_pointer(path: Path, value: str) -> None:
     """Switch an `active` pointer atomically; concurrent writers leave one valid value."""
     atomic_write_bytes(path, (value + "\n").encode())
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Publish the finished folder `tmp` as `out`, replacing any previous `out`.
+
+    `tmp` must be a fsynced sibling of `out`. The old folder is moved aside
+    first, so `out` is always either the old or the new complete folder."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    fsync_dir(out.parent)

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.fileio import atomic_write_json, fsync_dir, fsync_tree
+from model.fileio import atomic_write_json, fsync_tree, replace_dir
 
 from .datasets import dvgl_name
 from .geo import utm_to_latlon
@@ -475,14 +475,7 @@ def make_route(out_dir: Path, places: int = 60, seed: int = 0, spacing: float = 
         desc["counts"] = _generate(tmp, params, progress)
         atomic_write_json(tmp / ROUTE_FILE, desc)
         fsync_tree(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

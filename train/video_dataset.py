@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.fileio import atomic_write_json, fsync_dir, fsync_tree, sha256_file
+from model.fileio import atomic_write_json, fsync_tree, replace_dir, sha256_file
 
 from .datasets import dvgl_name
 from .geo import latlon_to_utm, utm_to_latlon
@@ -286,14 +286,7 @@ def video_to_dataset(video: Path, gps: Path, out: Path, spacing: float = 1.0, sp
         }
         atomic_write_json(tmp / INFO_FILE, info)
         fsync_tree(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
