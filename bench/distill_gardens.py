@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
-from model.extract import extract  # noqa: E402
+from model.extract import cpu_name, extract  # noqa: E402
 from model.fileio import atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
 from model.preprocess import load_image, to_input  # noqa: E402
 from model.registry import LoadedModel, Registry, RegistryError  # noqa: E402
@@ -67,14 +67,6 @@ QUALITIES = "orig,h240,h180-jpeg20,h120-jpeg20,h180-h264-qp40"
 NS = (1, 5, 10, 20)
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def loadavg() -> list[float]:

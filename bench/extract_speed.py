@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
-from model.extract import default_device, embed_tensors
+from model.extract import cpu_name, default_device, embed_tensors
 from model.network import build_model
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(net, h: int, w: int, batch: int, repeats: int, device) -> float:

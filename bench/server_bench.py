@@ -50,7 +50,7 @@ import torch
 
 from httpload import percentiles, run_clients
 from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
-from model.extract import embed_tensors
+from model.extract import cpu_name, embed_tensors
 from model.preprocess import list_images, load_image, to_input
 from model.registry import Registry
 
@@ -60,14 +60,6 @@ SHARED = Path(os.environ.get("VPR_SHARED", REPO.parent / "shared"))
 VPR = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def loadavg() -> list[float]:

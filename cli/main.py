@@ -18,7 +18,7 @@ import importlib  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from cli.common import CLIError, home_from  # noqa: F401,E402  (re-exported for the command modules)
+from cli.common import CLIError  # noqa: E402
 
 # Command modules, in the order they appear in --help. A module that is not
 # there yet (work in progress) is skipped rather than breaking the CLI.

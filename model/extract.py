@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,6 +18,17 @@ from .preprocess import load_image, to_input
 log = logging.getLogger(__name__)
 
 ImageLike = Image.Image | Path | str | torch.Tensor
+
+
+def cpu_name() -> str:
+    """The processor's model name, for benchmark and training reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def default_device() -> torch.device:

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from model.backbones import VGG16Backbone, build_backbone
-from model.config import BackboneConfig, ModelConfig, PreprocessConfig
+from model.config import BackboneConfig, PreprocessConfig
 from model.extract import extract
 from model.netvlad import NetVLAD, kmeans_centroids
 from model.network import PCAWhitening, build_model

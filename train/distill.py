@@ -34,7 +34,6 @@ import copy
 import json
 import logging
 import math
-import platform
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tqdm import tqdm
 
 from model.config import HomeSettings
-from model.extract import autocast_for
+from model.extract import autocast_for, cpu_name
 from model.network import VPRNet
 from model.registry import ModelRef, Registry, check_name
 
@@ -158,14 +157,6 @@ def group_by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Distiller:
