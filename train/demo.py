@@ -88,9 +88,12 @@ def ensure_demo(home: HomeSettings, places: int = 60, epochs: int = 2, max_side:
     reg = Registry(home.models_dir)
     teacher = init_teacher(reg, TEACHER, config, weights, db_folder, samples=20_000, seed=0, device=device)
     log.info("demo: teacher %s registered; building index %s", teacher, INDEX)
-    index = build_index(home, str(teacher), INDEX, items=ds.database, dataset_root=ds.root, activate=True)
+    build_index(home, str(teacher), INDEX, items=ds.database, dataset_root=ds.root, activate=True)
     log.info("demo: distilling a student for small compressed queries (%d epochs)", epochs)
-    result = run_distill(DistillConfig(teacher=str(teacher), name=STUDENT, images=db_folder,
-                                       qualities=["h60-jpeg20", "h90-jpeg30"], epochs=epochs,
-                                       activate=True, progress=True), home)
-    return Demo(str(result.ref), str(index), weights)
+    run_distill(DistillConfig(teacher=str(teacher), name=STUDENT, images=db_folder,
+                              qualities=["h60-jpeg20", "h90-jpeg30"], epochs=epochs,
+                              activate=True, progress=True), home)
+    built = existing_demo(home)
+    if built is None:
+        raise RuntimeError(f"demo under {home.home} was built but does not load; see the log above")
+    return built
