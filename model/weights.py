@@ -71,7 +71,9 @@ def load_torchvision_imagenet(net: VPRNet) -> None:
                            "copy the file there, or pass --weights FILE.safetensors")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     own = net.backbone.state_dict()
-    prefix = "features." if arch == "vgg16" else "body."
+    # torchvision's keys are `features.N.*` (VGG, same as ours) or `layerN.*` (ResNet,
+    # ours sit under `body.`); the classifier / fc layers we cut off are dropped.
+    prefix = "" if arch == "vgg16" else "body."
     mapped = {prefix + k: v for k, v in sd.items() if prefix + k in own}
     check_state_dict(own, mapped, str(path))
     net.backbone.load_state_dict(mapped, strict=True)

@@ -188,3 +188,28 @@ def test_import_pytorch_netvlad_checkpoint(tmp_path):
     with pytest.raises(WeightsError, match="pool.centroids"):
         torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "other.pth.tar")
         import_pytorch_netvlad(tmp_path / "other.pth.tar")
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet18"])
+def test_torchvision_imagenet_weights_from_the_local_cache(tmp_path, monkeypatch, arch):
+    """`--weights imagenet` reads torchvision's cache file (never downloads): a
+    checkpoint with torchvision's full key set loads into the cut backbone."""
+    import torchvision
+
+    from model.weights import load_torchvision_imagenet, torchvision_cache_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    config = {"backbone": {"name": arch}, "netvlad": {"clusters": 4}, "preprocess": {"max_side": 64}}
+    net = build_model(config)
+    with pytest.raises(WeightsError, match="not in the local cache"):
+        load_torchvision_imagenet(net)
+    torch.manual_seed(1)
+    full = getattr(torchvision.models, arch)(weights=None)
+    path = torchvision_cache_file(arch)
+    path.parent.mkdir(parents=True)
+    torch.save(full.state_dict(), path)
+    load_torchvision_imagenet(net)
+    if arch == "vgg16":
+        assert torch.equal(net.backbone.features[28].weight, full.features[28].weight)
+    else:
+        assert torch.equal(net.backbone.body.layer3[0].conv1.weight, full.layer3[0].conv1.weight)

@@ -102,3 +102,21 @@ def test_concurrent_activate_leaves_a_valid_pointer(home, teacher, image_folder)
     assert read_pointer(home / "models" / "tiny" / "active") in {"2", "3", "4"}
     assert reg.load("tiny").ref.version in {2, 3, 4}
     assert not list((home / "models" / "tiny").glob(".*tmp*"))
+
+
+def test_import_netvlad_command_registers_a_teacher(home, tmp_path, capsys):
+    import torch
+
+    from model.backbones import VGG16Backbone
+
+    sd = {f"encoder.{k}": v for k, v in VGG16Backbone().features.state_dict().items()}
+    sd["pool.conv.weight"] = torch.randn(8, 512, 1, 1)
+    sd["pool.centroids"] = torch.rand(8, 512)
+    ckpt = tmp_path / "pittsburgh.pth.tar"
+    torch.save({"epoch": 2, "state_dict": sd}, ckpt)
+    assert vpr(home, "model", "import-netvlad", str(ckpt), "--name", "pitts") == 0
+    assert capsys.readouterr().out.strip() == "pitts@1"
+    m = Registry(home / "models").manifest("pitts@1")
+    assert m["details"]["source"] == "pytorch-NetVLAD" and m["descriptor_dim"] == 8 * 512
+    assert m["config"]["preprocess"]["mode"] == "imagenet"
+    assert vpr(home, "model", "verify", "pitts") == 0
