@@ -98,14 +98,14 @@ def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple
     weights_sha = sha256_file(args.weights)
     for v in reversed(reg.versions(name)):
         m = reg.manifest(f"{name}@{v}")
-        if m["details"].get("weights_sha256") == weights_sha and m["details"].get("cluster_seed") == args.seed:
+        if m["details"].get("weights_sha256") == weights_sha and m["details"].get("cluster_seed") == args.teacher_seed:
             log.info("reusing teacher %s@%d", name, v)
             return f"{name}@{v}", {"reused": True}
     config = ModelConfig(backbone=BackboneConfig(name="vgg16"), netvlad=NetVLADConfig(clusters=args.clusters),
                          preprocess=PreprocessConfig(mode="caffe", max_side=args.max_side, small_policy=args.policy))
     clock = Clock()
     ref = init_teacher(reg, name, config, str(args.weights), gardens / "day_left", samples=args.samples,
-                       seed=args.seed, activate=True, device=args.device or "cpu")
+                       seed=args.teacher_seed, activate=True, device=args.device or "cpu")
     return str(ref), {"reused": False, **clock.done()}
 
 
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (quality draws, order)")
+    p.add_argument("--teacher-seed", type=int, default=0, help="k-means seed of the teacher's clusters")
     p.add_argument("--limit", type=int, help="train on this many day_left images (evenly spread)")
     p.add_argument("--query-limit", type=int, help="evaluate this many queries per set (evenly spread)")
     p.add_argument("--eval", default="fast", choices=["fast", "full"])
