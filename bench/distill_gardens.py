@@ -111,7 +111,7 @@ def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple
 
 # ---- student -------------------------------------------------------------------------
 def run_tag(args: argparse.Namespace) -> str:
-    tag = (f"ms{args.max_side}-{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
+    tag = (f"ms{args.max_side}-{args.policy}-{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
            f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}")
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", tag)[:180]
 

@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -357,7 +358,8 @@ def plot_series(series: dict[str, list[tuple[str, float]]], out: Path, title: st
         for q, _ in pts:
             if q not in qualities:
                 qualities.append(q)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(qualities) + 2), 4.5), dpi=110)
+    width = max(6.0, 1.1 * len(qualities) + 2)
+    fig, ax = plt.subplots(figsize=(width, 4.5), dpi=110)
     try:
         styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v", "P")
         for k, (label, pts) in enumerate(series.items()):
@@ -370,7 +372,8 @@ def plot_series(series: dict[str, list[tuple[str, float]]], out: Path, title: st
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("query quality")
         ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
+        # about 10 characters per inch at this size; wrap rather than crop
+        ax.set_title(textwrap.fill(title, width=int(width * 10)), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
