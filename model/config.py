@@ -49,7 +49,11 @@ class PreprocessConfig(BaseModel):
 
     `max_side` caps the longer side (aspect kept). `small_policy` decides what
     happens to images smaller than that: `native` feeds them at their own size,
-    `upsample` resizes them up to `max_side` first (helps very small queries).
+    `upsample` resizes them up to `max_side` first. Measured on Gardens Point at
+    640 px (docs/BENCHMARKS.md, "Which policy to serve"): upsample wins for day
+    queries, native for night ones, and distilled students tie over both; upsample
+    is the default because it met the distillation bar and helps the smallest
+    queries most. Native is cheaper per query (fewer pixels).
     """
 
     model_config = ConfigDict(extra="forbid")
