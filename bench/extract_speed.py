@@ -8,12 +8,13 @@ so decode and resize are excluded), after one warm-up batch per setting.
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 
 import torch
 
 from model.extract import cpu_name, default_device, embed_tensors
+from model.fileio import atomic_write_json
 from model.network import build_model
 
 
@@ -45,8 +46,7 @@ def main(args: argparse.Namespace) -> dict:
     report = {"device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_json(Path(args.json), report)
     return report
 
 

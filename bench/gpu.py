@@ -39,7 +39,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import contextlib
 import io
-import json
 import logging
 import platform
 import shutil
@@ -385,8 +384,9 @@ def main(args: argparse.Namespace) -> dict:
     report["elapsed_s"] = round(time.monotonic() - t_start, 1)
     print(f"done in {report['elapsed_s']} s", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        from model.fileio import atomic_write_json
+
+        atomic_write_json(Path(args.json), report)
         print(f"wrote {args.json}")
     return report
 

@@ -51,6 +51,7 @@ import torch
 from httpload import percentiles, run_clients
 from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
 from model.extract import cpu_name, embed_tensors
+from model.fileio import atomic_write_json
 from model.preprocess import list_images, load_image, to_input
 from model.registry import Registry
 
@@ -278,8 +279,7 @@ def main(args: argparse.Namespace) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({k: report[k] for k in ("machine", "setup", "loadavg")}, indent=1))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        atomic_write_json(Path(args.json), report)
         print(f"wrote {args.json}")
     return report
 

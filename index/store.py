@@ -379,6 +379,21 @@ class IndexStore:
         except Exception as e:  # never mask the original error
             log.warning("%s: could not undo the backend side of an unpublished build (%s)", tmp, e)
 
+    @contextlib.contextmanager
+    def _staging(self, base: Path) -> Iterator[Path]:
+        """A temporary folder in `base` for a version being made. On error its
+        backend side is undone; either way it is gone afterwards unless
+        `_publish` renamed it into place."""
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".tmp-"))
+        try:
+            yield tmp
+        except BaseException:
+            self._discard(tmp)
+            raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
     def _cleanup_partial(self, name: str) -> int:
         """Remove half-built folders (and their external state) of `name`."""
         base = self.root / name
@@ -444,8 +459,7 @@ class IndexStore:
         self.validate_factory(factory, x.shape[1])
         backend = self._backend()
         with self._writer(name) as base:
-            tmp = Path(tempfile.mkdtemp(dir=base, prefix=".tmp-"))
-            try:
+            with self._staging(base) as tmp:
                 t0 = time.perf_counter()
                 meta_db.create(tmp / META_FILE, rows)
                 fields = backend.build(tmp, name, x, ids_arr, fb.normalize_spec(factory), progress)
@@ -457,12 +471,6 @@ class IndexStore:
                     "build_seconds": round(time.perf_counter() - t0, 3), "details": details or {}, **fields,
                 }
                 return self._publish(base, tmp, manifest, activate)
-            except BaseException:
-                self._discard(tmp)
-                raise
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
 
     def build(self, name: str, model: Any, items: Sequence[Any], root: Path, factory: str = "Flat",
               batch_size: int = 8, progress: Progress | None = None, activate: bool = True,
@@ -606,20 +614,13 @@ class IndexStore:
             if count < 1:
                 raise IndexStoreError(f"removing {len(rm)} items would leave index {ref} empty")
             backend = self._backend(old["backend"])
-            tmp = Path(tempfile.mkdtemp(dir=base, prefix=".tmp-"))
-            try:
+            with self._staging(base) as tmp:
                 meta_db.copy_edit(self.dir(ref) / META_FILE, tmp / META_FILE, rows, rm.tolist())
                 fields = backend.edit(self.dir(ref), old, tmp, ref.name, add_x, add_ids, rm)
                 op = (f"add {len(add_ids)}" if len(add_ids) else "") + (f"remove {len(rm)}" if len(rm) else "")
                 manifest = {**old, **fields, "count": count, "created": now_iso(), "derived_from": str(ref),
                             "operation": op, "next_id": int(old["next_id"]) + len(add_ids)}
                 return self._publish(base, tmp, manifest, activate)
-            except BaseException:
-                self._discard(tmp)
-                raise
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
 
     def prune(self, name: str, keep: int = 3) -> list[IndexRef]:
         """Delete all but the newest `keep` versions (never the active one).

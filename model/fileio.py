@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def fsync_dir(path: Path) -> None:
@@ -92,3 +93,20 @@ def replace_dir(tmp: Path, out: Path) -> None:
     else:
         tmp.rename(out)
     fsync_dir(out.parent)
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `out` to fill. When the block ends without
+    error it is fsynced and published as `out` (see `replace_dir`); either way
+    nothing half-written is left behind, so a crash never leaves a partial `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -109,6 +109,15 @@ def admin_router(runtime: Runtime, jobs: JobManager, token: str) -> APIRouter:
         return {"model": cur.model_spec if cur else None, "index": cur.index_spec if cur else None,
                 "index_size": cur.index.count if cur else None}
 
+    async def swap(model: str | None, index: str | None) -> dict[str, Any]:
+        """Hot-swap off the event loop (loading weights takes seconds)."""
+        before = served()
+        try:
+            await run_in_threadpool(runtime.swap, model, index)
+        except Exception as e:
+            raise lookup_error(e) from None
+        return {"previous": before, "served": served()}
+
     @router.get("/models", summary="Registered models and which one is served")
     def list_models() -> dict[str, Any]:
         reg, cur = runtime.registry, runtime.current
@@ -137,12 +146,7 @@ def admin_router(runtime: Runtime, jobs: JobManager, token: str) -> APIRouter:
 
     @router.post("/models/activate", summary="Hot-swap the query model (optionally with the index)")
     async def activate_model(body: ActivateModel) -> dict[str, Any]:
-        before = served()
-        try:
-            await run_in_threadpool(runtime.swap, body.model, body.index)
-        except Exception as e:
-            raise lookup_error(e) from None
-        return {"previous": before, "served": served()}
+        return await swap(body.model, body.index)
 
     @router.get("/indexes", summary="Index versions and which one is served")
     def list_indexes() -> dict[str, Any]:
@@ -150,12 +154,7 @@ def admin_router(runtime: Runtime, jobs: JobManager, token: str) -> APIRouter:
 
     @router.post("/index/activate", summary="Hot-swap the index to an existing version (e.g. roll back)")
     async def activate_index(body: ActivateIndex) -> dict[str, Any]:
-        before = served()
-        try:
-            await run_in_threadpool(runtime.swap, body.model, body.index)
-        except Exception as e:
-            raise lookup_error(e) from None
-        return {"previous": before, "served": served()}
+        return await swap(body.model, body.index)
 
     @router.post("/index/rebuild", status_code=202, summary="Rebuild the index in the background")
     def rebuild(body: RebuildRequest, request: Request, response: Response) -> dict[str, Any]:

@@ -157,9 +157,7 @@ class MicroBatcher:
                     self.run_batch(live)
                 except BaseException as e:  # never let the worker die
                     log.exception("batch of %d failed", len(live))
-                    for it in live:
-                        if not it.future.done():
-                            it.future.set_exception(e)
+                    _fail(live, e)
 
     def run_batch(self, items: list[_Item]) -> None:
         """Embed by (model, shape) group, search by (index, params) group."""
@@ -174,8 +172,7 @@ class MicroBatcher:
                 out = embed_tensors(serving.model.net, torch.stack([it.tensor for it in group]), serving.device)
             except Exception as e:
                 log.exception("forward pass of %d items failed", len(group))
-                for it in group:
-                    it.future.set_exception(e)
+                _fail(group, e)
                 continue
             ms = (time.perf_counter() - t) * 1000
             if self.metrics:
@@ -195,8 +192,7 @@ class MicroBatcher:
             hits = index.search(np.stack([descs[id(it)] for it in group]), k, group[0].params)
         except Exception as e:
             log.exception("search of %d queries failed", len(group))
-            for it in group:
-                it.future.set_exception(e)
+            _fail(group, e)
             return
         ms = (time.perf_counter() - t) * 1000
         if self.metrics:
@@ -206,6 +202,13 @@ class MicroBatcher:
             if self.metrics:
                 self.metrics.stage.labels("queue").observe(queue_ms / 1000)
             it.future.set_result(Answer(list(h)[:it.k], queue_ms, embed_ms[id(it)], ms, sizes[id(it)]))
+
+
+def _fail(items: list[_Item], error: BaseException) -> None:
+    """Answer every still-waiting item with `error`, so no caller hangs."""
+    for it in items:
+        if not it.future.done():
+            it.future.set_exception(error)
 
 
 def _groups(items: list[_Item], key) -> list[list[_Item]]:

@@ -26,13 +26,7 @@ from .conftest import TINY_CONFIG, random_images
 QUALITIES = ["orig", "h48-jpeg30", "h36"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_teacher(home: Path, policy: str = "upsample", name: str = "teacher") -> str:

@@ -18,12 +18,7 @@ from train.explain import descriptor_shares, output_names
 from .conftest import TINY_CONFIG, random_images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_net(seed: int = 0, alpha: float = 10.0):

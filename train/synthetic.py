@@ -28,8 +28,6 @@ import io
 import json
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.fileio import atomic_write_json, fsync_tree, replace_dir
+from model.fileio import atomic_write_json, staged_dir
 
 from .datasets import dvgl_name
 from .geo import utm_to_latlon
@@ -469,16 +467,9 @@ def make_route(out_dir: Path, places: int = 60, seed: int = 0, spacing: float = 
         if any(out.iterdir()) and not overwrite:
             raise ValueError(f"{out}: exists and is not a synthetic route with these parameters; "
                              "choose another folder or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         desc["counts"] = _generate(tmp, params, progress)
         atomic_write_json(tmp / ROUTE_FILE, desc)
-        fsync_tree(tmp)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("synthetic route: %d database and %d query views in %s (seed %d)", params.places, params.places,
              out, params.seed)
     return out

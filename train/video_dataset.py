@@ -26,8 +26,6 @@ import csv
 import io
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.fileio import atomic_write_json, fsync_tree, replace_dir, sha256_file
+from model.fileio import atomic_write_json, sha256_file, staged_dir
 
 from .datasets import dvgl_name
 from .geo import latlon_to_utm, utm_to_latlon
@@ -256,9 +254,7 @@ def video_to_dataset(video: Path, gps: Path, out: Path, spacing: float = 1.0, sp
     qtrack = read_gps_csv(Path(queries_gps), smooth_s) if queries_gps is not None else None
     if qtrack is not None and qtrack.zone != track.zone:
         qtrack = _reproject(qtrack, track.zone, track.south)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         plan = [("database", 0.0)] + ([("queries", spacing / 2)] if split_queries else [])
         samples, decoded, outside, skipped = _sample_video(video, track, tmp, plan, spacing, max_side,
                                                            jpeg_quality, progress)
@@ -285,11 +281,6 @@ def video_to_dataset(video: Path, gps: Path, out: Path, spacing: float = 1.0, sp
                         for s in samples],
         }
         atomic_write_json(tmp / INFO_FILE, info)
-        fsync_tree(tmp)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("%s: %d database and %d query frames every %.2f m along %.1f m -> %s", video, counts["database"],
              counts["queries"], spacing, track.dist[-1], out)
     return VideoDatasetReport(out, counts["database"], counts["queries"], float(track.dist[-1]), decoded, outside,
