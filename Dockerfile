@@ -21,8 +21,14 @@ RUN useradd --create-home --uid 10001 vpr \
 
 WORKDIR /app
 COPY --chown=vpr:vpr pyproject.toml README.md ./
+# The packages (one folder each at the root) and vpr/, which links them under one name.
+COPY --chown=vpr:vpr vpr ./vpr
 COPY --chown=vpr:vpr model ./model
+COPY --chown=vpr:vpr media ./media
+COPY --chown=vpr:vpr data ./data
+COPY --chown=vpr:vpr describe ./describe
 COPY --chown=vpr:vpr index ./index
+COPY --chown=vpr:vpr evaluation ./evaluation
 COPY --chown=vpr:vpr train ./train
 COPY --chown=vpr:vpr server ./server
 COPY --chown=vpr:vpr cli ./cli

@@ -29,18 +29,18 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.clusters import init_clusters  # noqa: E402
-from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
-from model.extract import default_device  # noqa: E402
-from model.fileio import atomic_write_json, sha256_file  # noqa: E402
-from model.network import build_model  # noqa: E402
-from model.preprocess import list_images  # noqa: E402
-from model.registry import ModelRef, Registry  # noqa: E402
-from model.teacher import load_backbone_weights  # noqa: E402
-from train.cache import DescriptorCache  # noqa: E402
-from train.datasets import open_dataset  # noqa: E402
-from train.degrade import parse_qualities  # noqa: E402
-from train.evaluate import evaluate, format_table, plot_series  # noqa: E402
+from vpr.model.clusters import init_clusters  # noqa: E402
+from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
+from vpr.model.extract import default_device  # noqa: E402
+from vpr.model.fileio import atomic_write_json, sha256_file  # noqa: E402
+from vpr.model.network import build_model  # noqa: E402
+from vpr.model.preprocess import list_images  # noqa: E402
+from vpr.model.registry import ModelRef, Registry  # noqa: E402
+from vpr.model.teacher import load_backbone_weights  # noqa: E402
+from vpr.describe.cache import DescriptorCache  # noqa: E402
+from vpr.data.datasets import open_dataset  # noqa: E402
+from vpr.media.degrade import parse_qualities  # noqa: E402
+from vpr.evaluation.evaluate import evaluate, format_table, plot_series  # noqa: E402
 
 log = logging.getLogger("baseline_gardens")
 

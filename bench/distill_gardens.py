@@ -46,19 +46,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
-from model.extract import cpu_name, extract  # noqa: E402
-from model.fileio import atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
-from model.preprocess import load_image, to_input  # noqa: E402
-from model.registry import LoadedModel, Registry, RegistryError  # noqa: E402
-from model.teacher import init_teacher  # noqa: E402
-from train.datasets import PlaceDataset, open_dataset  # noqa: E402
-from train.degrade import degrade_image, parse_qualities  # noqa: E402
-from train.distill import DistillConfig, run_distill  # noqa: E402
-from train.distill_cache import FileIdentity, TensorCache  # noqa: E402
-from train.distill_data import PrefixRunner, StudentHead  # noqa: E402
-from train.evaluate import evaluate, recall_at_n  # noqa: E402
-from train.losses import parse_loss  # noqa: E402
+from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
+from vpr.model.extract import cpu_name, extract  # noqa: E402
+from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
+from vpr.model.preprocess import load_image, to_input  # noqa: E402
+from vpr.model.registry import LoadedModel, Registry, RegistryError  # noqa: E402
+from vpr.model.teacher import init_teacher  # noqa: E402
+from vpr.data.datasets import PlaceDataset, open_dataset  # noqa: E402
+from vpr.media.degrade import degrade_image, parse_qualities  # noqa: E402
+from vpr.train.distill import DistillConfig, run_distill  # noqa: E402
+from vpr.train.distill_cache import FileIdentity, TensorCache  # noqa: E402
+from vpr.train.distill_data import PrefixRunner, StudentHead  # noqa: E402
+from vpr.evaluation.evaluate import evaluate, recall_at_n  # noqa: E402
+from vpr.train.losses import parse_loss  # noqa: E402
 
 log = logging.getLogger("distill_gardens")
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def eval_fast(reg: Registry, teacher: str, student: str, sets: dict[str, PlaceDa
 
 def eval_full(reg: Registry, teacher: str, student: str, sets: dict[str, PlaceDataset], qualities: list[str],
               home: HomeSettings, device: torch.device) -> tuple[dict, dict]:
-    from train.cache import DescriptorCache
+    from vpr.describe.cache import DescriptorCache
 
     results: dict = {}
     for name, ds in sets.items():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from model.extract import cpu_name, default_device, embed_tensors
-from model.fileio import atomic_write_json
-from model.network import build_model
+from vpr.model.extract import cpu_name, default_device, embed_tensors
+from vpr.model.fileio import atomic_write_json
+from vpr.model.network import build_model
 
 
 

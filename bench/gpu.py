@@ -102,7 +102,7 @@ def counted_flops(config: dict, h: int, w: int) -> float:
     """FLOPs of one image, counted by torch's flop counter on the meta device (no memory, no time)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.network import build_model
+    from vpr.model.network import build_model
 
     with torch.device("meta"):
         net = build_model(config).eval()
@@ -115,7 +115,7 @@ def counted_flops(config: dict, h: int, w: int) -> float:
 def analytic_flops(config: dict, h: int, w: int) -> float:
     """2 x multiply-adds of every Conv2d (shapes traced on the meta device),
     plus NetVLAD's aggregation (K x D x locations multiply-adds)."""
-    from model.network import build_model
+    from vpr.model.network import build_model
 
     with torch.device("meta"):
         net = build_model(config).eval()
@@ -262,10 +262,10 @@ def synthetic_jpegs(n: int, size: tuple[int, int], seed: int, folder: Path | Non
 
 
 def build_served_home(work: Path, config: dict, db_images: int, size: tuple[int, int], device: torch.device) -> tuple[Path, str, str]:
-    from index.meta import Entry
-    from index.store import IndexStore
-    from model.network import build_model
-    from model.registry import Registry
+    from vpr.index.meta import Entry
+    from vpr.index.store import IndexStore
+    from vpr.model.network import build_model
+    from vpr.model.registry import Registry
 
     home = work / "home"
     reg = Registry(home / "models")
@@ -282,9 +282,9 @@ def build_served_home(work: Path, config: dict, db_images: int, size: tuple[int,
 
 def end_to_end(args: argparse.Namespace, device: torch.device, config: dict, size: tuple[int, int],
                alone_bf16: dict[int, float]) -> dict:
-    from server.app import create_app
-    from server.background import BackgroundServer
-    from server.settings import ServerSettings
+    from vpr.server.app import create_app
+    from vpr.server.background import BackgroundServer
+    from vpr.server.settings import ServerSettings
 
     clients = [int(c) for c in args.clients.split(",")]
     work = Path(tempfile.mkdtemp(prefix="vpr-gpu-bench-"))
@@ -358,7 +358,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{name}: VGG16+NetVLAD at {h}x{w}, {flops / 1e9:.1f} GFLOP/image "
           f"(analytic {flops_analytic / 1e9:.1f}); peaks {report['peaks_tflops']}", flush=True)
 
-    from model.network import build_model
+    from vpr.model.network import build_model
 
     deadline = time.monotonic() + args.budget_s
     for mode in modes:
@@ -384,7 +384,7 @@ def main(args: argparse.Namespace) -> dict:
     report["elapsed_s"] = round(time.monotonic() - t_start, 1)
     print(f"done in {report['elapsed_s']} s", flush=True)
     if args.json:
-        from model.fileio import atomic_write_json
+        from vpr.model.fileio import atomic_write_json
 
         atomic_write_json(Path(args.json), report)
         print(f"wrote {args.json}")

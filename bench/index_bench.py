@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index import faiss_backend as fb  # noqa: E402
-from index.synthetic import clustered_descriptors  # noqa: E402
+from vpr.index import faiss_backend as fb  # noqa: E402
+from vpr.index.synthetic import clustered_descriptors  # noqa: E402
 
 log = logging.getLogger("index_bench")
 

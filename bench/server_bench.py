@@ -49,11 +49,11 @@ import httpx
 import torch
 
 from httpload import percentiles, run_clients
-from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
-from model.extract import cpu_name, embed_tensors
-from model.fileio import atomic_write_json
-from model.preprocess import list_images, load_image, to_input
-from model.registry import Registry
+from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.extract import cpu_name, embed_tensors
+from vpr.model.fileio import atomic_write_json
+from vpr.model.preprocess import list_images, load_image, to_input
+from vpr.model.registry import Registry
 
 log = logging.getLogger("server_bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -77,15 +77,15 @@ def link_images(images: list[Path], folder: Path) -> Path:
 
 def build_bench_home(work: Path, shared: Path, max_side: int, clusters: int, db_images: int) -> tuple[Path, str, str]:
     """A VGG16 teacher (shared ImageNet weights) and an index of day_left images."""
-    from index.ops import build_index
-    from model.teacher import init_teacher
+    from vpr.index.ops import build_index
+    from vpr.model.teacher import init_teacher
 
     weights = shared / "weights" / "vgg16_imagenet_caffe_features.safetensors"
     day_left = shared / "datasets" / "gardens_point_walking" / "day_left"
     if not weights.is_file() or not day_left.is_dir():
         raise FileNotFoundError(f"{shared}: needs weights/{weights.name} and datasets/gardens_point_walking/day_left "
                                 "(or pass --home/--model/--index)")
-    from index.meta import Entry
+    from vpr.index.meta import Entry
 
     home = work / "home"
     db = list_images(day_left)[:db_images]
@@ -189,7 +189,7 @@ def http_load(url: str, payloads: list[tuple[bytes, str]], clients: int, duratio
 
 
 def stream_video(url: str, video: Path, codec: str, seconds: float) -> dict:
-    from server.client import VPRClient, video_fps
+    from vpr.server.client import VPRClient, video_fps
 
     fps = video_fps(video)
     results: list[dict] = []

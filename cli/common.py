@@ -1,11 +1,11 @@
 """What every `cli/*_cmd.py` module shares (kept out of cli/main.py so that
-`python -m cli.main` and the `vpr` script see the same error class)."""
+`python -m vpr.cli.main` and the `vpr` script see the same error class)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from model.config import HomeSettings
+from vpr.model.config import HomeSettings
 
 
 class CLIError(Exception):

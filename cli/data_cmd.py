@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from cli.common import CLIError, home_from, key_values, positive_int
+from vpr.cli.common import CLIError, home_from, key_values, positive_int
 
 EVAL_EPILOG = """\
 data (one of):
@@ -121,7 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main_degrade(args: argparse.Namespace) -> int:
-    from train.degrade import degrade_folder
+    from vpr.media.degrade import degrade_folder
 
     r = degrade_folder(args.src, args.dst, args.quality, recursive=args.recursive, progress=not args.no_progress)
     extra = f", {r.total_bytes} bytes" if r.total_bytes is not None else ""
@@ -131,8 +131,8 @@ def main_degrade(args: argparse.Namespace) -> int:
 
 
 def main_eval(args: argparse.Namespace) -> int:
-    from train.datasets import dataset_source
-    from train.evaluate import EvalConfig, run_eval
+    from vpr.data.datasets import dataset_source
+    from vpr.evaluation.evaluate import EvalConfig, run_eval
 
     source = dataset_source(args.dataset, args.database, args.queries, args.ground_truth, args.tolerance,
                             args.radius, key_values(args.option, "--option"))
@@ -145,7 +145,7 @@ def main_eval(args: argparse.Namespace) -> int:
 
 
 def main_synth(args: argparse.Namespace) -> int:
-    from train.synthetic import make_route
+    from vpr.data.synthetic import make_route
 
     path = make_route(args.out, places=args.places, seed=args.seed, spacing=args.spacing, size=args.size,
                       lighting=args.lighting, radius=args.radius, overwrite=args.overwrite, progress=True)
@@ -154,7 +154,7 @@ def main_synth(args: argparse.Namespace) -> int:
 
 
 def main_from_video(args: argparse.Namespace) -> int:
-    from train.video_dataset import video_to_dataset
+    from vpr.data.video_dataset import video_to_dataset
 
     if args.queries_gps is not None and args.queries_video is None:
         raise CLIError("--queries-gps needs --queries-video")
@@ -168,7 +168,7 @@ def main_from_video(args: argparse.Namespace) -> int:
 
 
 def main_info(args: argparse.Namespace) -> int:
-    from train.datasets import dataset_source
+    from vpr.data.datasets import dataset_source
 
     ds = dataset_source(args.dataset, tolerance=args.tolerance, radius=args.radius,
                         options=key_values(args.option, "--option")).open()

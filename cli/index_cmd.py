@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli.common import CLIError, home_from
-from index import ops
-from index.config import IndexSettings
+from vpr.cli.common import CLIError, home_from
+from vpr.index import ops
+from vpr.index.config import IndexSettings
 
 
 def _settings(args: argparse.Namespace) -> IndexSettings:
@@ -27,7 +27,7 @@ def _dataset(spec: str) -> tuple[list[Any], Path]:
     if not sep or not kind or not path:
         raise CLIError(f"--dataset {spec!r}: expected KIND:PATH, e.g. folder:/data/gardens")
     try:
-        from train.datasets import open_dataset
+        from vpr.data.datasets import open_dataset
     except ImportError as e:
         raise CLIError(f"--dataset needs train.datasets ({e}); use --images DIR instead") from None
     ds = open_dataset(kind, Path(path))

@@ -18,11 +18,11 @@ import importlib  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-from cli.common import CLIError  # noqa: E402
+from vpr.cli.common import CLIError  # noqa: E402
 
 # Command modules, in the order they appear in --help. A module that is not
 # there yet (work in progress) is skipped rather than breaking the CLI.
-COMMAND_MODULES = ("cli.model_cmd", "cli.data_cmd", "cli.train_cmd", "cli.index_cmd", "cli.server_cmd")
+COMMAND_MODULES = ("vpr.cli.model_cmd", "vpr.cli.data_cmd", "vpr.cli.train_cmd", "vpr.cli.index_cmd", "vpr.cli.server_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,22 +6,22 @@ import io
 import json
 from pathlib import Path
 
-from .common import CLIError, home_from
+from vpr.cli.common import CLIError, home_from
 
 # Heavy imports (torch) happen inside the command functions, so that
 # `vpr --help` and the light commands of other modules start fast.
 
 
 def registry_from(args: argparse.Namespace):
-    from model.registry import Registry
+    from vpr.model.registry import Registry
 
     return Registry(home_from(args).models_dir)
 
 
 def main_init(args: argparse.Namespace) -> int:
-    from model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
-    from model.extract import default_device
-    from model.teacher import init_teacher
+    from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
+    from vpr.model.extract import default_device
+    from vpr.model.teacher import init_teacher
 
     config = ModelConfig(
         backbone=BackboneConfig(name=args.backbone, cut=args.cut,
@@ -39,7 +39,7 @@ def main_init(args: argparse.Namespace) -> int:
 
 
 def main_import(args: argparse.Namespace) -> int:
-    from model.weights import import_pytorch_netvlad
+    from vpr.model.weights import import_pytorch_netvlad
 
     net, details = import_pytorch_netvlad(Path(args.checkpoint))
     reg = registry_from(args)
@@ -84,7 +84,7 @@ def main_activate(args: argparse.Namespace) -> int:
 
 
 def main_verify(args: argparse.Namespace) -> int:
-    from model.registry import RegistryError
+    from vpr.model.registry import RegistryError
 
     reg = registry_from(args)
     try:
@@ -98,8 +98,8 @@ def main_verify(args: argparse.Namespace) -> int:
 def main_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from model.extract import default_device, extract
-    from model.fileio import atomic_write_bytes
+    from vpr.model.extract import default_device, extract
+    from vpr.model.fileio import atomic_write_bytes
 
     loaded = registry_from(args).load(args.model, device=default_device())
     descs = extract(loaded.net, [Path(p) for p in args.images], batch_size=args.batch_size, progress="embed")

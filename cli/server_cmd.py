@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CLIError, home_from, positive_float, positive_int
+from vpr.cli.common import CLIError, home_from, positive_float, positive_int
 
 
 def main_serve(args: argparse.Namespace) -> int:
-    from server.app import serve
-    from server.settings import ServerSettings
+    from vpr.server.app import serve
+    from vpr.server.settings import ServerSettings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model, "index": args.index,
                                    "device": args.device, "admin_token_file": args.admin_token_file}.items()
@@ -23,9 +23,9 @@ def main_serve(args: argparse.Namespace) -> int:
 
 def with_demo(settings):
     """Serve the demo when it exists, or build it when nothing is registered yet."""
-    from train.demo import INDEX, STUDENT, ensure_demo, existing_demo
+    from vpr.cli.demo import INDEX, STUDENT, ensure_demo, existing_demo
 
-    from index.ops import store_for
+    from vpr.index.ops import store_for
 
     demo = existing_demo(settings)
     if demo is None and store_for(settings).names():
@@ -36,7 +36,7 @@ def with_demo(settings):
 
 
 def main_query(args: argparse.Namespace) -> int:
-    from server.client import ServerError, query_command
+    from vpr.server.client import ServerError, query_command
 
     try:
         return query_command(args.url, [Path(p) for p in args.images], top_k=args.top_k, as_json=args.json)
@@ -45,7 +45,7 @@ def main_query(args: argparse.Namespace) -> int:
 
 
 def main_stream(args: argparse.Namespace) -> int:
-    from server.client import ServerError, stream_command
+    from vpr.server.client import ServerError, stream_command
 
     try:
         return stream_command(args.url, Path(args.video), codec=args.codec, top_k=args.top_k,

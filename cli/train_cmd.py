@@ -1,7 +1,7 @@
 """`vpr train distill ...` and `vpr explain ...`.
 
 Multi-GPU (or multi-process CPU) training runs the same command under
-torchrun: `torchrun --nproc-per-node 4 -m cli.main train distill ...`.
+torchrun: `torchrun --nproc-per-node 4 -m vpr.cli.main train distill ...`.
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .common import home_from, key_values
+from vpr.cli.common import home_from, key_values
 
 
 def _config_error(e: ValidationError) -> str:
-    """pydantic's multi-line report -> one line (ValueError, so `python -m cli.main` and
+    """pydantic's multi-line report -> one line (ValueError, so `python -m vpr.cli.main` and
     torchrun, where cli.main is imported twice, report it the same way)."""
     parts = []
     for err in e.errors():
@@ -27,7 +27,7 @@ def _config_error(e: ValidationError) -> str:
 
 
 def main_distill(args: argparse.Namespace) -> int:
-    from train.distill import DistillConfig, TripletConfig, run_distill
+    from vpr.train.distill import DistillConfig, TripletConfig, run_distill
 
     try:
         cfg = DistillConfig(
@@ -53,14 +53,14 @@ def main_distill(args: argparse.Namespace) -> int:
 def _weights(args: argparse.Namespace) -> dict[str, float] | None:
     if not args.loss_weights:
         return None
-    from train.losses import parse_loss
+    from vpr.train.losses import parse_loss
 
     return parse_loss(args.loss, args.loss_weights).weights
 
 
 def main_explain(args: argparse.Namespace) -> int:
-    from model.registry import Registry
-    from train.explain import explain_images
+    from vpr.model.registry import Registry
+    from vpr.evaluation.explain import explain_images
 
     written = explain_images(Registry(home_from(args).models_dir), args.model, [Path(p) for p in args.images],
                              Path(args.out), quality=args.quality, device=args.device)

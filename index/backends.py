@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 import faiss
 import numpy as np
 
-from . import faiss_backend as fb
+from vpr.index import faiss_backend as fb
 
 INDEX_FILE = "index.faiss"
 Progress = Callable[[int, int], None]

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from model.extract import extract
-from model.fileio import atomic_write_bytes, atomic_write_json
-from model.preprocess import ImageDecodeError, ImageTooLarge
+from vpr.model.extract import extract
+from vpr.model.fileio import atomic_write_bytes, atomic_write_json
+from vpr.model.preprocess import ImageDecodeError, ImageTooLarge
 
 log = logging.getLogger(__name__)
 

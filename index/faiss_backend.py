@@ -23,7 +23,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from .knn import as_float32, flat_ip_index
+from vpr.index.knn import as_float32, flat_ip_index
 
 log = logging.getLogger(__name__)
 

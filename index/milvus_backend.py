@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from . import faiss_backend as fb
-from .backends import Progress
+from vpr.index import faiss_backend as fb
+from vpr.index.backends import Progress
 
 log = logging.getLogger(__name__)
 

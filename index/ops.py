@@ -8,12 +8,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from model.config import HomeSettings
-from model.preprocess import list_images
+from vpr.model.config import HomeSettings
+from vpr.model.preprocess import list_images
 
-from .config import IndexSettings
-from .meta import Entry
-from .store import Hit, IndexRef, IndexStore
+from vpr.index.config import IndexSettings
+from vpr.index.meta import Entry
+from vpr.index.store import Hit, IndexRef, IndexStore
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,8 @@ def store_for(home: HomeSettings, settings: IndexSettings | None = None) -> Inde
 
 
 def _load_model(home: HomeSettings, spec: str, device: Any = None):
-    from model.extract import default_device
-    from model.registry import Registry
+    from vpr.model.extract import default_device
+    from vpr.model.registry import Registry
 
     return Registry(home.models_dir).load(spec, device or default_device())
 
@@ -91,7 +91,7 @@ def show_index(home: HomeSettings, spec: str, verify: bool = False, items: int =
     m = store.verify(spec) if verify else store.manifest(spec)
     out = {"manifest": m, "verified": verify}
     if items:
-        from .meta import MetaReader
+        from vpr.index.meta import MetaReader
         ref = store.resolve(spec)
         reader = MetaReader(store.dir(ref) / "meta.sqlite")
         try:
@@ -114,7 +114,7 @@ def search_images(home: HomeSettings, index_spec: str, images: Sequence[Path], m
                   settings: IndexSettings | None = None) -> tuple[IndexRef, str, list[list[Hit]]]:
     """Describe query images with a compatible model and search; refuses a
     model the index cannot be searched with (see check_compatible)."""
-    from model.extract import extract
+    from vpr.model.extract import extract
 
     store = store_for(home, settings)
     manifest = store.manifest(index_spec)

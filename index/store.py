@@ -32,13 +32,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
+from vpr.model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
 
-from . import faiss_backend as fb
-from . import meta as meta_db
-from .backends import Backend, FaissBackend, Searcher
-from .config import IndexSettings
-from .meta import Entry, MetaReader
+from vpr.index import faiss_backend as fb
+from vpr.index import meta as meta_db
+from vpr.index.backends import Backend, FaissBackend, Searcher
+from vpr.index.config import IndexSettings
+from vpr.index.meta import Entry, MetaReader
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class IndexStore:
         if kind == "faiss":
             return FaissBackend(self.settings.max_train, self.settings.mmap)
         if kind == "milvus":
-            from .milvus_backend import MilvusBackend  # optional dependency
+            from vpr.index.milvus_backend import MilvusBackend  # optional dependency
             return MilvusBackend.from_settings(self.settings, self.root)
         raise IndexStoreError(f"unknown index backend {kind!r}; choose faiss or milvus")
 
@@ -246,7 +246,7 @@ class IndexStore:
         """Fail before hours of description on a spec the backend cannot build."""
         fb.make_index(factory, dim)
         if (kind or self.settings.backend) == "milvus":
-            from .milvus_backend import milvus_index
+            from vpr.index.milvus_backend import milvus_index
             milvus_index(factory)
 
     # -- naming
@@ -479,7 +479,7 @@ class IndexStore:
 
         Description is resumable: chunks already written by an interrupted build
         with the same model and images are reused."""
-        from .describe import describe_images, remove_work  # needs torch
+        from vpr.index.describe import describe_images, remove_work  # needs torch
 
         check_name(name)
         self.validate_factory(factory, int(model.net.descriptor_dim))
@@ -510,7 +510,7 @@ class IndexStore:
 
         Images already in the index are refused, or left out with
         `skip_existing` (e.g. re-adding a whole dataset after it grew)."""
-        from .describe import describe_images, remove_work
+        from vpr.index.describe import describe_images, remove_work
 
         m = self.manifest(spec)
         stamp = ModelStamp.of(model)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 import torchvision
 
-from .config import BACKBONES, BackboneConfig
+from vpr.model.config import BACKBONES, BackboneConfig
 
 # torchvision.models.vgg16().features indices of the 13 convolutions.
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

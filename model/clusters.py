@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .extract import extract, prepare
-from .netvlad import kmeans_centroids
-from .network import VPRNet
+from vpr.model.extract import extract, prepare
+from vpr.model.netvlad import kmeans_centroids
+from vpr.model.network import VPRNet
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .network import VPRNet
-from .preprocess import load_image, to_input
+from vpr.model.network import VPRNet
+from vpr.model.preprocess import load_image, to_input
 
 log = logging.getLogger(__name__)
 

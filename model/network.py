@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone, build_backbone
-from .config import ModelConfig
-from .netvlad import NetVLAD
+from vpr.model.backbones import Backbone, build_backbone
+from vpr.model.config import ModelConfig
+from vpr.model.netvlad import NetVLAD
 
 
 class PCAWhitening(nn.Module):

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
-from .network import VPRNet, build_model
+from vpr.model.config import ModelConfig
+from vpr.model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
+from vpr.model.network import VPRNet, build_model
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ROLES = ("teacher", "student")

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .clusters import fit_pca, init_clusters
-from .config import ModelConfig
-from .fileio import sha256_file
-from .network import VPRNet, build_model
-from .preprocess import list_images
-from .registry import ModelRef, Registry
-from .weights import WeightsError, load_torchvision_imagenet, load_vgg16_features
+from vpr.model.clusters import fit_pca, init_clusters
+from vpr.model.config import ModelConfig
+from vpr.model.fileio import sha256_file
+from vpr.model.network import VPRNet, build_model
+from vpr.model.preprocess import list_images
+from vpr.model.registry import ModelRef, Registry
+from vpr.model.weights import WeightsError, load_torchvision_imagenet, load_vgg16_features
 
 log = logging.getLogger(__name__)
 

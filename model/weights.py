@@ -15,8 +15,8 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from .config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
-from .network import VPRNet, build_model
+from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.network import VPRNet, build_model
 
 
 class WeightsError(ValueError):

@@ -18,13 +18,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from index.store import IndexMismatch, IndexStoreError
-from model.registry import RegistryError
+from vpr.index.store import IndexMismatch, IndexStoreError
+from vpr.model.registry import RegistryError
 
-from .inputs import ApiError
-from .jobs import JobManager, RebuildRequest
-from .results import ErrorResponse
-from .runtime import NotReady, Runtime
+from vpr.server.inputs import ApiError
+from vpr.server.jobs import JobManager, RebuildRequest
+from vpr.server.results import ErrorResponse
+from vpr.server.runtime import NotReady, Runtime
 
 log = logging.getLogger(__name__)
 

@@ -24,20 +24,20 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from model.preprocess import ImageDecodeError, ImageTooLarge
+from vpr.model.preprocess import ImageDecodeError, ImageTooLarge
 
-from .admin import admin_router
-from .batcher import Answer, BatcherStopped, QueueFull
-from .inputs import ACCEPTED_TYPES, ApiError, BodyLimitMiddleware, check_media, media_type
-from .jobs import JobManager
-from .metrics import Metrics, MetricsMiddleware
-from .results import BatchResponse, ErrorResponse, QueryResponse, Readiness, answer_json, rounded
-from .runtime import NotReady, Runtime, Serving
-from .settings import ServerSettings
-from .stream import StreamSession
+from vpr.server.admin import admin_router
+from vpr.server.batcher import Answer, BatcherStopped, QueueFull
+from vpr.server.inputs import ACCEPTED_TYPES, ApiError, BodyLimitMiddleware, check_media, media_type
+from vpr.server.jobs import JobManager
+from vpr.server.metrics import Metrics, MetricsMiddleware
+from vpr.server.results import BatchResponse, ErrorResponse, QueryResponse, Readiness, answer_json, rounded
+from vpr.server.runtime import NotReady, Runtime, Serving
+from vpr.server.settings import ServerSettings
+from vpr.server.stream import StreamSession
 
 try:  # the web page (issue 7) lives in its own module
-    from .web import install_web
+    from vpr.server.web import install_web
 except ModuleNotFoundError as e:  # pragma: no cover - only while it is being written
     if e.name != f"{__package__}.web":
         raise

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from model.extract import embed_tensors
+from vpr.model.extract import embed_tensors
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
-    from .runtime import Serving
+    from vpr.server.metrics import Metrics
+    from vpr.server.runtime import Serving
 
 log = logging.getLogger(__name__)
 

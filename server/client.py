@@ -45,7 +45,7 @@ def default_url() -> str:
 
 def content_type_for(path: Path, data: bytes) -> str:
     """By suffix, else by the leading bytes; the server checks again anyway."""
-    from .inputs import sniff
+    from vpr.server.inputs import sniff
 
     return CONTENT_TYPES.get(path.suffix.lower()) or sniff(data) or "application/octet-stream"
 
@@ -208,7 +208,7 @@ class VPRClient:
 
 def _image(image: Path | str | bytes, content_type: str | None) -> tuple[bytes, str]:
     if isinstance(image, bytes):
-        from .inputs import sniff
+        from vpr.server.inputs import sniff
 
         return image, content_type or sniff(image) or "application/octet-stream"
     path = Path(image)

@@ -21,12 +21,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from index.store import IndexMismatch, IndexRef, check_name
-from model.fileio import atomic_write_json
-from model.preprocess import list_images
-from model.registry import RegistryError, now_iso
+from vpr.index.store import IndexMismatch, IndexRef, check_name
+from vpr.model.fileio import atomic_write_json
+from vpr.model.preprocess import list_images
+from vpr.model.registry import RegistryError, now_iso
 
-from .runtime import NotReady, Runtime
+from vpr.server.runtime import NotReady, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,10 @@ class JobManager:
     def _items(self, req: RebuildRequest, source: Path) -> tuple[list[Any], Path]:
         if req.folder is not None:
             if req.recursive:
-                from train.datasets import list_images_recursive
+                from vpr.data.datasets import list_images_recursive
                 return list_images_recursive(source), source
             return list_images(source), source
-        from train.datasets import open_dataset  # the one dataset reader (imports train lazily)
+        from vpr.data.datasets import open_dataset  # the one dataset reader (imports train lazily)
 
         ds = open_dataset(req.dataset.kind, source, **req.dataset.options)  # type: ignore[union-attr]
         if not ds.database:

@@ -23,15 +23,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from index.store import IndexMismatch, IndexStore, LoadedIndex, check_compatible
-from model.extract import default_device, embed_tensors
-from model.fileio import atomic_write_json
-from model.preprocess import decode_image, target_size, to_input
-from model.registry import LoadedModel, Registry, RegistryError, now_iso
+from vpr.index.store import IndexMismatch, IndexStore, LoadedIndex, check_compatible
+from vpr.model.extract import default_device, embed_tensors
+from vpr.model.fileio import atomic_write_json
+from vpr.model.preprocess import decode_image, target_size, to_input
+from vpr.model.registry import LoadedModel, Registry, RegistryError, now_iso
 
-from .batcher import MicroBatcher
-from .metrics import Metrics
-from .settings import ServerSettings
+from vpr.server.batcher import MicroBatcher
+from vpr.server.metrics import Metrics
+from vpr.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

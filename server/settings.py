@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from model.config import HomeSettings
+from vpr.model.config import HomeSettings
 
 log = logging.getLogger(__name__)
 

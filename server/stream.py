@@ -31,12 +31,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from model.preprocess import ImageDecodeError, ImageTooLarge
+from vpr.model.preprocess import ImageDecodeError, ImageTooLarge
 
-from .batcher import BatcherStopped, QueueFull
-from .inputs import sniff
-from .results import answer_json
-from .runtime import NotReady, Runtime
+from vpr.server.batcher import BatcherStopped, QueueFull
+from vpr.server.inputs import sniff
+from vpr.server.results import answer_json
+from vpr.server.runtime import NotReady, Runtime
 
 log = logging.getLogger(__name__)
 

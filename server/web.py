@@ -15,8 +15,8 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from .inputs import ApiError
-from .runtime import NotReady, Runtime
+from vpr.server.inputs import ApiError
+from vpr.server.runtime import NotReady, Runtime
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_ID = 2**62  # ids are SQLite int64; larger values would overflow the lookup

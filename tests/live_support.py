@@ -23,7 +23,7 @@ import numpy as np
 
 from tests.conftest import REPO
 
-# What the `vpr` console script runs (`python -m cli.main` would load cli.main twice).
+# What the `vpr` console script runs (`python -m vpr.cli.main` would load cli.main twice).
 VPR = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

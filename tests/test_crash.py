@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from index.store import IndexStore
+from vpr.index.store import IndexStore
 from tests.live_support import ServeProcess
 from tests.test_server_support import build_home, place_images
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli.main import main
-from train.datasets import (DatasetSource, dataset_source, dvgl_name, open_dataset, parse_dataset_arg,
+from vpr.cli.main import main
+from vpr.data.datasets import (DatasetSource, dataset_source, dvgl_name, open_dataset, parse_dataset_arg,
                             parse_dvgl_name)
-from train.geo import latlon_to_utm, utm_to_latlon, zone_number
-from train.synthetic import ROUTE_FILE, make_route
-from train.video_dataset import read_gps_csv, video_to_dataset
+from vpr.data.geo import latlon_to_utm, utm_to_latlon, zone_number
+from vpr.data.synthetic import ROUTE_FILE, make_route
+from vpr.data.video_dataset import read_gps_csv, video_to_dataset
 
 
 def write_image(path: Path, seed: int = 0, size=(32, 24)) -> Path:

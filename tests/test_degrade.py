@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import train.degrade as dg
-from cli.main import main
-from train.degrade import Quality, degrade, degrade_image, degrade_sequence, parse_qualities, parse_quality
+import vpr.media.degrade as dg
+from vpr.cli.main import main
+from vpr.media.degrade import Quality, degrade, degrade_image, degrade_sequence, parse_qualities, parse_quality
 
 
 def textured(width: int = 323, height: int = 241, seed: int = 0) -> Image.Image:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import time
 
-from model.config import HomeSettings
-from model.registry import Registry
-from index.ops import store_for
-from train.demo import INDEX, STUDENT, TEACHER, ensure_demo, existing_demo
+from vpr.model.config import HomeSettings
+from vpr.model.registry import Registry
+from vpr.index.ops import store_for
+from vpr.cli.demo import INDEX, STUDENT, TEACHER, ensure_demo, existing_demo
 
 
 def test_demo_builds_once_and_is_reused(home, monkeypatch):

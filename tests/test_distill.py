@@ -9,17 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli.main import main as vpr
-from model.config import HomeSettings
-from model.network import build_model
-from model.preprocess import load_image, to_input
-from model.registry import Registry
-from train import ddp
-from train.degrade import degrade_image
-from train.distill import DistillConfig, Distiller, lr_factor, run_distill
-from train.distill_cache import TensorCache
-from train.distill_data import PrefixRunner, split_student, trainable_names
-from train.mining import NegativeMiner, TripletConfig
+from vpr.cli.main import main as vpr
+from vpr.model.config import HomeSettings
+from vpr.model.network import build_model
+from vpr.model.preprocess import load_image, to_input
+from vpr.model.registry import Registry
+from vpr.train import ddp
+from vpr.media.degrade import degrade_image
+from vpr.train.distill import DistillConfig, Distiller, lr_factor, run_distill
+from vpr.train.distill_cache import TensorCache
+from vpr.train.distill_data import PrefixRunner, split_student, trainable_names
+from vpr.train.mining import NegativeMiner, TripletConfig
 
 from .conftest import TINY_CONFIG, random_images
 
@@ -241,7 +241,7 @@ def test_negative_miner_respects_distances():
 
 
 def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
-    from train.synthetic import make_route
+    from vpr.data.synthetic import make_route
 
     route = make_route(tmp_path / "route", places=12, size=(96, 72))
     home = tmp_path / "home"

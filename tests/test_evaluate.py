@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-import train.evaluate as ev
-from cli.main import main
-from model.clusters import init_clusters
-from model.config import HomeSettings
-from model.network import build_model
-from model.preprocess import ImageDecodeError
-from model.registry import Registry
-from train.cache import DescriptorCache
-from train.datasets import open_dataset
-from train.evaluate import describe_images, first_positive_ranks, recall_at_n
-from train.synthetic import make_route
+import vpr.evaluation.evaluate as ev
+from vpr.cli.main import main
+from vpr.model.clusters import init_clusters
+from vpr.model.config import HomeSettings
+from vpr.model.network import build_model
+from vpr.model.preprocess import ImageDecodeError
+from vpr.model.registry import Registry
+from vpr.describe.cache import DescriptorCache
+from vpr.data.datasets import open_dataset
+from vpr.evaluation.evaluate import describe_images, first_positive_ranks, recall_at_n
+from vpr.data.synthetic import make_route
 
 
 # ---- recall on hand-built cases -------------------------------------------------------
@@ -239,7 +239,7 @@ def route24(root: Path, lighting: str):
 
 
 def _recall(net, ds) -> dict[int, float]:
-    from model.extract import extract
+    from vpr.model.extract import extract
 
     return recall_at_n(extract(net, [i.path for i in ds.database]), extract(net, [i.path for i in ds.queries]),
                        ds.positives)
@@ -256,7 +256,7 @@ def test_random_init_model_is_far_from_perfect(tmp_path: Path):
 def test_imagenet_vgg_with_clusters_scores_well(shared_dir: Path, tmp_path: Path):
     """A reasonable model (ImageNet VGG16, NetVLAD clusters from the database
     pass) retrieves well; a random-init one does not."""
-    from model.weights import load_vgg16_features
+    from vpr.model.weights import load_vgg16_features
 
     ds = route24(tmp_path, "day")
     net = build_model({"backbone": {"name": "vgg16"}, "netvlad": {"clusters": 8},

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli.main import main as vpr
-from model.config import HomeSettings
-from model.network import build_model
-from model.registry import Registry
-from train.explain import descriptor_shares, output_names
+from vpr.cli.main import main as vpr
+from vpr.model.config import HomeSettings
+from vpr.model.network import build_model
+from vpr.model.registry import Registry
+from vpr.evaluation.explain import descriptor_shares, output_names
 
 from .conftest import TINY_CONFIG, random_images
 

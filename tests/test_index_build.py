@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
+from vpr.cli.main import main
 from tests.conftest import TINY_CONFIG, random_images
-from index.store import IndexMismatch, IndexStore
-from model.extract import extract
-from model.network import build_model
-from model.registry import Registry
+from vpr.index.store import IndexMismatch, IndexStore
+from vpr.model.extract import extract
+from vpr.model.network import build_model
+from vpr.model.registry import Registry
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +170,9 @@ def test_cli_dataset_items_are_converted_without_index_importing_train(world, tm
               for i, p in enumerate(sorted(Path(path).glob("*.jpg")))]
         return types.SimpleNamespace(name="fake", root=Path(path), database=db, queries=[], positives=[])
 
-    fake = types.ModuleType("train.datasets")
+    fake = types.ModuleType("vpr.data.datasets")
     fake.open_dataset = open_dataset
-    monkeypatch.setitem(sys.modules, "train.datasets", fake)
+    monkeypatch.setitem(sys.modules, "vpr.data.datasets", fake)
     assert run(home, "build", "--model", "teacher@1", "--name", "ds", "--dataset", f"folder:{images}") == 0
     index = IndexStore(Path(home) / "indexes").load("ds")
     meta = index.meta([2])[2]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from index.meta import Entry
-from index.store import IndexStore, ModelStamp
-from index.synthetic import clustered_descriptors
+from vpr.index.meta import Entry
+from vpr.index.store import IndexStore, ModelStamp
+from vpr.index.synthetic import clustered_descriptors
 
 REPO = Path(__file__).resolve().parents[1]
 STAMP = ModelStamp("teacher@1", "a" * 64, 32)
@@ -22,9 +22,9 @@ STAMP = ModelStamp("teacher@1", "a" * 64, 32)
 BUILDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from index.meta import Entry
-    from index.store import IndexStore, ModelStamp
-    from index.synthetic import clustered_descriptors
+    from vpr.index.meta import Entry
+    from vpr.index.store import IndexStore, ModelStamp
+    from vpr.index.synthetic import clustered_descriptors
 
     root = Path(sys.argv[1])
     db, _, _ = clustered_descriptors(int(sys.argv[2]), 32, seed=5)

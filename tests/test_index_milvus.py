@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import faiss_backend as fb
-from index.config import IndexSettings
-from index.meta import Entry
-from index.store import IndexStore, ModelStamp
-from index.synthetic import clustered_descriptors
+from vpr.index import faiss_backend as fb
+from vpr.index.config import IndexSettings
+from vpr.index.meta import Entry
+from vpr.index.store import IndexStore, ModelStamp
+from vpr.index.synthetic import clustered_descriptors
 
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (optional extra 'milvus')")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (optional extra 'milvus')")
@@ -36,7 +36,7 @@ def stores(tmp_path: Path):
     except Exception as e:  # Milvus Lite needs a supported OS/arch and a writable local port
         pytest.skip(f"Milvus Lite cannot start here: {e}")
     yield IndexStore(tmp_path / "f"), milvus
-    from index.milvus_backend import close_clients
+    from vpr.index.milvus_backend import close_clients
     close_clients()
 
 
@@ -87,7 +87,7 @@ def test_milvus_refuses_what_it_cannot_do(stores, data, tmp_path):
 
 
 def test_unreachable_milvus_is_a_clear_error(data, tmp_path):
-    from index.milvus_backend import MilvusUnavailable
+    from vpr.index.milvus_backend import MilvusUnavailable
 
     store = IndexStore(tmp_path / "m", IndexSettings(backend="milvus", milvus_uri="http://127.0.0.1:9"))
     db, _ = data

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import faiss_backend as fb
-from index.knn import exact_knn
-from index.meta import Entry
-from index.store import (ActiveIndex, Hit, IndexMismatch, IndexRef, IndexStore, IndexStoreError, LoadedIndex, ModelStamp,
+from vpr.index import faiss_backend as fb
+from vpr.index.knn import exact_knn
+from vpr.index.meta import Entry
+from vpr.index.store import (ActiveIndex, Hit, IndexMismatch, IndexRef, IndexStore, IndexStoreError, LoadedIndex, ModelStamp,
                          check_compatible)
-from index.synthetic import clustered_descriptors
+from vpr.index.synthetic import clustered_descriptors
 
 DIM = 32
 TEACHER = ModelStamp("teacher@1", "a" * 64, DIM)

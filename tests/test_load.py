@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from websockets.sync.client import connect
 
-from server.app import create_app
-from server.batcher import MicroBatcher, QueueFull
-from server.background import BackgroundServer
-from server.settings import ServerSettings
+from vpr.server.app import create_app
+from vpr.server.batcher import MicroBatcher, QueueFull
+from vpr.server.background import BackgroundServer
+from vpr.server.settings import ServerSettings
 from tests.live_support import ws_messages_until_close
 from tests.test_server_support import build_home, place_images
 

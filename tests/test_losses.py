@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.network import build_model
-from train.distill_data import split_student, trainable_names
-from train.losses import (LOSS_NAMES, channel_correlation, ickd_loss, mse_loss, parse_loss, parse_loss_weights,
+from vpr.model.network import build_model
+from vpr.train.distill_data import split_student, trainable_names
+from vpr.train.losses import (LOSS_NAMES, channel_correlation, ickd_loss, mse_loss, parse_loss, parse_loss_weights,
                           triplet_loss)
 
 

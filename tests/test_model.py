@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from model.backbones import VGG16Backbone, build_backbone
-from model.config import BackboneConfig, PreprocessConfig
-from model.extract import extract
-from model.netvlad import NetVLAD, kmeans_centroids
-from model.network import PCAWhitening, build_model
-from model.preprocess import ImageDecodeError, ImageTooLarge, decode_image, target_size, to_input
-from model.weights import WeightsError, import_pytorch_netvlad, load_vgg16_features
+from vpr.model.backbones import VGG16Backbone, build_backbone
+from vpr.model.config import BackboneConfig, PreprocessConfig
+from vpr.model.extract import extract
+from vpr.model.netvlad import NetVLAD, kmeans_centroids
+from vpr.model.network import PCAWhitening, build_model
+from vpr.model.preprocess import ImageDecodeError, ImageTooLarge, decode_image, target_size, to_input
+from vpr.model.weights import WeightsError, import_pytorch_netvlad, load_vgg16_features
 
 SHARED_VGG_SHA256 = "e8d2dac8abab6144deb6c627fcf0e5712de9d9df17260ef61a6df167511e03c3"
 
@@ -140,7 +140,7 @@ def test_pca_whitening_reduces_and_whitens():
 
 def test_shared_vgg16_weights_load_strict(shared_dir):
     path = shared_dir / "weights" / "vgg16_imagenet_caffe_features.safetensors"
-    from model.fileio import sha256_file
+    from vpr.model.fileio import sha256_file
     assert sha256_file(path) == SHARED_VGG_SHA256
     net = build_model({"preprocess": {"mode": "caffe", "max_side": 64}})
     load_vgg16_features(net, path)
@@ -196,7 +196,7 @@ def test_torchvision_imagenet_weights_from_the_local_cache(tmp_path, monkeypatch
     checkpoint with torchvision's full key set loads into the cut backbone."""
     import torchvision
 
-    from model.weights import load_torchvision_imagenet, torchvision_cache_file
+    from vpr.model.weights import load_torchvision_imagenet, torchvision_cache_file
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     config = {"backbone": {"name": arch}, "netvlad": {"clusters": 4}, "preprocess": {"max_side": 64}}

@@ -7,10 +7,10 @@ import threading
 import numpy as np
 import pytest
 
-from cli.main import main
-from model.extract import extract
-from model.fileio import read_pointer
-from model.registry import Registry, RegistryError
+from vpr.cli.main import main
+from vpr.model.extract import extract
+from vpr.model.fileio import read_pointer
+from vpr.model.registry import Registry, RegistryError
 
 
 def vpr(home, *args) -> int:
@@ -82,7 +82,7 @@ def test_unknown_model_and_bad_spec(home, teacher, capsys):
 
 def test_concurrent_activate_leaves_a_valid_pointer(home, teacher, image_folder):
     reg = Registry(home / "models")
-    from model.network import build_model
+    from vpr.model.network import build_model
     from tests.conftest import TINY_CONFIG
     for _ in range(3):
         reg.register("tiny", build_model(TINY_CONFIG), role="teacher")
@@ -107,7 +107,7 @@ def test_concurrent_activate_leaves_a_valid_pointer(home, teacher, image_folder)
 def test_import_netvlad_command_registers_a_teacher(home, tmp_path, capsys):
     import torch
 
-    from model.backbones import VGG16Backbone
+    from vpr.model.backbones import VGG16Backbone
 
     sd = {f"encoder.{k}": v for k, v in VGG16Backbone().features.state_dict().items()}
     sd["pool.conv.weight"] = torch.randn(8, 512, 1, 1)

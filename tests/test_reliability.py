@@ -32,10 +32,10 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from server.app import create_app
-from server.background import BackgroundServer
-from server.inputs import BodyLimitMiddleware, BodyTooLarge
-from server.settings import ServerSettings
+from vpr.server.app import create_app
+from vpr.server.background import BackgroundServer
+from vpr.server.inputs import BodyLimitMiddleware, BodyTooLarge
+from vpr.server.settings import ServerSettings
 from tests.live_support import (abort, chunked, peak_rss_bytes, raw_request, reset_peak_rss, rss_bytes, ws_connect_raw,
                                 ws_frame, ws_messages_until_close, ws_read_frame)
 from tests.test_server_support import Home, build_home, encode_h264, frames_of

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from server.app import create_app
-from server.batcher import QueueFull
-from server.settings import ServerSettings
+from vpr.server.app import create_app
+from vpr.server.batcher import QueueFull
+from vpr.server.settings import ServerSettings
 from tests.test_server_support import build_home, image_bytes, wait_ready
 
 TOKEN = "test-admin-token-0123456789"
@@ -299,8 +299,8 @@ def test_settings_env_overrides_and_token_file(tmp_path, monkeypatch):
 def test_micro_batching_and_the_bounded_queue(served):
     """Items that wait while the model is busy run as one batch; a full queue
     refuses at once; stopping fails what is still queued."""
-    from server.batcher import BatcherStopped, MicroBatcher
-    from server.runtime import Serving
+    from vpr.server.batcher import BatcherStopped, MicroBatcher
+    from vpr.server.runtime import Serving
     from tests.test_server_support import gated
 
     client, h = served
@@ -336,8 +336,8 @@ def test_serving_selection(served, tmp_path):
     """Without settings: the active version of the newest student compatible with the only index."""
     import shutil
 
-    from index.store import IndexStore
-    from server.runtime import NotReady, Runtime
+    from vpr.index.store import IndexStore
+    from vpr.server.runtime import NotReady, Runtime
 
     _, h = served
     home = tmp_path / "copy"

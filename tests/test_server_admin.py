@@ -11,11 +11,11 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from model.registry import Registry
-from server.app import create_app
-from server.jobs import JobManager
-from server.runtime import Runtime, Serving
-from server.settings import ServerSettings
+from vpr.model.registry import Registry
+from vpr.server.app import create_app
+from vpr.server.jobs import JobManager
+from vpr.server.runtime import Runtime, Serving
+from vpr.server.settings import ServerSettings
 from tests.test_server_support import build_home, gated, place_images, wait_ready
 
 TOKEN = "admin-token-for-tests-0123456789"

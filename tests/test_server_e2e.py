@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from cli.main import main
+from vpr.cli.main import main
 from tests.conftest import REPO
 from tests.test_server_support import build_home, encode_mp4, frames_of
 
@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# What the `vpr` console script runs (`python -m cli.main` would load cli.main twice).
+# What the `vpr` console script runs (`python -m vpr.cli.main` would load cli.main twice).
 VPR = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.client import h264_chunks, video_fps
-from server.runtime import Serving
-from server.settings import ServerSettings
+from vpr.server.app import create_app
+from vpr.server.client import h264_chunks, video_fps
+from vpr.server.runtime import Serving
+from vpr.server.settings import ServerSettings
 from tests.test_server_support import build_home, encode_h264, encode_mp4, frames_of, gated, wait_ready
 
 

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from index.meta import Entry
-from index.store import IndexStore
-from model.network import build_model
-from model.registry import LoadedModel, Registry
+from vpr.index.meta import Entry
+from vpr.index.store import IndexStore
+from vpr.model.network import build_model
+from vpr.model.registry import LoadedModel, Registry
 from tests.conftest import TINY_CONFIG
 
 SIZE = (96, 72)  # W, H: even, for H.264's 4:2:0

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.meta import Entry
-from index.store import IndexStore
-from model.network import build_model
-from model.registry import Registry
+from vpr.index.meta import Entry
+from vpr.index.store import IndexStore
+from vpr.model.network import build_model
+from vpr.model.registry import Registry
 from tests.conftest import TINY_CONFIG
 
 CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -85,8 +85,8 @@ def served(tmp_path_factory) -> Iterator[Served]:
     """The real app on a free loopback port, ready (model and index loaded)."""
     import uvicorn
 
-    from server.app import create_app
-    from server.settings import ServerSettings
+    from vpr.server.app import create_app
+    from vpr.server.settings import ServerSettings
 
     home = tmp_path_factory.mktemp("web") / "home"
     images, model_spec, index_spec = _build_home(home)
@@ -233,8 +233,8 @@ def test_place_image_path_stays_under_the_index_root(tmp_path):
     import contextlib
     from types import SimpleNamespace
 
-    from server.inputs import ApiError
-    from server.web import place_image_path
+    from vpr.server.inputs import ApiError
+    from vpr.server.web import place_image_path
 
     root = tmp_path / "root"
     root.mkdir()

@@ -1,6 +1,6 @@
 """Data-parallel training: one code path for 1 process, torchrun on GPUs, or CPUs.
 
-Launched by `torchrun --nproc-per-node N -m cli.main train distill ...`, each
+Launched by `torchrun --nproc-per-node N -m vpr.cli.main train distill ...`, each
 process reads RANK / WORLD_SIZE / LOCAL_RANK from the environment and joins a
 process group: NCCL when it has a GPU, gloo on CPU. Without those variables
 (a plain `vpr train distill`) nothing is initialised and the helpers below

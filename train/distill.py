@@ -45,18 +45,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
-from model.config import HomeSettings
-from model.extract import autocast_for, cpu_name
-from model.network import VPRNet
-from model.registry import ModelRef, Registry, check_name
+from vpr.model.config import HomeSettings
+from vpr.model.extract import autocast_for, cpu_name
+from vpr.model.network import VPRNet
+from vpr.model.registry import ModelRef, Registry, check_name
 
-from . import ddp
-from .distill_cache import FileIdentity, TensorCache
-from .distill_data import (PrefixRunner, TeacherTargets, collect_images, has_positions, split_student,
+from vpr.train import ddp
+from vpr.train.distill_cache import FileIdentity, TensorCache
+from vpr.train.distill_data import (PrefixRunner, TeacherTargets, collect_images, has_positions, split_student,
                            trainable_names, validation_split)
-from .losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
-from .mining import NegativeMiner, TripletConfig
-from .run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
+from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
+from vpr.train.mining import NegativeMiner, TripletConfig
+from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class DistillConfig(BaseModel):
     @field_validator("qualities")
     @classmethod
     def _qualities(cls, v: list[str]) -> list[str]:
-        from .degrade import parse_qualities
+        from vpr.media.degrade import parse_qualities
 
         return [str(q) for q in parse_qualities(v)]
 
@@ -217,7 +217,7 @@ class Distiller:
         self.val_mode = "none" if not len(self.val_ids) else ("recall" if positions else "loss")
         self.val_positives: list[np.ndarray] = []
         if self.val_mode == "recall":
-            from .datasets import positives_within
+            from vpr.data.datasets import positives_within
 
             utm = np.array([i.utm for i in self.images])
             pos = positives_within(utm[self.train_ids], utm[self.val_ids], cfg.val_radius)
@@ -374,7 +374,7 @@ class Distiller:
         ids = [int(i) for i in self.val_ids]
         out: dict[str, Any] = {"per_quality": {}}
         if self.val_mode == "recall":
-            from .evaluate import recall_at_n
+            from vpr.evaluation.evaluate import recall_at_n
 
             db = self.targets.desc[self.train_ids].numpy()
             for q in self.cfg.qualities:

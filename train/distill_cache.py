@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from model.fileio import sha256_file
+from vpr.model.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 

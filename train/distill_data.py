@@ -20,15 +20,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model.config import PreprocessConfig
-from model.extract import autocast_for, extract
-from model.network import VPRNet
-from model.preprocess import list_images, load_image, to_input
-from model.registry import LoadedModel
+from vpr.model.config import PreprocessConfig
+from vpr.model.extract import autocast_for, extract
+from vpr.model.network import VPRNet
+from vpr.model.preprocess import list_images, load_image, to_input
+from vpr.model.registry import LoadedModel
 
-from . import ddp
-from .distill_cache import FileIdentity, TensorCache
-from .losses import channel_correlation
+from vpr.train import ddp
+from vpr.train.distill_cache import FileIdentity, TensorCache
+from vpr.train.losses import channel_correlation
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def collect_images(cfg: Any) -> tuple[list[TrainImage], dict[str, Any]]:
         images = [TrainImage(p.resolve()) for p in paths]
         source = {"images": str(Path(cfg.images).resolve())}
     else:
-        from .datasets import open_dataset, parse_dataset_arg
+        from vpr.data.datasets import open_dataset, parse_dataset_arg
 
         kind, path = parse_dataset_arg(cfg.dataset)
         ds = open_dataset(kind, path, **cfg.dataset_options)
@@ -167,7 +167,7 @@ class PrefixRunner:
         self.preprocess_key = json.dumps(preprocess.model_dump(), sort_keys=True)
 
     def key(self, path: Path, quality: str) -> str:
-        from .degrade import DEGRADE_VERSION
+        from vpr.media.degrade import DEGRADE_VERSION
 
         return (f"prefix|v{CACHE_VERSION}|{self.sha}|cut={self.cut}|{self.preprocess_key}|{self.identity(path)}"
                 f"|{quality}|degrade-v{DEGRADE_VERSION}|{device_tag(self.device)}")
@@ -178,7 +178,7 @@ class PrefixRunner:
         return self.cache.get_or_compute(self.key(path, quality), lambda: {"x": self.compute(path, quality)})["x"]
 
     def compute(self, path: Path, quality: str) -> torch.Tensor:
-        from .degrade import degrade_image
+        from vpr.media.degrade import degrade_image
 
         img = degrade_image(load_image(Path(path)), quality)
         x = to_input(img, self.preprocess).unsqueeze(0).to(self.device)

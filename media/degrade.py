@@ -363,7 +363,7 @@ def _save(path: Path, d: Degraded) -> None:
     where the format allows: JPEG/WebP bytes as they came out of the codec when
     the name matches the codec, lossless formats as is; a .jpg name for any
     other degradation gets JPEG quality 100 with 4:4:4 chroma (near-lossless)."""
-    from model.fileio import atomic_write_bytes
+    from vpr.model.fileio import atomic_write_bytes
 
     suffix = path.suffix.lower()
     if d.encoded is not None and ((d.quality.codec == "jpeg" and suffix in (".jpg", ".jpeg"))
@@ -384,8 +384,8 @@ def degrade_folder(src: Path, dst: Path, spec: str | Quality, recursive: bool = 
                    progress: bool = True, on_file: Callable[[int, int], None] | None = None) -> FolderReport:
     """Write degraded copies of the images in `src` to `dst` (same relative
     names) and `dst/degrade.json` with per-file sizes and bitrates."""
-    from model.fileio import atomic_write_json
-    from model.preprocess import IMAGE_EXTENSIONS, list_images, load_image
+    from vpr.model.fileio import atomic_write_json
+    from vpr.model.preprocess import IMAGE_EXTENSIONS, list_images, load_image
 
     q = parse_quality(spec)
     src, dst = Path(src).resolve(), Path(dst).resolve()

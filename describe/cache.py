@@ -29,9 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
-from model.fileio import atomic_write_bytes
+from vpr.model.fileio import atomic_write_bytes
 
-from .degrade import DEGRADE_VERSION, Quality, parse_quality
+from vpr.media.degrade import DEGRADE_VERSION, Quality, parse_quality
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from model.preprocess import IMAGE_EXTENSIONS
+from vpr.model.preprocess import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class PlaceDataset:
 
         from tqdm import tqdm
 
-        from model.preprocess import load_image
+        from vpr.model.preprocess import load_image
 
         def check(item: Item) -> str | None:
             try:
@@ -394,7 +394,7 @@ def aligned_positives(num_queries: int, num_database: int, tolerance: int) -> li
 
 
 def _traversal_items(folder: Path) -> list[Item]:
-    from model.preprocess import list_images
+    from vpr.model.preprocess import list_images
 
     return [Item(p.resolve(), p.stem) for p in list_images(folder)]
 
@@ -432,7 +432,7 @@ def read_traversal(path: Path | None = None, database: Path | str = "database", 
 # ---- synthetic -------------------------------------------------------------------
 
 def read_synthetic(path: Path, radius: float | None = None, **generate: Any) -> PlaceDataset:
-    from .synthetic import ROUTE_FILE, make_route
+    from vpr.data.synthetic import ROUTE_FILE, make_route
 
     path = Path(path)
     if "overwrite" in generate:

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.extract import default_device
-from model.fileio import atomic_write_bytes, atomic_write_json
-from model.network import VPRNet
-from model.preprocess import load_image, target_size, to_input
-from model.registry import LoadedModel, Registry
+from vpr.model.extract import default_device
+from vpr.model.fileio import atomic_write_bytes, atomic_write_json
+from vpr.model.network import VPRNet
+from vpr.model.preprocess import load_image, target_size, to_input
+from vpr.model.registry import LoadedModel, Registry
 
 log = logging.getLogger(__name__)
 EPS = 1e-12
@@ -146,7 +146,7 @@ def explain_images(registry: Registry, models: list[str], images: list[Path], ou
                    quality: str | None = None, device: torch.device | str | None = None) -> list[Path]:
     """One PNG per image in `out`: the image as the model(s) saw it, then one
     heatmap overlay per model side by side; plus `explain.json` with numbers."""
-    from .degrade import degrade_image, parse_quality
+    from vpr.media.degrade import degrade_image, parse_quality
 
     if not models:
         raise ValueError("explain needs at least one --model")

@@ -36,10 +36,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.fileio import atomic_write_json, staged_dir
+from vpr.model.fileio import atomic_write_json, staged_dir
 
-from .datasets import dvgl_name
-from .geo import utm_to_latlon
+from vpr.data.datasets import dvgl_name
+from vpr.data.geo import utm_to_latlon
 
 log = logging.getLogger(__name__)
 

@@ -13,18 +13,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
-from model.extract import default_device
-from model.registry import Registry, RegistryError
-from model.teacher import init_teacher
-from model.weights import torchvision_cache_file
+from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.extract import default_device
+from vpr.model.registry import Registry, RegistryError
+from vpr.model.teacher import init_teacher
+from vpr.model.weights import torchvision_cache_file
 
-from index.ops import build_index, store_for
-from index.store import IndexStoreError
+from vpr.index.ops import build_index, store_for
+from vpr.index.store import IndexStoreError
 
-from .datasets import open_dataset
-from .distill import DistillConfig, run_distill
-from .synthetic import make_route
+from vpr.data.datasets import open_dataset
+from vpr.train.distill import DistillConfig, run_distill
+from vpr.data.synthetic import make_route
 
 log = logging.getLogger(__name__)
 

@@ -31,16 +31,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from index.knn import exact_knn
-from model.config import HomeSettings, PreprocessConfig
-from model.extract import default_device, extract
-from model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from model.preprocess import ImageDecodeError, load_image, target_size, to_input
-from model.registry import LoadedModel, Registry
+from vpr.index.knn import exact_knn
+from vpr.model.config import HomeSettings, PreprocessConfig
+from vpr.model.extract import default_device, extract
+from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from vpr.model.preprocess import ImageDecodeError, load_image, target_size, to_input
+from vpr.model.registry import LoadedModel, Registry
 
-from .cache import CacheHit, DescriptorCache, model_key
-from .datasets import DatasetSource, PlaceDataset
-from .degrade import Quality, codec_info, degrade, parse_qualities, parse_quality
+from vpr.describe.cache import CacheHit, DescriptorCache, model_key
+from vpr.data.datasets import DatasetSource, PlaceDataset
+from vpr.media.degrade import Quality, codec_info, degrade, parse_qualities, parse_quality
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model.fileio import atomic_write_json, sha256_file, staged_dir
+from vpr.model.fileio import atomic_write_json, sha256_file, staged_dir
 
-from .datasets import dvgl_name
-from .geo import latlon_to_utm, utm_to_latlon
+from vpr.data.datasets import dvgl_name
+from vpr.data.geo import latlon_to_utm, utm_to_latlon
 
 log = logging.getLogger(__name__)
 
