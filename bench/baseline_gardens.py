@@ -13,6 +13,7 @@ max side 640, all 200 queries, clusters from all 200 database images).
 
     .venv/bin/python bench/baseline_gardens.py --home var/bench --max-side 320 --limit 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vpr.data.datasets import open_dataset  # noqa: E402
+from vpr.describe.cache import DescriptorCache  # noqa: E402
+from vpr.evaluation.evaluate import evaluate, format_table, plot_series  # noqa: E402
+from vpr.media.degrade import parse_qualities  # noqa: E402
 from vpr.model.clusters import init_clusters  # noqa: E402
 from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
 from vpr.model.extract import default_device  # noqa: E402
@@ -37,10 +42,6 @@ from vpr.model.network import build_model  # noqa: E402
 from vpr.model.preprocess import list_images  # noqa: E402
 from vpr.model.registry import ModelRef, Registry  # noqa: E402
 from vpr.model.teacher import load_backbone_weights  # noqa: E402
-from vpr.describe.cache import DescriptorCache  # noqa: E402
-from vpr.data.datasets import open_dataset  # noqa: E402
-from vpr.media.degrade import parse_qualities  # noqa: E402
-from vpr.evaluation.evaluate import evaluate, format_table, plot_series  # noqa: E402
 
 log = logging.getLogger("baseline_gardens")
 
@@ -91,8 +92,11 @@ def spread(items: list, n: int | None) -> list:
 
 
 def teacher_config(max_side: int, clusters: int) -> ModelConfig:
-    return ModelConfig(backbone=BackboneConfig(name="vgg16"), netvlad=NetVLADConfig(clusters=clusters),
-                       preprocess=PreprocessConfig(mode="caffe", max_side=max_side, small_policy="upsample"))
+    return ModelConfig(
+        backbone=BackboneConfig(name="vgg16"),
+        netvlad=NetVLADConfig(clusters=clusters),
+        preprocess=PreprocessConfig(mode="caffe", max_side=max_side, small_policy="upsample"),
+    )
 
 
 def find_or_build_teacher(reg: Registry, args: argparse.Namespace, device: torch.device) -> tuple[ModelRef, float]:
@@ -101,8 +105,13 @@ def find_or_build_teacher(reg: Registry, args: argparse.Namespace, device: torch
         return reg.resolve(args.teacher), 0.0
     config = teacher_config(args.max_side, args.clusters)
     images = spread(list_images(args.gardens / "day_left"), args.cluster_images)
-    recipe = {"bench": "baseline_gardens", "weights_sha256": sha256_file(args.weights), "cluster_seed": args.seed,
-              "cluster_images": len(images), "cluster_samples_requested": args.samples}
+    recipe = {
+        "bench": "baseline_gardens",
+        "weights_sha256": sha256_file(args.weights),
+        "cluster_seed": args.seed,
+        "cluster_images": len(images),
+        "cluster_samples_requested": args.samples,
+    }
     for version in reversed(reg.versions(args.name)):
         m = reg.manifest(f"{args.name}@{version}")
         if m["config"] == config.model_dump() and all(m["details"].get(k) == v for k, v in recipe.items()):
@@ -135,36 +144,74 @@ def main(argv: list[str] | None = None) -> int:
     runs, series = [], {}
     for policy in args.policies:
         for qset in QUERY_SETS:
-            ds = open_dataset("traversal", args.gardens, database="day_left", queries=qset,
-                              ground_truth=args.gardens / "ground_truth.csv")
+            ds = open_dataset(
+                "traversal",
+                args.gardens,
+                database="day_left",
+                queries=qset,
+                ground_truth=args.gardens / "ground_truth.csv",
+            )
             if args.limit:
                 ds = ds.subset_queries(args.limit)
-            report = evaluate(reg, ds, str(teacher), [str(teacher)], args.qualities, policy=policy, cache=cache,
-                              batch_size=args.batch_size, device=device)
+            report = evaluate(
+                reg,
+                ds,
+                str(teacher),
+                [str(teacher)],
+                args.qualities,
+                policy=policy,
+                cache=cache,
+                batch_size=args.batch_size,
+                device=device,
+            )
             print(f"\n== queries {qset}, policy {policy} ==")
             print(format_table(report))
             runs.append({"queries": qset, "policy": policy, "report": report})
             series[f"{qset} / {policy}"] = [(r["quality"], r["recall"]["1"]) for r in report["results"]]
-    summary = [{"queries": run["queries"], "policy": run["policy"], "quality": r["quality"],
-                "recall": r["recall"], "num_queries": r["num_queries"],
-                "mean_bytes": r.get("mean_bytes"), "mean_bitrate_kbps": r.get("mean_bitrate_kbps")}
-               for run in runs for r in run["report"]["results"]]
+    summary = [
+        {
+            "queries": run["queries"],
+            "policy": run["policy"],
+            "quality": r["quality"],
+            "recall": r["recall"],
+            "num_queries": r["num_queries"],
+            "mean_bytes": r.get("mean_bytes"),
+            "mean_bitrate_kbps": r.get("mean_bitrate_kbps"),
+        }
+        for run in runs
+        for r in run["report"]["results"]
+    ]
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "teacher": str(teacher), "teacher_init_seconds": round(init_s, 1),
-        "settings": {"max_side": args.max_side, "clusters": args.clusters, "samples": args.samples,
-                     "cluster_images": args.cluster_images or 200, "limit": args.limit or 200,
-                     "qualities": args.qualities.split(","), "policies": args.policies},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "device": str(device), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
+        "teacher": str(teacher),
+        "teacher_init_seconds": round(init_s, 1),
+        "settings": {
+            "max_side": args.max_side,
+            "clusters": args.clusters,
+            "samples": args.samples,
+            "cluster_images": args.cluster_images or 200,
+            "limit": args.limit or 200,
+            "qualities": args.qualities.split(","),
+            "policies": args.policies,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "device": str(device),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        },
         "total_seconds": round(time.perf_counter() - t_start, 1),
-        "summary": summary, "runs": runs,
+        "summary": summary,
+        "runs": runs,
     }
     atomic_write_json(args.out_json, out)
-    title = (f"Gardens Point: db day_left@orig, {teacher} (VGG16+NetVLAD, max side {args.max_side}), "
-             f"{args.limit or 200} queries")
+    title = (
+        f"Gardens Point: db day_left@orig, {teacher} (VGG16+NetVLAD, max side {args.max_side}), "
+        f"{args.limit or 200} queries"
+    )
     plot_series(series, args.out_png, title)
     print(f"\nwrote {args.out_json} and {args.out_png} ({out['total_seconds']:.0f} s)")
     return 0

@@ -30,6 +30,7 @@ and a PNG (recall@1 per quality, teacher vs student).
     # cheap cost probe
     .venv/bin/python bench/distill_gardens.py --max-side 320 --epochs 1 --limit 20 --query-limit 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,27 +47,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
-from vpr.model.extract import cpu_name, extract  # noqa: E402
-from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file  # noqa: E402
-from vpr.model.preprocess import load_image, to_input  # noqa: E402
-from vpr.model.registry import LoadedModel, Registry, RegistryError  # noqa: E402
-from vpr.model.teacher import init_teacher  # noqa: E402
-from vpr.data.datasets import PlaceDataset, open_dataset  # noqa: E402
-from vpr.media.degrade import degrade_image, parse_qualities  # noqa: E402
-from vpr.train.distill import DistillConfig, run_distill  # noqa: E402
-from vpr.train.distill_cache import FileIdentity, TensorCache  # noqa: E402
-from vpr.train.distill_data import PrefixRunner, StudentHead  # noqa: E402
-from vpr.evaluation.evaluate import evaluate, recall_at_n  # noqa: E402
-from vpr.train.losses import parse_loss  # noqa: E402
+from vpr.data.datasets import PlaceDataset, open_dataset
+from vpr.evaluation.evaluate import evaluate, recall_at_n
+from vpr.media.degrade import degrade_image, parse_qualities
+from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.extract import cpu_name, extract
+from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from vpr.model.preprocess import load_image, to_input
+from vpr.model.registry import LoadedModel, Registry, RegistryError
+from vpr.model.teacher import init_teacher
+from vpr.train.distill import DistillConfig, run_distill
+from vpr.train.distill_cache import FileIdentity, TensorCache
+from vpr.train.distill_data import PrefixRunner, StudentHead
+from vpr.train.losses import parse_loss
 
 log = logging.getLogger("distill_gardens")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 QUALITIES = "orig,h240,h180-jpeg20,h120-jpeg20,h180-h264-qp40"
 NS = (1, 5, 10, 20)
-
-
 
 
 def loadavg() -> list[float]:
@@ -101,43 +100,74 @@ def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple
         if m["details"].get("weights_sha256") == weights_sha and m["details"].get("cluster_seed") == args.teacher_seed:
             log.info("reusing teacher %s@%d", name, v)
             return f"{name}@{v}", {"reused": True}
-    config = ModelConfig(backbone=BackboneConfig(name="vgg16"), netvlad=NetVLADConfig(clusters=args.clusters),
-                         preprocess=PreprocessConfig(mode="caffe", max_side=args.max_side, small_policy=args.policy))
+    config = ModelConfig(
+        backbone=BackboneConfig(name="vgg16"),
+        netvlad=NetVLADConfig(clusters=args.clusters),
+        preprocess=PreprocessConfig(mode="caffe", max_side=args.max_side, small_policy=args.policy),
+    )
     clock = Clock()
-    ref = init_teacher(reg, name, config, str(args.weights), gardens / "day_left", samples=args.samples,
-                       seed=args.teacher_seed, activate=True, device=args.device or "cpu")
+    ref = init_teacher(
+        reg,
+        name,
+        config,
+        str(args.weights),
+        gardens / "day_left",
+        samples=args.samples,
+        seed=args.teacher_seed,
+        activate=True,
+        device=args.device or "cpu",
+    )
     return str(ref), {"reused": False, **clock.done()}
 
 
 # ---- student -------------------------------------------------------------------------
 def run_tag(args: argparse.Namespace) -> str:
-    tag = (f"ms{args.max_side}-{args.policy}-{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
-           f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}")
+    tag = (
+        f"ms{args.max_side}-{args.policy}-{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
+        f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}"
+    )
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", tag)[:180]
 
 
 def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gardens: Path) -> tuple[str, dict]:
     cfg = DistillConfig(
-        teacher=teacher, name=args.name, qualities=args.train_qualities.split(","), images=gardens / "day_left",
-        limit=args.limit, loss=args.loss,
+        teacher=teacher,
+        name=args.name,
+        qualities=args.train_qualities.split(","),
+        images=gardens / "day_left",
+        limit=args.limit,
+        loss=args.loss,
         loss_weights=parse_loss(args.loss, args.loss_weights).weights,
-        trainable=args.trainable.split(","), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        schedule=args.schedule, seed=args.seed, device=args.device, progress=True,
-        run_dir=home.home / "runs" / run_tag(args))
+        trainable=args.trainable.split(","),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        schedule=args.schedule,
+        seed=args.seed,
+        device=args.device,
+        progress=True,
+        run_dir=home.home / "runs" / run_tag(args),
+    )
     clock = Clock()
     result = run_distill(cfg, home, resume=cfg.run_dir.joinpath("state.json").exists())
     reg = Registry(home.models_dir)
     details = reg.manifest(result.ref)["details"]
-    return str(result.ref), {**clock.done(), "train_seconds": details["train_seconds"], "best_epoch": result.best_epoch,
-                             "history": details["history"], "run_dir": str(result.run_dir)}
+    return str(result.ref), {
+        **clock.done(),
+        "train_seconds": details["train_seconds"],
+        "best_epoch": result.best_epoch,
+        "history": details["history"],
+        "run_dir": str(result.run_dir),
+    }
 
 
 # ---- evaluation -------------------------------------------------------------------------
 def query_sets(gardens: Path, limit: int | None) -> dict[str, PlaceDataset]:
     out = {}
     for q in ("day_right", "night_right"):
-        ds = open_dataset("traversal", gardens, database="day_left", queries=q,
-                          ground_truth=gardens / "ground_truth.csv")
+        ds = open_dataset(
+            "traversal", gardens, database="day_left", queries=q, ground_truth=gardens / "ground_truth.csv"
+        )
         out[q] = ds.subset_queries(limit) if limit else ds
     return out
 
@@ -149,14 +179,16 @@ class SharedPrefix:
         cut = split_point_of(teacher, student)
         layers = teacher.net.backbone.layers()
         cache = TensorCache(1 << 30, home.cache_dir / "distill" / "prefix")
-        self.runner = PrefixRunner(layers[:cut], cut, teacher.sha256, teacher.net.config.preprocess, device, cache,
-                                   FileIdentity())
+        self.runner = PrefixRunner(
+            layers[:cut], cut, teacher.sha256, teacher.net.config.preprocess, device, cache, FileIdentity()
+        )
         self.heads = {"teacher": StudentHead(teacher.net, cut).eval(), "student": StudentHead(student.net, cut).eval()}
         self.cut, self.device = cut, device
 
     @torch.no_grad()
-    def describe(self, paths: list[Path], quality: str, who: tuple[str, ...] = ("teacher", "student"),
-                 label: str = "") -> dict[str, np.ndarray]:
+    def describe(
+        self, paths: list[Path], quality: str, who: tuple[str, ...] = ("teacher", "student"), label: str = ""
+    ) -> dict[str, np.ndarray]:
         from tqdm import tqdm
 
         out: dict[str, list[np.ndarray]] = {w: [] for w in who}
@@ -187,8 +219,15 @@ def spot_check(shared: SharedPrefix, models: dict[str, LoadedModel], paths: list
     return {"quality": quality, "images": len(paths), "min_cosine": out}
 
 
-def eval_fast(reg: Registry, teacher: str, student: str, sets: dict[str, PlaceDataset], qualities: list[str],
-              home: HomeSettings, device: torch.device) -> tuple[dict, dict]:
+def eval_fast(
+    reg: Registry,
+    teacher: str,
+    student: str,
+    sets: dict[str, PlaceDataset],
+    qualities: list[str],
+    home: HomeSettings,
+    device: torch.device,
+) -> tuple[dict, dict]:
     models = {"teacher": reg.load(teacher, device), "student": reg.load(student, device)}
     shared = SharedPrefix(models["teacher"], models["student"], home, device)
     log.info("fast evaluation: shared frozen prefix of %d layers", shared.cut)
@@ -201,25 +240,41 @@ def eval_fast(reg: Registry, teacher: str, student: str, sets: dict[str, PlaceDa
             desc = shared.describe(paths, q, label=f"{name} {q}")
             for who in ("teacher", "student"):
                 rec = recall_at_n(db, desc[who], ds.positives, NS)
-                results.setdefault(name, {}).setdefault(q, {})[who] = {str(n): round(float(v), 4) for n, v in rec.items()}
-            log.info("%s %s: R@1 teacher %.3f student %.3f", name, q, results[name][q]["teacher"]["1"],
-                     results[name][q]["student"]["1"])
+                results.setdefault(name, {}).setdefault(q, {})[who] = {
+                    str(n): round(float(v), 4) for n, v in rec.items()
+                }
+            log.info(
+                "%s %s: R@1 teacher %.3f student %.3f",
+                name,
+                q,
+                results[name][q]["teacher"]["1"],
+                results[name][q]["student"]["1"],
+            )
     check = spot_check(shared, models, [i.path for i in next(iter(sets.values())).queries[:2]], qualities[-1])
     return results, {"mode": "fast", "shared_prefix_layers": shared.cut, "spot_check": check}
 
 
-def eval_full(reg: Registry, teacher: str, student: str, sets: dict[str, PlaceDataset], qualities: list[str],
-              home: HomeSettings, device: torch.device) -> tuple[dict, dict]:
+def eval_full(
+    reg: Registry,
+    teacher: str,
+    student: str,
+    sets: dict[str, PlaceDataset],
+    qualities: list[str],
+    home: HomeSettings,
+    device: torch.device,
+) -> tuple[dict, dict]:
     from vpr.describe.cache import DescriptorCache
 
     results: dict = {}
     for name, ds in sets.items():
-        report = evaluate(reg, ds, teacher, [teacher, student], qualities, cache=DescriptorCache(home.cache_dir),
-                          ns=NS, device=device)
+        report = evaluate(
+            reg, ds, teacher, [teacher, student], qualities, cache=DescriptorCache(home.cache_dir), ns=NS, device=device
+        )
         for r in report["results"]:
             who = "teacher" if r["query_model"] == teacher else "student"
             results.setdefault(name, {}).setdefault(r["quality"], {})[who] = {
-                k: round(float(v), 4) for k, v in r["recall"].items()}
+                k: round(float(v), 4) for k, v in r["recall"].items()
+            }
     return results, {"mode": "full"}
 
 
@@ -230,8 +285,16 @@ def verdict(results: dict) -> dict:
         for q, r in per_q.items():
             t, s = r["teacher"]["1"], r["student"]["1"]
             ok = s >= t - 0.01 if q == "orig" else s > t
-            rows.append({"set": name, "quality": q, "teacher_r1": t, "student_r1": s,
-                         "delta_points": round(100 * (s - t), 1), "ok": ok})
+            rows.append(
+                {
+                    "set": name,
+                    "quality": q,
+                    "teacher_r1": t,
+                    "student_r1": s,
+                    "delta_points": round(100 * (s - t), 1),
+                    "ok": ok,
+                }
+            )
     return {"all_ok": all(r["ok"] for r in rows), "rows": rows}
 
 
@@ -300,9 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     home = HomeSettings(home=args.home)
     reg = Registry(home.models_dir)
-    report: dict = {"argv": sys.argv, "args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_name(),
-                    "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": str(device), "loadavg_start": loadavg()}
+    report: dict = {
+        "argv": sys.argv,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "loadavg_start": loadavg(),
+    }
     teacher, report["teacher_init"] = get_teacher(reg, args, gardens)
     student, report["training"] = get_student(home, teacher, args, gardens)
     report.update(teacher=teacher, student=student)
@@ -317,19 +387,29 @@ def main(argv: list[str] | None = None) -> int:
     report["recall"] = results
     report["verdict"] = verdict(results)
     report["loadavg_end"] = loadavg()
-    print(f"\nteacher {teacher}  student {student}  ({args.loss}, lr {args.lr:g}, {args.trainable}, "
-          f"{args.epochs} epochs, max side {args.max_side})")
+    print(
+        f"\nteacher {teacher}  student {student}  ({args.loss}, lr {args.lr:g}, {args.trainable}, "
+        f"{args.epochs} epochs, max side {args.max_side})"
+    )
     print(f"{'set':<12} {'quality':<16} {'teacher R@1':>11} {'student R@1':>11} {'delta':>7}")
     for r in report["verdict"]["rows"]:
-        print(f"{r['set']:<12} {r['quality']:<16} {100 * r['teacher_r1']:>10.1f}% {100 * r['student_r1']:>10.1f}% "
-              f"{r['delta_points']:>+6.1f}{'' if r['ok'] else '  (criterion not met)'}")
-    print(f"training: {report['training']['wall_s']} s wall, {report['training']['cpu_s']} s CPU; "
-          f"evaluation {report['evaluation']['wall_s']} s; all criteria met: {report['verdict']['all_ok']}")
+        print(
+            f"{r['set']:<12} {r['quality']:<16} {100 * r['teacher_r1']:>10.1f}% {100 * r['student_r1']:>10.1f}% "
+            f"{r['delta_points']:>+6.1f}{'' if r['ok'] else '  (criterion not met)'}"
+        )
+    print(
+        f"training: {report['training']['wall_s']} s wall, {report['training']['cpu_s']} s CPU; "
+        f"evaluation {report['evaluation']['wall_s']} s; all criteria met: {report['verdict']['all_ok']}"
+    )
     if args.json:
         atomic_write_json(args.json, report)
     if args.plot:
-        plot(results, args.plot, f"{teacher} vs {student}: {args.loss}, lr {args.lr:g}, {args.trainable}, "
-                                 f"{args.epochs} ep, max side {args.max_side}")
+        plot(
+            results,
+            args.plot,
+            f"{teacher} vs {student}: {args.loss}, lr {args.lr:g}, {args.trainable}, "
+            f"{args.epochs} ep, max side {args.max_side}",
+        )
     return 0
 
 

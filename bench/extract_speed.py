@@ -5,6 +5,7 @@ Usage: python bench/extract_speed.py [--sizes 480x640,240x320,180x240] [--batche
 Times the model alone (in-process, inference mode, already-prepared tensors,
 so decode and resize are excluded), after one warm-up batch per setting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,6 @@ import torch
 from vpr.model.extract import cpu_name, default_device, embed_tensors
 from vpr.model.fileio import atomic_write_json
 from vpr.model.network import build_model
-
-
 
 
 def measure(net, h: int, w: int, batch: int, repeats: int, device) -> float:
@@ -43,8 +42,13 @@ def main(args: argparse.Namespace) -> dict:
     base = rows[0]["images_per_s"]
     for r in rows:
         r["ratio_to_first"] = round(r["images_per_s"] / base, 3)
-    report = {"device": str(device), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "rows": rows}
+    report = {
+        "device": str(device),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     if args.json:
         atomic_write_json(Path(args.json), report)
     return report

@@ -28,6 +28,7 @@ beside the model-alone bf16 figure at the server's batch size.
 Everything is bounded: --budget-s caps the model-alone part (rows left over
 are reported as skipped) and each server setting runs --duration seconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -60,8 +62,11 @@ log = logging.getLogger("gpu_bench")
 
 MODES = ("fp32", "tf32", "bf16", "bf16-cl", "bf16-cl-compile")
 PRECISION = {"fp32": "fp32", "tf32": "tf32", "bf16": "bf16", "bf16-cl": "bf16", "bf16-cl-compile": "bf16"}
-MODEL_CONFIG = {"backbone": {"name": "vgg16"}, "netvlad": {"clusters": 64},
-                "preprocess": {"mode": "caffe", "max_side": 640}}
+MODEL_CONFIG = {
+    "backbone": {"name": "vgg16"},
+    "netvlad": {"clusters": 64},
+    "preprocess": {"mode": "caffe", "max_side": 640},
+}
 
 # Dense peak TFLOP/s (no structured sparsity) from the vendors' data sheets.
 # Matched in order against torch.cuda.get_device_name(): specific names first.
@@ -152,8 +157,10 @@ def mode_setup(mode: str, net: nn.Module, device: torch.device) -> tuple[Callabl
     bf16 = PRECISION[mode] == "bf16"
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                                      else contextlib.nullcontext()):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
+        ):
             return model(x)
 
     def make_input(b: int, h: int, w: int) -> torch.Tensor:
@@ -168,9 +175,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_rows(net: nn.Module, mode: str, h: int, w: int, batches: list[int], device: torch.device,
-              min_seconds: float, warmup: int, deadline: float, flops: float, peak: float | None,
-              min_iters: int = 3) -> list[dict]:
+def time_rows(
+    net: nn.Module,
+    mode: str,
+    h: int,
+    w: int,
+    batches: list[int],
+    device: torch.device,
+    min_seconds: float,
+    warmup: int,
+    deadline: float,
+    flops: float,
+    peak: float | None,
+    min_iters: int = 3,
+) -> list[dict]:
     rows = []
     try:
         forward, make_input = mode_setup(mode, net, device)
@@ -201,8 +219,13 @@ def time_rows(net: nn.Module, mode: str, h: int, w: int, batches: list[int], dev
             took = time.perf_counter() - t0
             ips = b * n / took
             tflops = flops * ips / 1e12
-            row.update(iters=n, ms_per_batch=round(took / n * 1000, 3), images_per_s=round(ips, 2),
-                       tflops=round(tflops, 4), pct_of_peak=round(100 * tflops / peak, 1) if peak else None)
+            row.update(
+                iters=n,
+                ms_per_batch=round(took / n * 1000, 3),
+                images_per_s=round(ips, 2),
+                tflops=round(tflops, 4),
+                pct_of_peak=round(100 * tflops / peak, 1) if peak else None,
+            )
             if device.type == "cuda":
                 row["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         except torch.cuda.OutOfMemoryError:
@@ -261,7 +284,9 @@ def synthetic_jpegs(n: int, size: tuple[int, int], seed: int, folder: Path | Non
     return out
 
 
-def build_served_home(work: Path, config: dict, db_images: int, size: tuple[int, int], device: torch.device) -> tuple[Path, str, str]:
+def build_served_home(
+    work: Path, config: dict, db_images: int, size: tuple[int, int], device: torch.device
+) -> tuple[Path, str, str]:
     from vpr.index.meta import Entry
     from vpr.index.store import IndexStore
     from vpr.model.network import build_model
@@ -275,13 +300,15 @@ def build_served_home(work: Path, config: dict, db_images: int, size: tuple[int,
     db = work / "db"
     synthetic_jpegs(db_images, size, seed=1, folder=db)
     entries = [Entry(p, p.stem) for p in sorted(db.glob("*.jpg"))]
-    index = IndexStore(home / "indexes").build("gpu-bench", reg.load(ref, device), entries, root=db,
-                                               batch_size=16, device=device)
+    index = IndexStore(home / "indexes").build(
+        "gpu-bench", reg.load(ref, device), entries, root=db, batch_size=16, device=device
+    )
     return home, str(ref), str(index)
 
 
-def end_to_end(args: argparse.Namespace, device: torch.device, config: dict, size: tuple[int, int],
-               alone_bf16: dict[int, float]) -> dict:
+def end_to_end(
+    args: argparse.Namespace, device: torch.device, config: dict, size: tuple[int, int], alone_bf16: dict[int, float]
+) -> dict:
     from vpr.server.app import create_app
     from vpr.server.background import BackgroundServer
     from vpr.server.settings import ServerSettings
@@ -292,14 +319,30 @@ def end_to_end(args: argparse.Namespace, device: torch.device, config: dict, siz
     home, model, index = build_served_home(work, config, args.db_images, size, device)
     queries = work / "queries"
     synthetic_jpegs(args.query_images, size, seed=2, folder=queries)
-    out: dict[str, Any] = {"setup_s": round(time.perf_counter() - t, 1), "model": model, "index": index,
-                           "query_size": f"{size[0]}x{size[1]}", "db_images": args.db_images, "settings": []}
+    out: dict[str, Any] = {
+        "setup_s": round(time.perf_counter() - t, 1),
+        "model": model,
+        "index": index,
+        "query_size": f"{size[0]}x{size[1]}",
+        "db_images": args.db_images,
+        "settings": [],
+    }
     # The clients run in their own process (bench/httpload.py), apart from the server's GIL.
     for max_batch in [int(b) for b in args.server_batches.split(",")]:
-        settings = ServerSettings(home=home, model=model, index=index, device=str(device), log_level="warning",
-                                  access_log=False, max_batch_size=max_batch, max_wait_ms=args.max_wait_ms,
-                                  queue_size=max(64, 4 * max(clients)), max_batch_files=16,
-                                  decode_threads=min(16, max(2, os.cpu_count() or 2)), warmup=True)
+        settings = ServerSettings(
+            home=home,
+            model=model,
+            index=index,
+            device=str(device),
+            log_level="warning",
+            access_log=False,
+            max_batch_size=max_batch,
+            max_wait_ms=args.max_wait_ms,
+            queue_size=max(64, 4 * max(clients)),
+            max_batch_files=16,
+            decode_threads=min(16, max(2, os.cpu_count() or 2)),
+            warmup=True,
+        )
         rows = []
         with BackgroundServer(create_app(settings), log_level="warning") as srv:
             deadline = time.monotonic() + 300
@@ -312,9 +355,12 @@ def end_to_end(args: argparse.Namespace, device: torch.device, config: dict, siz
                 ref = alone_bf16.get(max_batch) or (max(alone_bf16.values()) if alone_bf16 else None)
                 row["ratio_to_model_alone_bf16"] = round(row["throughput_per_s"] / ref, 3) if ref else None
                 lat = row["latency_ms"]
-                print(f"  server max_batch {max_batch:3d} N={n:3d}: {row['throughput_per_s']:8.2f} req/s "
-                      f"p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms batch "
-                      f"{row['mean_batch_size']} statuses {row['statuses']} errors {row['errors']}", flush=True)
+                print(
+                    f"  server max_batch {max_batch:3d} N={n:3d}: {row['throughput_per_s']:8.2f} req/s "
+                    f"p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms batch "
+                    f"{row['mean_batch_size']} statuses {row['statuses']} errors {row['errors']}",
+                    flush=True,
+                )
                 rows.append(row)
         out["settings"].append({"max_batch_size": max_batch, "max_wait_ms": args.max_wait_ms, "rows": rows})
     shutil.rmtree(work, ignore_errors=True)
@@ -347,16 +393,25 @@ def main(args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     flops, flops_analytic = counted_flops(config, h, w), analytic_flops(config, h, w)
     report: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "dry_run": args.dry_run,
-        "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "dry_run": args.dry_run,
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "host": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
-        "size": f"{h}x{w}", "config": config,
-        "gflop_per_image": round(flops / 1e9, 3), "gflop_per_image_analytic": round(flops_analytic / 1e9, 3),
+        "size": f"{h}x{w}",
+        "config": config,
+        "gflop_per_image": round(flops / 1e9, 3),
+        "gflop_per_image_analytic": round(flops_analytic / 1e9, 3),
         "peaks_tflops": {p: peak_for(name, p, args.peak_tflops) for p in ("fp32", "tf32", "bf16")},
-        "model_alone": []}
-    print(f"{name}: VGG16+NetVLAD at {h}x{w}, {flops / 1e9:.1f} GFLOP/image "
-          f"(analytic {flops_analytic / 1e9:.1f}); peaks {report['peaks_tflops']}", flush=True)
+        "model_alone": [],
+    }
+    print(
+        f"{name}: VGG16+NetVLAD at {h}x{w}, {flops / 1e9:.1f} GFLOP/image "
+        f"(analytic {flops_analytic / 1e9:.1f}); peaks {report['peaks_tflops']}",
+        flush=True,
+    )
 
     from vpr.model.network import build_model
 
@@ -364,8 +419,9 @@ def main(args: argparse.Namespace) -> dict:
     for mode in modes:
         net = build_model(config).to(device).eval()
         peak = peak_for(name, PRECISION[mode], args.peak_tflops)
-        report["model_alone"] += time_rows(net, mode, h, w, batches, device, args.min_seconds, args.warmup_iters,
-                                           deadline, flops, peak, args.min_iters)
+        report["model_alone"] += time_rows(
+            net, mode, h, w, batches, device, args.min_seconds, args.warmup_iters, deadline, flops, peak, args.min_iters
+        )
         del net
         if device.type == "cuda":
             torch.cuda.empty_cache()

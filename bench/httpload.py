@@ -11,6 +11,7 @@ Also a command, so that the clients can run in their own light process
 (no torch), apart from a server that runs in the caller's process:
     python bench/httpload.py URL --images DIR --clients 16 --duration 10   (prints JSON)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,23 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None, "mean": None}
     a = np.asarray(values, dtype=float)
-    return {"p50": round(float(np.percentile(a, 50)), 2), "p95": round(float(np.percentile(a, 95)), 2),
-            "p99": round(float(np.percentile(a, 99)), 2), "mean": round(float(a.mean()), 2)}
+    return {
+        "p50": round(float(np.percentile(a, 50)), 2),
+        "p95": round(float(np.percentile(a, 95)), 2),
+        "p99": round(float(np.percentile(a, 99)), 2),
+        "mean": round(float(a.mean()), 2),
+    }
 
 
-def run_clients(url: str, payloads: list[tuple[bytes, str]], clients: int, duration: float,
-                warmup: float = 2.0, path: str = "/v1/query", timeout: float = 300.0) -> dict[str, Any]:
+def run_clients(
+    url: str,
+    payloads: list[tuple[bytes, str]],
+    clients: int,
+    duration: float,
+    warmup: float = 2.0,
+    path: str = "/v1/query",
+    timeout: float = 300.0,
+) -> dict[str, Any]:
     """Throughput and latency of `clients` concurrent closed-loop clients."""
     if urlparse(url).hostname not in LOOPBACK:
         raise ValueError(f"{url}: load is only sent to this machine (loopback)")
@@ -90,19 +102,41 @@ def run_clients(url: str, payloads: list[tuple[bytes, str]], clients: int, durat
     # With many clients on a slow server a request can take longer than the
     # window: those finishing after it (`completed_after_window`) are not in
     # the percentiles, which then understate the latency of that setting.
-    return {"clients": clients, "duration_s": duration, "completed": len(inside), "ok": len(ok),
-            "completed_after_window": late,
-            "statuses": statuses, "errors": len(errors), "error_examples": errors[:3],
-            "throughput_per_s": round(len(ok) / duration, 3),
-            "latency_ms": percentiles([d[1] for d in ok]),
-            "mean_batch_size": round(float(np.mean(batches)), 2) if batches else None}
+    return {
+        "clients": clients,
+        "duration_s": duration,
+        "completed": len(inside),
+        "ok": len(ok),
+        "completed_after_window": late,
+        "statuses": statuses,
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "throughput_per_s": round(len(ok) / duration, 3),
+        "latency_ms": percentiles([d[1] for d in ok]),
+        "mean_batch_size": round(float(np.mean(batches)), 2) if batches else None,
+    }
 
 
 def run_clients_in_process(url: str, images: Path, clients: int, duration: float, warmup: float = 2.0) -> dict:
     """`run_clients` in a separate Python process (this file as a command)."""
-    r = subprocess.run([sys.executable, __file__, url, "--images", str(images), "--clients", str(clients),
-                        "--duration", str(duration), "--warmup", str(warmup)],
-                       capture_output=True, text=True, timeout=warmup + duration + 600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            url,
+            "--images",
+            str(images),
+            "--clients",
+            str(clients),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=warmup + duration + 600,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"the load generator failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout)
@@ -117,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     args = p.parse_args(argv)
     types = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
-    payloads = [(f.read_bytes(), types[f.suffix.lower()]) for f in sorted(Path(args.images).iterdir())
-                if f.suffix.lower() in types]
+    payloads = [
+        (f.read_bytes(), types[f.suffix.lower()])
+        for f in sorted(Path(args.images).iterdir())
+        if f.suffix.lower() in types
+    ]
     print(json.dumps(run_clients(args.url, payloads, args.clients, args.duration, args.warmup)))
     return 0
 

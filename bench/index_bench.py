@@ -13,6 +13,7 @@ A spec argument is `FACTORY[:PARAM=V1,V2,...]`, e.g. `IVF4096,PQ64:nprobe=8,32`
 (the parameter after the last ':'). Results go to stdout as a Markdown table
 and, with --out, as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vpr.index import faiss_backend as fb  # noqa: E402
-from vpr.index.synthetic import clustered_descriptors  # noqa: E402
+from vpr.index import faiss_backend as fb
+from vpr.index.synthetic import clustered_descriptors
 
 log = logging.getLogger("index_bench")
 
@@ -65,8 +66,7 @@ def file_bytes(index: faiss.Index) -> int:
         return os.path.getsize(f.name)
 
 
-def latency(index: faiss.Index, queries: np.ndarray, params: dict | None, k: int, single: int,
-            batches: int) -> dict:
+def latency(index: faiss.Index, queries: np.ndarray, params: dict | None, k: int, single: int, batches: int) -> dict:
     sp = fb.search_parameters(index, params)
 
     def run(x: np.ndarray) -> float:
@@ -75,17 +75,22 @@ def latency(index: faiss.Index, queries: np.ndarray, params: dict | None, k: int
         return time.perf_counter() - t
 
     run(queries[:64])  # warm-up
-    one = np.array([run(queries[i:i + 1]) for i in range(min(single, len(queries)))]) * 1e3
-    b64 = np.array([run(queries[(i * 64) % len(queries):][:64]) for i in range(batches)]) * 1e3
-    return {"single_p50_ms": float(np.median(one)), "single_p99_ms": float(np.percentile(one, 99)),
-            "batch64_ms": float(np.median(b64)), "batch64_per_query_ms": float(np.median(b64) / 64)}
+    one = np.array([run(queries[i : i + 1]) for i in range(min(single, len(queries)))]) * 1e3
+    b64 = np.array([run(queries[(i * 64) % len(queries) :][:64]) for i in range(batches)]) * 1e3
+    return {
+        "single_p50_ms": float(np.median(one)),
+        "single_p99_ms": float(np.percentile(one, 99)),
+        "batch64_ms": float(np.median(b64)),
+        "batch64_per_query_ms": float(np.median(b64) / 64),
+    }
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
     faiss.omp_set_num_threads(args.threads)
     t = time.perf_counter()
-    db, queries, _ = clustered_descriptors(args.n, args.dim, n_queries=args.queries, seed=args.seed,
-                                           spread=args.spread, query_noise=args.query_noise)
+    db, queries, _ = clustered_descriptors(
+        args.n, args.dim, n_queries=args.queries, seed=args.seed, spread=args.spread, query_noise=args.query_noise
+    )
     log.info("data: %d x %d database, %d queries (%.1fs)", args.n, args.dim, len(queries), time.perf_counter() - t)
     ids = np.arange(args.n, dtype=np.int64)
     truth = None
@@ -110,11 +115,19 @@ def bench(args: argparse.Namespace) -> list[dict]:
             _, found = index.search(queries, 1, params=sp) if sp is not None else index.search(queries, 1)
             if truth is None:
                 truth = found[:, 0].copy()
-            row = {"factory": factory, "params": params or {}, "n": args.n, "dim": args.dim,
-                   "build_s": round(build_s, 2), "bytes_per_vector": round(size / args.n, 1),
-                   "recall_at_1_vs_flat": float((found[:, 0] == truth).mean()),
-                   **{k: round(v, 4) for k, v in latency(index, queries, params, args.k, args.single,
-                                                           args.batches).items()}}
+            row = {
+                "factory": factory,
+                "params": params or {},
+                "n": args.n,
+                "dim": args.dim,
+                "build_s": round(build_s, 2),
+                "bytes_per_vector": round(size / args.n, 1),
+                "recall_at_1_vs_flat": float((found[:, 0] == truth).mean()),
+                **{
+                    k: round(v, 4)
+                    for k, v in latency(index, queries, params, args.k, args.single, args.batches).items()
+                },
+            }
             rows.append(row)
             log.info("%s", json.dumps(row))
             if args.out:
@@ -124,23 +137,30 @@ def bench(args: argparse.Namespace) -> list[dict]:
 
 
 def save(args: argparse.Namespace, rows: list[dict]) -> None:
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-                       f"faiss {faiss.__version__}, {args.threads} threads", "args": vars(args)}
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"faiss {faiss.__version__}, {args.threads} threads",
+        "args": vars(args),
+    }
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| factory | params | build s | bytes/vec | 1-query p50 ms | 1-query p99 ms | batch-64 ms | "
-            "recall@1 vs Flat |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    head = (
+        "| factory | params | build s | bytes/vec | 1-query p50 ms | 1-query p99 ms | batch-64 ms | "
+        "recall@1 vs Flat |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['factory']} | error: {r['error']} | | | | | | |")
             continue
         p = ",".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
-        lines.append(f"| {r['factory']} | {p} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | "
-                     f"{r['single_p50_ms']:.3f} | {r['single_p99_ms']:.3f} | {r['batch64_ms']:.2f} | "
-                     f"{r['recall_at_1_vs_flat']:.3f} |")
+        lines.append(
+            f"| {r['factory']} | {p} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | "
+            f"{r['single_p50_ms']:.3f} | {r['single_p99_ms']:.3f} | {r['batch64_ms']:.2f} | "
+            f"{r['recall_at_1_vs_flat']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -156,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-train", type=int, default=fb.DEFAULT_MAX_TRAIN)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--spread", type=float, default=0.6, help="place spread around cluster centres (larger: "
-                   "clusters overlap, harder for IVF)")
+    p.add_argument(
+        "--spread",
+        type=float,
+        default=0.6,
+        help="place spread around cluster centres (larger: clusters overlap, harder for IVF)",
+    )
     p.add_argument("--query-noise", type=float, default=0.5, help="query distance from its source image")
     p.add_argument("--out", help="JSON results file")
     args = p.parse_args(argv)

@@ -24,6 +24,7 @@ environment says otherwise, and inherited by the server): on a small shared
 machine spinning threads made the same forward pass 2 to 10 times slower,
 erratically, in-process and in the server alike.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,8 @@ from typing import Any
 
 import httpx
 import torch
-
 from httpload import percentiles, run_clients
+
 from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import cpu_name, embed_tensors
 from vpr.model.fileio import atomic_write_json
@@ -59,8 +60,6 @@ log = logging.getLogger("server_bench")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VPR_SHARED", REPO.parent / "shared"))
 VPR = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
-
-
 
 
 def loadavg() -> list[float]:
@@ -83,20 +82,33 @@ def build_bench_home(work: Path, shared: Path, max_side: int, clusters: int, db_
     weights = shared / "weights" / "vgg16_imagenet_caffe_features.safetensors"
     day_left = shared / "datasets" / "gardens_point_walking" / "day_left"
     if not weights.is_file() or not day_left.is_dir():
-        raise FileNotFoundError(f"{shared}: needs weights/{weights.name} and datasets/gardens_point_walking/day_left "
-                                "(or pass --home/--model/--index)")
+        raise FileNotFoundError(
+            f"{shared}: needs weights/{weights.name} and datasets/gardens_point_walking/day_left "
+            "(or pass --home/--model/--index)"
+        )
     from vpr.index.meta import Entry
 
     home = work / "home"
     db = list_images(day_left)[:db_images]
-    cluster_folder = link_images(db[::max(1, db_images // 10)], work / "clusters")
-    config = ModelConfig(backbone=BackboneConfig(name="vgg16"), netvlad=NetVLADConfig(clusters=clusters),
-                         preprocess=PreprocessConfig(mode="caffe", max_side=max_side))
+    cluster_folder = link_images(db[:: max(1, db_images // 10)], work / "clusters")
+    config = ModelConfig(
+        backbone=BackboneConfig(name="vgg16"),
+        netvlad=NetVLADConfig(clusters=clusters),
+        preprocess=PreprocessConfig(mode="caffe", max_side=max_side),
+    )
     t = time.perf_counter()
-    ref = init_teacher(Registry(home / "models"), "bench-teacher", config, str(weights), cluster_folder,
-                       samples=5000, device="cpu")
-    index = build_index(HomeSettings(home=home), str(ref), "bench", items=[Entry(p, p.stem) for p in db],
-                        root=day_left, batch_size=8, device="cpu")
+    ref = init_teacher(
+        Registry(home / "models"), "bench-teacher", config, str(weights), cluster_folder, samples=5000, device="cpu"
+    )
+    index = build_index(
+        HomeSettings(home=home),
+        str(ref),
+        "bench",
+        items=[Entry(p, p.stem) for p in db],
+        root=day_left,
+        batch_size=8,
+        device="cpu",
+    )
     log.info("set up %s and %s in %.0f s", ref, index, time.perf_counter() - t)
     return home, str(ref), str(index)
 
@@ -112,12 +124,18 @@ def time_forward(net, shape: tuple[int, int], batch: int, seconds: float) -> dic
         embed_tensors(net, x, torch.device("cpu"))
         n += 1
     took = time.perf_counter() - t0
-    return {"shape": f"{h}x{w}", "batch": batch, "passes": n, "images_per_s": round(batch * n / took, 3),
-            "ms_per_batch": round(took / n * 1000, 1)}
+    return {
+        "shape": f"{h}x{w}",
+        "batch": batch,
+        "passes": n,
+        "images_per_s": round(batch * n / took, 3),
+        "ms_per_batch": round(took / n * 1000, 1),
+    }
 
 
-def model_alone(home: Path, model: str, shapes: list[tuple[int, int]], batches: list[int],
-                seconds: float) -> list[dict]:
+def model_alone(
+    home: Path, model: str, shapes: list[tuple[int, int]], batches: list[int], seconds: float
+) -> list[dict]:
     net = Registry(home / "models").load(model, "cpu").net.eval()
     rows = []
     for shape in shapes:
@@ -144,9 +162,26 @@ class Server:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("VPR_")}
         environment = {**clean, "VPR_DEVICE": "cpu", "VPR_ACCESS_LOG": "false", "VPR_LOG_LEVEL": "warning", **env}
         self.log = open(log_file, "a")
-        self.proc = subprocess.Popen([*VPR, "--home", str(home), "serve", "--host", "127.0.0.1", "--port",
-                                      str(self.port), "--model", model, "--index", index],
-                                     cwd=REPO, env=environment, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                *VPR,
+                "--home",
+                str(home),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--model",
+                model,
+                "--index",
+                index,
+            ],
+            cwd=REPO,
+            env=environment,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -171,7 +206,7 @@ class Server:
                 self.proc.wait()
         self.log.close()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -182,9 +217,12 @@ def http_load(url: str, payloads: list[tuple[bytes, str]], clients: int, duratio
     row = run_clients(url, payloads, clients, duration, warmup=warmup)
     row["loadavg"] = loadavg()
     lat = row["latency_ms"]
-    print(f"  N={clients:3d}: {row['throughput_per_s']:.2f} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
-          f"p99 {lat['p99']} ms, batch {row['mean_batch_size']}, statuses {row['statuses']}, "
-          f"errors {row['errors']}", flush=True)
+    print(
+        f"  N={clients:3d}: {row['throughput_per_s']:.2f} req/s, p50 {lat['p50']} ms, p95 {lat['p95']} ms, "
+        f"p99 {lat['p99']} ms, batch {row['mean_batch_size']}, statuses {row['statuses']}, "
+        f"errors {row['errors']}",
+        flush=True,
+    )
     return row
 
 
@@ -195,17 +233,34 @@ def stream_video(url: str, video: Path, codec: str, seconds: float) -> dict:
     results: list[dict] = []
     t0 = time.monotonic()
     with VPRClient(url, timeout=120) as client:
-        final = client.stream(video, codec=codec, realtime=True, max_frames=int(round(seconds * fps)),
-                              on_message=lambda m: results.append(m) if m.get("type") == "result" else None)
+        final = client.stream(
+            video,
+            codec=codec,
+            realtime=True,
+            max_frames=int(round(seconds * fps)),
+            on_message=lambda m: results.append(m) if m.get("type") == "result" else None,
+        )
     wall = time.monotonic() - t0
     received, processed, dropped = final.get("received", 0), final.get("processed", 0), final.get("dropped", 0)
-    row = {"codec": codec, "video_fps": round(fps, 3), "frames_sent": final.get("sent"), "received": received,
-           "processed": processed, "dropped": dropped, "end": final.get("type"),
-           "processed_per_s": round(processed / wall, 3), "drop_rate": round(dropped / received, 4) if received else None,
-           "latency_ms": percentiles([m["latency_ms"] for m in results]), "wall_s": round(wall, 2),
-           "loadavg": loadavg()}
-    print(f"  stream {codec}: {row['processed_per_s']:.2f} frames/s processed of {fps:.2f} sent, drop rate "
-          f"{row['drop_rate']}, latency p50 {row['latency_ms']['p50']} ms p95 {row['latency_ms']['p95']} ms", flush=True)
+    row = {
+        "codec": codec,
+        "video_fps": round(fps, 3),
+        "frames_sent": final.get("sent"),
+        "received": received,
+        "processed": processed,
+        "dropped": dropped,
+        "end": final.get("type"),
+        "processed_per_s": round(processed / wall, 3),
+        "drop_rate": round(dropped / received, 4) if received else None,
+        "latency_ms": percentiles([m["latency_ms"] for m in results]),
+        "wall_s": round(wall, 2),
+        "loadavg": loadavg(),
+    }
+    print(
+        f"  stream {codec}: {row['processed_per_s']:.2f} frames/s processed of {fps:.2f} sent, drop rate "
+        f"{row['drop_rate']}, latency p50 {row['latency_ms']['p50']} ms p95 {row['latency_ms']['p95']} ms",
+        flush=True,
+    )
     return row
 
 
@@ -217,10 +272,16 @@ def main(args: argparse.Namespace) -> dict:
     clients = [int(c) for c in args.clients.split(",")]
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-        "loadavg": {"start": loadavg()}}
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
+        "loadavg": {"start": loadavg()},
+    }
     work = Path(tempfile.mkdtemp(prefix="vpr-server-bench-"))
     try:
         if args.home:
@@ -228,28 +289,41 @@ def main(args: argparse.Namespace) -> dict:
                 raise SystemExit("--home needs --model and --index")
             home, model, index = Path(args.home), args.model, args.index
         else:
-            print(f"setting up a VGG16 teacher (K={args.clusters}, max side {args.max_side}) and an index of "
-                  f"{args.db_images} day_left images under {work}", flush=True)
+            print(
+                f"setting up a VGG16 teacher (K={args.clusters}, max side {args.max_side}) and an index of "
+                f"{args.db_images} day_left images under {work}",
+                flush=True,
+            )
             home, model, index = build_bench_home(work, shared, args.max_side, args.clusters, args.db_images)
-        report["setup"] = {"home": str(home), "model": model, "index": index, "max_side": args.max_side,
-                           "clusters": args.clusters, "db_images": args.db_images}
+        report["setup"] = {
+            "home": str(home),
+            "model": model,
+            "index": index,
+            "max_side": args.max_side,
+            "clusters": args.clusters,
+            "db_images": args.db_images,
+        }
         report["loadavg"]["after_setup"] = loadavg()
 
-        queries = list_images(shared / "datasets" / "gardens_point_walking" / "day_right")[:args.query_images]
+        queries = list_images(shared / "datasets" / "gardens_point_walking" / "day_right")[: args.query_images]
         payloads = [(p.read_bytes(), "image/jpeg") for p in queries]
         cfg = Registry(home / "models").load(model, "cpu").net.config.preprocess
         served = tuple(to_input(load_image(queries[0]), cfg).shape[1:])
-        report["setup"].update(query_images=len(payloads), query_size=list(load_image(queries[0]).size),
-                               served_input=f"{served[0]}x{served[1]}",
-                               mean_query_bytes=int(sum(len(d) for d, _ in payloads) / len(payloads)))
+        report["setup"].update(
+            query_images=len(payloads),
+            query_size=list(load_image(queries[0]).size),
+            served_input=f"{served[0]}x{served[1]}",
+            mean_query_bytes=int(sum(len(d) for d, _ in payloads) / len(payloads)),
+        )
 
         print("(a) the model alone, in-process", flush=True)
         shapes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
         shapes += [served] if served not in shapes else []
         report["model_alone"] = model_alone(home, model, shapes, [1, args.batch], args.model_seconds)
         report["loadavg"]["after_model_alone"] = loadavg()
-        at_served = {r["batch"]: r["images_per_s"] for r in report["model_alone"]
-                     if r["shape"] == f"{served[0]}x{served[1]}"}
+        at_served = {
+            r["batch"]: r["images_per_s"] for r in report["model_alone"] if r["shape"] == f"{served[0]}x{served[1]}"
+        }
 
         print(f"(b) the server under N concurrent clients, {args.duration:g} s each", flush=True)
         with Server(home, model, index, work / "serve.log", VPR_MAX_BATCH_SIZE=str(args.batch)) as srv:
@@ -263,16 +337,22 @@ def main(args: argparse.Namespace) -> dict:
                 on16 = http_load(srv.url, payloads, 16, args.duration, args.warmup)
             if not args.skip_stream:
                 print(f"(d) websocket streaming of {Path(args.video).name} at its frame rate", flush=True)
-                report["stream"] = [stream_video(srv.url, Path(args.video), codec, args.stream_seconds)
-                                    for codec in ("h264", "jpeg")]
+                report["stream"] = [
+                    stream_video(srv.url, Path(args.video), codec, args.stream_seconds) for codec in ("h264", "jpeg")
+                ]
         report["loadavg"]["after_server"] = loadavg()
 
         print("(c) micro-batching off (max_batch_size 1) at N=16", flush=True)
         with Server(home, model, index, work / "serve.log", VPR_MAX_BATCH_SIZE="1") as srv:
             off = http_load(srv.url, payloads, 16, args.duration, args.warmup)
-        report["batching"] = {"clients": 16, "on": on16, "off": off,
-                              "throughput_ratio_on_to_off": round(on16["throughput_per_s"] / off["throughput_per_s"], 3)
-                              if off["throughput_per_s"] else None}
+        report["batching"] = {
+            "clients": 16,
+            "on": on16,
+            "off": off,
+            "throughput_ratio_on_to_off": round(on16["throughput_per_s"] / off["throughput_per_s"], 3)
+            if off["throughput_per_s"]
+            else None,
+        }
         report["loadavg"]["end"] = loadavg()
     finally:
         if not args.keep:
@@ -297,8 +377,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,4,16,64", help="concurrent clients, comma-separated (default 1,4,16,64)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per setting (default 10)")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each setting (default 3)")
-    p.add_argument("--sizes", default="240x320,480x640", help="HxW of the in-process measurements "
-                   "(the served input shape is added)")
+    p.add_argument(
+        "--sizes",
+        default="240x320,480x640",
+        help="HxW of the in-process measurements (the served input shape is added)",
+    )
     p.add_argument("--batch", type=int, default=8, help="server max_batch_size and in-process batch (default 8)")
     p.add_argument("--model-seconds", type=float, default=5.0, help="seconds per in-process measurement (default 5)")
     p.add_argument("--video", default=str(SHARED / "videos" / "gopro_walk" / "walk.mp4"))

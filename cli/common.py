@@ -1,5 +1,6 @@
 """What every `cli/*_cmd.py` module shares (kept out of cli/main.py so that
 `python -m vpr.cli.main` and the `vpr` script see the same error class)."""
+
 from __future__ import annotations
 
 import argparse

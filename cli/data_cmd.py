@@ -2,6 +2,7 @@
 
 Thin: each subcommand turns its arguments into one call of `train/`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,6 @@ examples:
 """
 
 
-
-
 def _ns(text: str) -> tuple[int, ...]:
     try:
         ns = tuple(int(t) for t in text.split(",") if t.strip())
@@ -36,12 +35,13 @@ def _ns(text: str) -> tuple[int, ...]:
     return ns
 
 
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("degrade", help="write degraded copies of a folder of images",
-                       description="Write degraded copies of the images in SRC to DST (same file names) "
-                                   "and DST/degrade.json with sizes and bitrates.")
+    p = sub.add_parser(
+        "degrade",
+        help="write degraded copies of a folder of images",
+        description="Write degraded copies of the images in SRC to DST (same file names) "
+        "and DST/degrade.json with sizes and bitrates.",
+    )
     p.add_argument("src", type=Path, help="folder of images")
     p.add_argument("dst", type=Path, help="output folder (created)")
     p.add_argument("--quality", required=True, help="quality spec, e.g. h180-jpeg20, h240-h264-qp38")
@@ -49,10 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main_degrade)
 
-    p = sub.add_parser("eval", help="recall@N of query models on degraded queries",
-                       description="Describe the database with the database model at original quality and the "
-                                   "queries with each query model at each quality; report recall@N.",
-                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "eval",
+        help="recall@N of query models on degraded queries",
+        description="Describe the database with the database model at original quality and the "
+        "queries with each query model at each quality; report recall@N.",
+        epilog=EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", metavar="KIND:PATH", help="a dataset of any kind")
     g.add_argument("--database", type=Path, metavar="DIR", help="database images")
@@ -60,17 +64,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ground-truth", type=Path, metavar="FILE", help="CSV query_index,positive_reference_indices")
     g.add_argument("--tolerance", type=int, metavar="T", help="aligned traversals: frame i matches i-T..i+T")
     g.add_argument("--radius", type=float, metavar="M", help="positives within M metres (UTM-named data)")
-    g.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="more reader options, e.g. images_root=DIR for mat (repeatable)")
+    g.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="more reader options, e.g. images_root=DIR for mat (repeatable)",
+    )
     g.add_argument("--limit", type=positive_int, metavar="N", help="evaluate N queries spread over the set")
     g = p.add_argument_group("models and qualities")
     g.add_argument("--db-model", required=True, metavar="NAME@VERSION", help="describes the database (the teacher)")
-    g.add_argument("--query-model", required=True, action="append", metavar="NAME@VERSION",
-                   help="describes the queries (repeatable; include the teacher as the baseline)")
-    g.add_argument("--quality", required=True, action="append", metavar="SPEC[,SPEC...]",
-                   help="query qualities (repeatable), e.g. orig,h240,h180-jpeg20,h180-h264-qp40")
-    g.add_argument("--policy", choices=("native", "upsample"),
-                   help="small-query policy for every model (default: the models' own, which must agree)")
+    g.add_argument(
+        "--query-model",
+        required=True,
+        action="append",
+        metavar="NAME@VERSION",
+        help="describes the queries (repeatable; include the teacher as the baseline)",
+    )
+    g.add_argument(
+        "--quality",
+        required=True,
+        action="append",
+        metavar="SPEC[,SPEC...]",
+        help="query qualities (repeatable), e.g. orig,h240,h180-jpeg20,h180-h264-qp40",
+    )
+    g.add_argument(
+        "--policy",
+        choices=("native", "upsample"),
+        help="small-query policy for every model (default: the models' own, which must agree)",
+    )
     g.add_argument("--recall-at", type=_ns, default=(1, 5, 10, 20), metavar="N,N,...", help="default 1,5,10,20")
     g = p.add_argument_group("output and running")
     g.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
@@ -100,8 +121,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("out", type=Path)
     v.add_argument("--spacing", type=float, default=1.0, help="metres between kept frames (default 1)")
     q = v.add_mutually_exclusive_group()
-    q.add_argument("--split-queries", action="store_true",
-                   help="also take queries from this video, half-way between database frames")
+    q.add_argument(
+        "--split-queries",
+        action="store_true",
+        help="also take queries from this video, half-way between database frames",
+    )
     q.add_argument("--queries-video", type=Path, help="take queries from a second walk (needs --queries-gps)")
     v.add_argument("--queries-gps", type=Path)
     v.add_argument("--max-side", type=int, help="downscale frames to this longer side")
@@ -134,21 +158,50 @@ def main_eval(args: argparse.Namespace) -> int:
     from vpr.data.datasets import dataset_source
     from vpr.evaluation.evaluate import EvalConfig, run_eval
 
-    source = dataset_source(args.dataset, args.database, args.queries, args.ground_truth, args.tolerance,
-                            args.radius, key_values(args.option, "--option"))
-    run_eval(EvalConfig(home=home_from(args), source=source, db_model=args.db_model,
-                        query_models=args.query_model, qualities=args.quality, json_out=args.json,
-                        plot_out=args.plot, policy=args.policy, ns=args.recall_at, batch_size=args.batch_size,
-                        device=args.device, use_cache=not args.no_cache, limit=args.limit,
-                        progress=not args.no_progress))
+    source = dataset_source(
+        args.dataset,
+        args.database,
+        args.queries,
+        args.ground_truth,
+        args.tolerance,
+        args.radius,
+        key_values(args.option, "--option"),
+    )
+    run_eval(
+        EvalConfig(
+            home=home_from(args),
+            source=source,
+            db_model=args.db_model,
+            query_models=args.query_model,
+            qualities=args.quality,
+            json_out=args.json,
+            plot_out=args.plot,
+            policy=args.policy,
+            ns=args.recall_at,
+            batch_size=args.batch_size,
+            device=args.device,
+            use_cache=not args.no_cache,
+            limit=args.limit,
+            progress=not args.no_progress,
+        )
+    )
     return 0
 
 
 def main_synth(args: argparse.Namespace) -> int:
     from vpr.data.synthetic import make_route
 
-    path = make_route(args.out, places=args.places, seed=args.seed, spacing=args.spacing, size=args.size,
-                      lighting=args.lighting, radius=args.radius, overwrite=args.overwrite, progress=True)
+    path = make_route(
+        args.out,
+        places=args.places,
+        seed=args.seed,
+        spacing=args.spacing,
+        size=args.size,
+        lighting=args.lighting,
+        radius=args.radius,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     print(f"synthetic route in {path} (read it with --dataset synthetic:{path})")
     return 0
 
@@ -158,20 +211,33 @@ def main_from_video(args: argparse.Namespace) -> int:
 
     if args.queries_gps is not None and args.queries_video is None:
         raise CLIError("--queries-gps needs --queries-video")
-    r = video_to_dataset(args.video, args.gps, args.out, spacing=args.spacing, split_queries=args.split_queries,
-                         queries_video=args.queries_video, queries_gps=args.queries_gps, max_side=args.max_side,
-                         smooth_s=args.smooth, jpeg_quality=args.jpeg_quality, overwrite=args.overwrite,
-                         progress=not args.no_progress)
-    print(f"{r.database} database and {r.queries} query frames along {r.track_length_m:.1f} m in {r.out} "
-          f"(read it with --dataset folder:{r.out})")
+    r = video_to_dataset(
+        args.video,
+        args.gps,
+        args.out,
+        spacing=args.spacing,
+        split_queries=args.split_queries,
+        queries_video=args.queries_video,
+        queries_gps=args.queries_gps,
+        max_side=args.max_side,
+        smooth_s=args.smooth,
+        jpeg_quality=args.jpeg_quality,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{r.database} database and {r.queries} query frames along {r.track_length_m:.1f} m in {r.out} "
+        f"(read it with --dataset folder:{r.out})"
+    )
     return 0
 
 
 def main_info(args: argparse.Namespace) -> int:
     from vpr.data.datasets import dataset_source
 
-    ds = dataset_source(args.dataset, tolerance=args.tolerance, radius=args.radius,
-                        options=key_values(args.option, "--option")).open()
+    ds = dataset_source(
+        args.dataset, tolerance=args.tolerance, radius=args.radius, options=key_values(args.option, "--option")
+    ).open()
     json.dump(ds.summary(), sys.stdout, indent=2, default=str)
     print()
     if args.check_images:

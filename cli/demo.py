@@ -6,6 +6,7 @@ run finds the registered student and the active index and returns at once.
 Real VGG16 weights are used when found; otherwise the demo says so plainly
 and uses a randomly initialised backbone.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,18 +14,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vpr.data.datasets import open_dataset
+from vpr.data.synthetic import make_route
+from vpr.index.ops import build_index, store_for
+from vpr.index.store import IndexStoreError
 from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import default_device
 from vpr.model.registry import Registry, RegistryError
 from vpr.model.teacher import init_teacher
 from vpr.model.weights import torchvision_cache_file
-
-from vpr.index.ops import build_index, store_for
-from vpr.index.store import IndexStoreError
-
-from vpr.data.datasets import open_dataset
 from vpr.train.distill import DistillConfig, run_distill
-from vpr.data.synthetic import make_route
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,8 @@ VGG_FILE = "vgg16_imagenet_caffe_features.safetensors"
 
 @dataclass(frozen=True)
 class Demo:
-    model: str    # the served student, NAME@VERSION
-    index: str    # NAME@VERSION
+    model: str  # the served student, NAME@VERSION
+    index: str  # NAME@VERSION
     weights: str  # what the teacher's backbone was initialised from
 
 
@@ -44,8 +43,11 @@ def find_weights(home: HomeSettings) -> tuple[str, str]:
 
     Looked for, in order: $VPR_DEMO_WEIGHTS, $VPR_HOME/weights/<VGG_FILE>, the
     `shared/weights` folder beside this checkout, torchvision's local cache."""
-    candidates = [os.environ.get("VPR_DEMO_WEIGHTS"), home.home / "weights" / VGG_FILE,
-                  Path(__file__).resolve().parents[2] / "shared" / "weights" / VGG_FILE]
+    candidates = [
+        os.environ.get("VPR_DEMO_WEIGHTS"),
+        home.home / "weights" / VGG_FILE,
+        Path(__file__).resolve().parents[2] / "shared" / "weights" / VGG_FILE,
+    ]
     for c in candidates:
         if c and Path(c).is_file():
             return str(c), "caffe"
@@ -74,25 +76,39 @@ def ensure_demo(home: HomeSettings, places: int = 60, epochs: int = 2, max_side:
         return found
     weights, mode = find_weights(home)
     if weights == "none":
-        log.warning("demo: no pretrained VGG16 weights found (set VPR_DEMO_WEIGHTS to a "
-                    "torchvision-layout VGG16 features .safetensors file); using a RANDOMLY "
-                    "INITIALISED backbone: the demo runs, but its matches are weak")
+        log.warning(
+            "demo: no pretrained VGG16 weights found (set VPR_DEMO_WEIGHTS to a "
+            "torchvision-layout VGG16 features .safetensors file); using a RANDOMLY "
+            "INITIALISED backbone: the demo runs, but its matches are weak"
+        )
     else:
         log.info("demo: teacher backbone weights from %s", weights)
     route = make_route(home.home / "demo" / "route", places=places, seed=0, progress=True)
     ds = open_dataset("folder", route)
     db_folder = route / "database"
     device = default_device()
-    config = ModelConfig(backbone=BackboneConfig(name="vgg16"), netvlad=NetVLADConfig(clusters=32),
-                         preprocess=PreprocessConfig(mode=mode, max_side=max_side, small_policy="upsample"))
+    config = ModelConfig(
+        backbone=BackboneConfig(name="vgg16"),
+        netvlad=NetVLADConfig(clusters=32),
+        preprocess=PreprocessConfig(mode=mode, max_side=max_side, small_policy="upsample"),
+    )
     reg = Registry(home.models_dir)
     teacher = init_teacher(reg, TEACHER, config, weights, db_folder, samples=20_000, seed=0, device=device)
     log.info("demo: teacher %s registered; building index %s", teacher, INDEX)
     build_index(home, str(teacher), INDEX, items=ds.database, dataset_root=ds.root, activate=True)
     log.info("demo: distilling a student for small compressed queries (%d epochs)", epochs)
-    run_distill(DistillConfig(teacher=str(teacher), name=STUDENT, images=db_folder,
-                              qualities=["h60-jpeg20", "h90-jpeg30"], epochs=epochs,
-                              activate=True, progress=True), home)
+    run_distill(
+        DistillConfig(
+            teacher=str(teacher),
+            name=STUDENT,
+            images=db_folder,
+            qualities=["h60-jpeg20", "h90-jpeg30"],
+            epochs=epochs,
+            activate=True,
+            progress=True,
+        ),
+        home,
+    )
     built = existing_demo(home)
     if built is None:
         raise RuntimeError(f"demo under {home.home} was built but does not load; see the log above")

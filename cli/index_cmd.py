@@ -1,4 +1,5 @@
 """`vpr index build|add|remove|list|show|activate|search|prune`."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,11 @@ from vpr.index.config import IndexSettings
 
 def _settings(args: argparse.Namespace) -> IndexSettings:
     """Environment (VPR_INDEX_*) overridden by --backend / --milvus-uri."""
-    overrides = {k: v for k, v in (("backend", getattr(args, "backend", None)),
-                                   ("milvus_uri", getattr(args, "milvus_uri", None))) if v}
+    overrides = {
+        k: v
+        for k, v in (("backend", getattr(args, "backend", None)), ("milvus_uri", getattr(args, "milvus_uri", None)))
+        if v
+    }
     try:
         return IndexSettings(**overrides)
     except Exception as e:  # pydantic's message names the bad value
@@ -51,31 +55,61 @@ def _source(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=("faiss", "milvus"), help="vector backend (default $VPR_INDEX_BACKEND or faiss)")
+    p.add_argument(
+        "--backend", choices=("faiss", "milvus"), help="vector backend (default $VPR_INDEX_BACKEND or faiss)"
+    )
     p.add_argument("--milvus-uri", help="Milvus server http://host:19530, or a .db file for Milvus Lite")
 
 
 def main_build(args: argparse.Namespace) -> int:
     items, ds_root = _dataset(args.dataset) if args.dataset else (None, None)
-    ref = ops.build_index(home_from(args), args.model, args.name, items=items, images=args.images, root=args.root,
-                          dataset_root=ds_root, factory=args.factory, batch_size=args.batch_size,
-                          activate=not args.no_activate, skip_bad=args.skip_bad, settings=_settings(args))
+    ref = ops.build_index(
+        home_from(args),
+        args.model,
+        args.name,
+        items=items,
+        images=args.images,
+        root=args.root,
+        dataset_root=ds_root,
+        factory=args.factory,
+        batch_size=args.batch_size,
+        activate=not args.no_activate,
+        skip_bad=args.skip_bad,
+        settings=_settings(args),
+    )
     print(f"built index {ref}" + ("" if args.no_activate else " (active)"))
     return 0
 
 
 def main_add(args: argparse.Namespace) -> int:
     items = _dataset(args.dataset)[0] if args.dataset else None
-    ref = ops.add_images(home_from(args), args.index, args.model, items=items, images=args.images, files=args.files,
-                         batch_size=args.batch_size, activate=not args.no_activate, skip_bad=args.skip_bad,
-                         skip_existing=args.skip_existing, settings=_settings(args))
+    ref = ops.add_images(
+        home_from(args),
+        args.index,
+        args.model,
+        items=items,
+        images=args.images,
+        files=args.files,
+        batch_size=args.batch_size,
+        activate=not args.no_activate,
+        skip_bad=args.skip_bad,
+        skip_existing=args.skip_existing,
+        settings=_settings(args),
+    )
     print(f"index {ref} written" + ("" if args.no_activate else " (active)"))
     return 0
 
 
 def main_remove(args: argparse.Namespace) -> int:
-    ref = ops.remove_items(home_from(args), args.index, ids=args.id or [], paths=args.path or [],
-                           labels=args.label or [], activate=not args.no_activate, settings=_settings(args))
+    ref = ops.remove_items(
+        home_from(args),
+        args.index,
+        ids=args.id or [],
+        paths=args.path or [],
+        labels=args.label or [],
+        activate=not args.no_activate,
+        settings=_settings(args),
+    )
     print(f"index {ref} written" + ("" if args.no_activate else " (active)"))
     return 0
 
@@ -90,9 +124,11 @@ def main_list(args: argparse.Namespace) -> int:
     for name, versions in listing.items():
         for v in versions:
             mark = "*" if v["active"] else " "
-            print(f"{mark} {name}@{v['version']:<4} {v['count']:>10} x {v['dim']:<6} {v['factory']:<20} "
-                  f"{v['backend']:<7} model {v['model']:<20} {v['bytes'] / 2**20:9.1f} MiB  {v['created']}  "
-                  f"{v['operation'] or ''}")
+            print(
+                f"{mark} {name}@{v['version']:<4} {v['count']:>10} x {v['dim']:<6} {v['factory']:<20} "
+                f"{v['backend']:<7} model {v['model']:<20} {v['bytes'] / 2**20:9.1f} MiB  {v['created']}  "
+                f"{v['operation'] or ''}"
+            )
     return 0
 
 
@@ -114,20 +150,40 @@ def main_prune(args: argparse.Namespace) -> int:
 
 
 def main_search(args: argparse.Namespace) -> int:
-    ref, model, results = ops.search_images(home_from(args), args.index, args.images, args.model, k=args.k,
-                                            params=_params(args.param), batch_size=args.batch_size,
-                                            settings=_settings(args))
+    ref, model, results = ops.search_images(
+        home_from(args),
+        args.index,
+        args.images,
+        args.model,
+        k=args.k,
+        params=_params(args.param),
+        batch_size=args.batch_size,
+        settings=_settings(args),
+    )
     if args.json:
-        print(json.dumps({"index": str(ref), "model": model, "results": [
-            {"query": str(q), "hits": [{"id": h.id, "score": h.score, **h.meta} for h in hits]}
-            for q, hits in zip(args.images, results)]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "index": str(ref),
+                    "model": model,
+                    "results": [
+                        {"query": str(q), "hits": [{"id": h.id, "score": h.score, **h.meta} for h in hits]}
+                        for q, hits in zip(args.images, results)
+                    ],
+                },
+                indent=2,
+            )
+        )
         return 0
     print(f"index {ref}, model {model}")
     for q, hits in zip(args.images, results):
         print(f"{q}:")
         for rank, h in enumerate(hits, 1):
-            pos = f" utm {h.meta['utm_e']:.1f},{h.meta['utm_n']:.1f} {h.meta['utm_zone'] or ''}" \
-                if h.meta.get("utm_e") is not None else ""
+            pos = (
+                f" utm {h.meta['utm_e']:.1f},{h.meta['utm_n']:.1f} {h.meta['utm_zone'] or ''}"
+                if h.meta.get("utm_e") is not None
+                else ""
+            )
             print(f"  {rank:>2}. {h.score:.4f}  id {h.id:<8} {h.meta.get('label', ''):<16} {h.meta.get('path')}{pos}")
     return 0
 
@@ -140,10 +196,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="NAME@VERSION (or NAME) of the registry model (the teacher)")
     p.add_argument("--name", required=True, help="index name")
     _source(p, required=True)
-    p.add_argument("--factory", default="Flat", help="faiss.index_factory spec: Flat (default), HNSW32, "
-                   "IVF1024,Flat, IVF4096,PQ64, PCA256,L2norm,IVF1024,PQ32 ...")
-    p.add_argument("--root", type=Path, help="folder image paths are stored relative to "
-                   "(default: the image folder or the dataset root)")
+    p.add_argument(
+        "--factory",
+        default="Flat",
+        help="faiss.index_factory spec: Flat (default), HNSW32, "
+        "IVF1024,Flat, IVF4096,PQ64, PCA256,L2norm,IVF1024,PQ32 ...",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        help="folder image paths are stored relative to (default: the image folder or the dataset root)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad", action="store_true", help="leave out undecodable images instead of failing")
     p.add_argument("--no-activate", action="store_true", help="publish without making it the active version")
@@ -193,8 +256,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="top-k database images for query images")
     p.add_argument("index", help="NAME or NAME@VERSION")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", help="query model NAME@VERSION: the index's model or a student of it "
-                   "(default: the index's model)")
+    p.add_argument(
+        "--model", help="query model NAME@VERSION: the index's model or a student of it (default: the index's model)"
+    )
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--param", action="append", help="search parameter NAME=INT (nprobe, efSearch); repeatable")
     p.add_argument("--batch-size", type=int, default=8)

@@ -5,6 +5,7 @@ subcommands with `set_defaults(func=main_fn)`; `main_fn(args) -> int` is the
 exit status. User errors (bad files, bad specs) print one line naming the
 file and the problem and exit 2, without a traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,16 +14,22 @@ import os
 # (forward passes 2-10x slower, erratically, on 2 cores); must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import importlib
+import logging
+import sys
 
-from vpr.cli.common import CLIError  # noqa: E402
+from vpr.cli.common import CLIError
 
 # Command modules, in the order they appear in --help. A module that is not
 # there yet (work in progress) is skipped rather than breaking the CLI.
-COMMAND_MODULES = ("vpr.cli.model_cmd", "vpr.cli.data_cmd", "vpr.cli.train_cmd", "vpr.cli.index_cmd", "vpr.cli.server_cmd")
+COMMAND_MODULES = (
+    "vpr.cli.model_cmd",
+    "vpr.cli.data_cmd",
+    "vpr.cli.train_cmd",
+    "vpr.cli.index_cmd",
+    "vpr.cli.server_cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,4 +1,5 @@
 """`vpr model ...`: register, inspect, activate, verify and use models."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,25 @@ def main_init(args: argparse.Namespace) -> int:
     from vpr.model.teacher import init_teacher
 
     config = ModelConfig(
-        backbone=BackboneConfig(name=args.backbone, cut=args.cut,
-                                trainable=args.trainable.split(",") if args.trainable else None),
+        backbone=BackboneConfig(
+            name=args.backbone, cut=args.cut, trainable=args.trainable.split(",") if args.trainable else None
+        ),
         netvlad=NetVLADConfig(clusters=args.clusters),
         preprocess=PreprocessConfig(mode=args.preprocess, max_side=args.max_side, small_policy=args.policy),
         pca_dim=args.pca_dim,
     )
-    ref = init_teacher(registry_from(args), args.name, config, args.weights, Path(args.cluster_images),
-                       samples=args.samples, seed=args.seed,
-                       pca_images=Path(args.pca_images) if args.pca_images else None,
-                       activate=not args.no_activate, device=default_device())
+    ref = init_teacher(
+        registry_from(args),
+        args.name,
+        config,
+        args.weights,
+        Path(args.cluster_images),
+        samples=args.samples,
+        seed=args.seed,
+        pca_images=Path(args.pca_images) if args.pca_images else None,
+        activate=not args.no_activate,
+        device=default_device(),
+    )
     print(ref)
     return 0
 
@@ -53,9 +63,15 @@ def main_import(args: argparse.Namespace) -> int:
 def summary(reg, name: str, version: int) -> dict:
     m = reg.manifest(f"{name}@{version}")
     active = reg.active(name)
-    return {"ref": f"{name}@{version}", "role": m["role"], "backbone": m["config"]["backbone"]["name"],
-            "dim": m["descriptor_dim"], "parent": m.get("parent"), "created": m["created"],
-            "active": bool(active and active.version == version)}
+    return {
+        "ref": f"{name}@{version}",
+        "role": m["role"],
+        "backbone": m["config"]["backbone"]["name"],
+        "dim": m["descriptor_dim"],
+        "parent": m.get("parent"),
+        "created": m["created"],
+        "active": bool(active and active.version == version),
+    }
 
 
 def main_list(args: argparse.Namespace) -> int:
@@ -67,8 +83,10 @@ def main_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no models in {reg.root}")
     for r in rows:
-        print(f"{'*' if r['active'] else ' '} {r['ref']:<28} {r['role']:<8} {r['backbone']:<9} "
-              f"dim={r['dim']:<6} parent={r['parent'] or '-'}  {r['created']}")
+        print(
+            f"{'*' if r['active'] else ' '} {r['ref']:<28} {r['role']:<8} {r['backbone']:<9} "
+            f"dim={r['dim']:<6} parent={r['parent'] or '-'}  {r['created']}"
+        )
     return 0
 
 

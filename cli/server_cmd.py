@@ -1,4 +1,5 @@
 """`vpr serve`, `vpr query`, `vpr stream`: run the server and talk to it."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,18 @@ def main_serve(args: argparse.Namespace) -> int:
     from vpr.server.app import serve
     from vpr.server.settings import ServerSettings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model, "index": args.index,
-                                   "device": args.device, "admin_token_file": args.admin_token_file}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "model": args.model,
+            "index": args.index,
+            "device": args.device,
+            "admin_token_file": args.admin_token_file,
+        }.items()
+        if v is not None
+    }
     settings = ServerSettings(home=home_from(args).home, **overrides)
     if args.demo and settings.model is None and settings.index is None:
         settings = with_demo(settings)
@@ -24,7 +34,6 @@ def main_serve(args: argparse.Namespace) -> int:
 def with_demo(settings):
     """Serve the demo when it exists, or build it when nothing is registered yet."""
     from vpr.cli.demo import INDEX, STUDENT, ensure_demo, existing_demo
-
     from vpr.index.ops import store_for
 
     demo = existing_demo(settings)
@@ -48,29 +57,37 @@ def main_stream(args: argparse.Namespace) -> int:
     from vpr.server.client import ServerError, stream_command
 
     try:
-        return stream_command(args.url, Path(args.video), codec=args.codec, top_k=args.top_k,
-                              realtime=not args.fast, speed=args.speed, as_json=args.json,
-                              max_frames=args.max_frames)
+        return stream_command(
+            args.url,
+            Path(args.video),
+            codec=args.codec,
+            top_k=args.top_k,
+            realtime=not args.fast,
+            speed=args.speed,
+            as_json=args.json,
+            max_frames=args.max_frames,
+        )
     except (ConnectionError, ServerError, TimeoutError) as e:
         raise CLIError(str(e)) from None
 
 
-
-
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the HTTP/websocket server",
-                       description="Serve the active query model and index (env VPR_* configures the rest, "
-                                   "see server/settings.py).")
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP/websocket server",
+        description="Serve the active query model and index (env VPR_* configures the rest, see server/settings.py).",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--model", help="query model NAME or NAME@VERSION (default: the active student)")
     p.add_argument("--index", help="index NAME or NAME@VERSION (default: the only / last served index)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument("--admin-token-file", help="file holding the admin token (enables /v1/admin)")
-    p.add_argument("--demo", action="store_true",
-                   help="with nothing registered, build a demo (synthetic route, teacher, index, student) first")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="with nothing registered, build a demo (synthetic route, teacher, index, student) first",
+    )
     p.set_defaults(func=main_serve)
 
     url_help = "server URL (default $VPR_URL or http://127.0.0.1:8000)"
@@ -84,8 +101,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stream", help="stream a video file to a server at its frame rate, print results")
     p.add_argument("video", metavar="VIDEO")
     p.add_argument("--url", help=url_help)
-    p.add_argument("--codec", choices=("h264", "jpeg"), default="h264",
-                   help="send the H.264 bitstream (Annex-B) or one JPEG per frame (default h264)")
+    p.add_argument(
+        "--codec",
+        choices=("h264", "jpeg"),
+        default="h264",
+        help="send the H.264 bitstream (Annex-B) or one JPEG per frame (default h264)",
+    )
     p.add_argument("--top-k", type=positive_int, help="matches per frame (server default 5)")
     p.add_argument("--speed", type=positive_float, default=1.0, help="playback speed factor (default 1)")
     p.add_argument("--fast", action="store_true", help="send as fast as possible (the server drops frames)")

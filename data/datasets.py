@@ -22,15 +22,17 @@ Kinds (`open_dataset(kind, path, **options)`):
 
 Every problem names the file (and line) and what is wrong.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -44,18 +46,23 @@ KINDS = ("folder", "mat", "traversal", "synthetic")
 
 @dataclass(frozen=True)
 class Item:
-    path: Path                                 # absolute image path
-    label: str                                 # place label (file stem, frame index...)
-    utm: tuple[float, float] | None = None     # easting, northing (m)
+    path: Path  # absolute image path
+    label: str  # place label (file stem, frame index...)
+    utm: tuple[float, float] | None = None  # easting, northing (m)
     utm_zone: str | None = None
     latlon: tuple[float, float] | None = None
 
     def meta(self) -> dict[str, Any]:
         """Flat metadata (what an index stores next to a descriptor)."""
-        return {"path": str(self.path), "label": self.label,
-                "utm_e": self.utm[0] if self.utm else None, "utm_n": self.utm[1] if self.utm else None,
-                "utm_zone": self.utm_zone,
-                "lat": self.latlon[0] if self.latlon else None, "lon": self.latlon[1] if self.latlon else None}
+        return {
+            "path": str(self.path),
+            "label": self.label,
+            "utm_e": self.utm[0] if self.utm else None,
+            "utm_n": self.utm[1] if self.utm else None,
+            "utm_zone": self.utm_zone,
+            "lat": self.latlon[0] if self.latlon else None,
+            "lon": self.latlon[1] if self.latlon else None,
+        }
 
 
 @dataclass
@@ -64,7 +71,7 @@ class PlaceDataset:
     root: Path
     database: list[Item]
     queries: list[Item]
-    positives: list[np.ndarray]                # per query: int64 indices into database
+    positives: list[np.ndarray]  # per query: int64 indices into database
     info: dict[str, Any] = field(default_factory=dict)  # kind, radius/tolerance, source files
 
     def __post_init__(self) -> None:
@@ -76,9 +83,15 @@ class PlaceDataset:
 
     def summary(self) -> dict[str, Any]:
         counts = np.array([len(p) for p in self.positives])
-        return {"name": self.name, "root": str(self.root), "database": len(self.database),
-                "queries": len(self.queries), "queries_without_positive": int((counts == 0).sum()),
-                "mean_positives": float(counts.mean()) if len(counts) else 0.0, **self.info}
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "database": len(self.database),
+            "queries": len(self.queries),
+            "queries_without_positive": int((counts == 0).sum()),
+            "mean_positives": float(counts.mean()) if len(counts) else 0.0,
+            **self.info,
+        }
 
     def check_images(self, progress: bool = True) -> list[str]:
         """Decode every image (through model.preprocess); returns one message
@@ -98,30 +111,44 @@ class PlaceDataset:
 
         items = self.database + self.queries
         with ThreadPoolExecutor(4) as pool:
-            results = list(tqdm(pool.map(check, items), total=len(items), desc="check images", unit="img",
-                                disable=not progress))
+            results = list(
+                tqdm(pool.map(check, items), total=len(items), desc="check images", unit="img", disable=not progress)
+            )
         return [r for r in results if r]
 
-    def subset_queries(self, limit: int) -> "PlaceDataset":
+    def subset_queries(self, limit: int) -> PlaceDataset:
         """`limit` queries evenly spread over the set (the database is kept)."""
         if limit <= 0:
             raise ValueError(f"query limit must be positive, got {limit}")
         if limit >= len(self.queries):
             return self
         keep = np.unique(np.linspace(0, len(self.queries) - 1, limit).round().astype(int))
-        return PlaceDataset(self.name, self.root, self.database, [self.queries[i] for i in keep],
-                            [self.positives[i] for i in keep], {**self.info, "query_limit": limit})
+        return PlaceDataset(
+            self.name,
+            self.root,
+            self.database,
+            [self.queries[i] for i in keep],
+            [self.positives[i] for i in keep],
+            {**self.info, "query_limit": limit},
+        )
 
 
 # ---- helpers -----------------------------------------------------------------
+
 
 def list_images_recursive(folder: Path) -> list[Path]:
     """Image files under `folder` (any depth), sorted by relative path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
-    files = sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not p.name.startswith(".")), key=lambda p: p.relative_to(folder).as_posix())
+    files = sorted(
+        (
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        ),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
     if not files:
         raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
@@ -151,8 +178,9 @@ def positives_within(db_utm: np.ndarray, q_utm: np.ndarray, radius: float) -> li
 def _check_options(kind: str, options: dict, allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"dataset kind {kind!r} has no option(s) {', '.join(unknown)}; "
-                         f"it accepts {', '.join(allowed) or 'none'}")
+        raise ValueError(
+            f"dataset kind {kind!r} has no option(s) {', '.join(unknown)}; it accepts {', '.join(allowed) or 'none'}"
+        )
 
 
 def _float_option(name: str, value: Any) -> float:
@@ -177,16 +205,44 @@ def _int_option(name: str, value: Any) -> int:
 
 # ---- dvgl folder format ------------------------------------------------------
 
-def dvgl_name(east: float, north: float, zone: int | str | None = None, band: str | None = None,
-              lat: float | None = None, lon: float | None = None, pano_id: str = "", tile: str = "",
-              heading: float | None = None, timestamp: str = "", note: str = "", suffix: str = ".jpg") -> str:
+
+def dvgl_name(
+    east: float,
+    north: float,
+    zone: int | str | None = None,
+    band: str | None = None,
+    lat: float | None = None,
+    lon: float | None = None,
+    pano_id: str = "",
+    tile: str = "",
+    heading: float | None = None,
+    timestamp: str = "",
+    note: str = "",
+    suffix: str = ".jpg",
+) -> str:
     """The dvgl file name `@east@north@zone@band@lat@lon@pano@tile@heading@pitch@roll@height@time@note@.jpg`."""
+
     def clean(text: str) -> str:
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
 
-    fields = ["", f"{east:.2f}", f"{north:.2f}", "" if zone is None else (f"{zone:02d}" if isinstance(zone, int) else str(zone)), band or "",
-              "" if lat is None else f"{lat:.7f}", "" if lon is None else f"{lon:.7f}", clean(pano_id), clean(tile),
-              "" if heading is None else f"{heading % 360:.1f}", "", "", "", clean(timestamp), clean(note), ""]
+    fields = [
+        "",
+        f"{east:.2f}",
+        f"{north:.2f}",
+        "" if zone is None else (f"{zone:02d}" if isinstance(zone, int) else str(zone)),
+        band or "",
+        "" if lat is None else f"{lat:.7f}",
+        "" if lon is None else f"{lon:.7f}",
+        clean(pano_id),
+        clean(tile),
+        "" if heading is None else f"{heading % 360:.1f}",
+        "",
+        "",
+        "",
+        clean(timestamp),
+        clean(note),
+        "",
+    ]
     return "@".join(fields) + suffix
 
 
@@ -198,7 +254,9 @@ def parse_dvgl_name(path: Path) -> tuple[tuple[float, float], str | None, tuple[
     try:
         east, north = float(fields[1]), float(fields[2])
     except ValueError:
-        raise ValueError(f"{path}: UTM east/north {fields[1]!r}, {fields[2]!r} in the file name are not numbers") from None
+        raise ValueError(
+            f"{path}: UTM east/north {fields[1]!r}, {fields[2]!r} in the file name are not numbers"
+        ) from None
     if not (math.isfinite(east) and math.isfinite(north)):
         raise ValueError(f"{path}: UTM east/north in the file name are not finite")
     zone = None
@@ -209,7 +267,9 @@ def parse_dvgl_name(path: Path) -> tuple[tuple[float, float], str | None, tuple[
         try:
             latlon = (float(fields[5]), float(fields[6]))
         except ValueError:
-            raise ValueError(f"{path}: latitude/longitude {fields[5]!r}, {fields[6]!r} in the file name are not numbers") from None
+            raise ValueError(
+                f"{path}: latitude/longitude {fields[5]!r}, {fields[6]!r} in the file name are not numbers"
+            ) from None
     return (east, north), zone, latlon
 
 
@@ -224,38 +284,62 @@ def _dvgl_items(folder: Path, root: Path) -> list[Item]:
 def _check_zones(items: list[Item], where: Path) -> str | None:
     zones = {i.utm_zone for i in items if i.utm_zone}
     if len({z[:-1] if z[-1:].isalpha() else z for z in zones}) > 1:
-        raise ValueError(f"{where}: images lie in different UTM zones ({', '.join(sorted(zones))}); "
-                         "distances across zones are meaningless, re-project them to one zone")
+        raise ValueError(
+            f"{where}: images lie in different UTM zones ({', '.join(sorted(zones))}); "
+            "distances across zones are meaningless, re-project them to one zone"
+        )
     return next(iter(zones)) if zones else None
 
 
-def read_folder(path: Path, radius: float = DEFAULT_RADIUS_M, split: str = "test",
-                database: Path | str | None = None, queries: Path | str | None = None) -> PlaceDataset:
+def read_folder(
+    path: Path,
+    radius: float = DEFAULT_RADIUS_M,
+    split: str = "test",
+    database: Path | str | None = None,
+    queries: Path | str | None = None,
+) -> PlaceDataset:
     """dvgl layout under `path`; `database`/`queries` name other folders
     (relative to `path` or absolute) holding dvgl-named images."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     base = root
-    if database is None and queries is None and not (root / "database").is_dir() \
-            and (root / "images" / split / "database").is_dir():
+    if (
+        database is None
+        and queries is None
+        and not (root / "database").is_dir()
+        and (root / "images" / split / "database").is_dir()
+    ):
         base = root / "images" / split
     db_dir = base / database if database is not None else base / "database"
     q_dir = base / queries if queries is not None else base / "queries"
     for d in (db_dir, q_dir):
         if not d.is_dir():
-            raise FileNotFoundError(f"{d}: missing; a folder dataset has database/ and queries/ folders "
-                                    "with @UTM_east@UTM_north@...@.jpg names")
+            raise FileNotFoundError(
+                f"{d}: missing; a folder dataset has database/ and queries/ folders "
+                "with @UTM_east@UTM_north@...@.jpg names"
+            )
     radius = _float_option("radius", radius)
     db, q = _dvgl_items(db_dir, root), _dvgl_items(q_dir, root)
     _check_zones(db + q, base)
     pos = positives_within(np.array([i.utm for i in db]), np.array([i.utm for i in q]), radius)
-    return PlaceDataset(root.resolve().name, root.resolve(), db, q, pos,
-                        {"kind": "folder", "radius_m": radius, "database_dir": str(db_dir.resolve()),
-                         "queries_dir": str(q_dir.resolve())})
+    return PlaceDataset(
+        root.resolve().name,
+        root.resolve(),
+        db,
+        q,
+        pos,
+        {
+            "kind": "folder",
+            "radius_m": radius,
+            "database_dir": str(db_dir.resolve()),
+            "queries_dir": str(q_dir.resolve()),
+        },
+    )
 
 
 # ---- Pittsburgh .mat -----------------------------------------------------------
+
 
 def _mat_field(struct: Any, name: str, path: Path) -> Any:
     try:
@@ -284,7 +368,9 @@ def _mat_utm(value: Any, count: int, field_name: str, path: Path) -> np.ndarray:
     if arr.shape == (2, count):
         arr = arr.T
     if arr.shape != (count, 2):
-        raise ValueError(f"{path}: dbStruct.{field_name} has shape {arr.shape}; expected (2, {count}) for {count} images")
+        raise ValueError(
+            f"{path}: dbStruct.{field_name} has shape {arr.shape}; expected (2, {count}) for {count} images"
+        )
     if not np.isfinite(arr).all():
         raise ValueError(f"{path}: dbStruct.{field_name} has non-finite coordinates")
     return arr
@@ -301,8 +387,13 @@ def _bool_option(name: str, value: Any) -> bool:
     raise ValueError(f"option {name}={value!r}: expected true or false")
 
 
-def read_mat(path: Path, images_root: Path | str | None = None, queries_root: Path | str | None = None,
-             radius: float | None = None, check_files: bool | str = True) -> PlaceDataset:
+def read_mat(
+    path: Path,
+    images_root: Path | str | None = None,
+    queries_root: Path | str | None = None,
+    radius: float | None = None,
+    check_files: bool | str = True,
+) -> PlaceDataset:
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
@@ -316,7 +407,9 @@ def read_mat(path: Path, images_root: Path | str | None = None, queries_root: Pa
     except (MatReadError, ValueError, OSError, TypeError) as e:
         raise ValueError(f"{path}: not a readable MATLAB .mat file ({e})") from e
     if "dbStruct" not in mat:
-        raise ValueError(f"{path}: no 'dbStruct' variable (found {', '.join(k for k in mat if not k.startswith('__')) or 'none'})")
+        raise ValueError(
+            f"{path}: no 'dbStruct' variable (found {', '.join(k for k in mat if not k.startswith('__')) or 'none'})"
+        )
     s = mat["dbStruct"]
     db_names = _mat_names(_mat_field(s, "dbImage", path), "dbImage", path)
     q_names = _mat_names(_mat_field(s, "qImage", path), "qImage", path)
@@ -331,24 +424,39 @@ def read_mat(path: Path, images_root: Path | str | None = None, queries_root: Pa
         q_root = db_root / "queries_real" if (db_root / "queries_real").is_dir() else db_root
 
     def items(names: list[str], utm: np.ndarray, root: Path, what: str) -> list[Item]:
-        out = [Item((root / n).resolve(), Path(n).with_suffix("").as_posix(), (float(e), float(nn)))
-               for n, (e, nn) in zip(names, utm)]
+        out = [
+            Item((root / n).resolve(), Path(n).with_suffix("").as_posix(), (float(e), float(nn)))
+            for n, (e, nn) in zip(names, utm)
+        ]
         if check_files:
             missing = [i.path for i in out if not i.path.is_file()]
             if missing:
-                raise FileNotFoundError(f"{path}: {len(missing)} of {len(out)} {what} images are missing under {root}, "
-                                        f"e.g. {missing[0]} (set images_root/queries_root)")
+                raise FileNotFoundError(
+                    f"{path}: {len(missing)} of {len(out)} {what} images are missing under {root}, "
+                    f"e.g. {missing[0]} (set images_root/queries_root)"
+                )
         return out
 
     db = items(db_names, utm_db, db_root, "database")
     q = items(q_names, utm_q, q_root, "query")
     which = getattr(s, "whichSet", None)
-    return PlaceDataset(path.stem, path.parent.resolve(), db, q, positives_within(utm_db, utm_q, radius),
-                        {"kind": "mat", "radius_m": radius, "mat": str(path.resolve()),
-                         "which_set": str(which) if which is not None else None})
+    return PlaceDataset(
+        path.stem,
+        path.parent.resolve(),
+        db,
+        q,
+        positives_within(utm_db, utm_q, radius),
+        {
+            "kind": "mat",
+            "radius_m": radius,
+            "mat": str(path.resolve()),
+            "which_set": str(which) if which is not None else None,
+        },
+    )
 
 
 # ---- traversals ----------------------------------------------------------------
+
 
 def read_ground_truth_csv(path: Path, num_queries: int, num_database: int) -> list[np.ndarray]:
     """`query_index,positive_reference_indices` (space-separated) -> per-query
@@ -361,7 +469,9 @@ def read_ground_truth_csv(path: Path, num_queries: int, num_database: int) -> li
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["query_index", "positive_reference_indices"]:
-            raise ValueError(f"{path}: line 1: expected the header query_index,positive_reference_indices, got {header}")
+            raise ValueError(
+                f"{path}: line 1: expected the header query_index,positive_reference_indices, got {header}"
+            )
         for row in reader:
             line = reader.line_num
             if not row or all(not c.strip() for c in row):
@@ -389,8 +499,10 @@ def read_ground_truth_csv(path: Path, num_queries: int, num_database: int) -> li
 
 def aligned_positives(num_queries: int, num_database: int, tolerance: int) -> list[np.ndarray]:
     """Frame i matches database frames i-t..i+t (clipped to the database)."""
-    return [np.arange(max(0, i - tolerance), min(num_database, i + tolerance + 1), dtype=np.int64)
-            for i in range(num_queries)]
+    return [
+        np.arange(max(0, i - tolerance), min(num_database, i + tolerance + 1), dtype=np.int64)
+        for i in range(num_queries)
+    ]
 
 
 def _traversal_items(folder: Path) -> list[Item]:
@@ -399,13 +511,22 @@ def _traversal_items(folder: Path) -> list[Item]:
     return [Item(p.resolve(), p.stem) for p in list_images(folder)]
 
 
-def read_traversal(path: Path | None = None, database: Path | str = "database", queries: Path | str = "queries",
-                   ground_truth: Path | str | None = None, tolerance: int | None = None) -> PlaceDataset:
+def read_traversal(
+    path: Path | None = None,
+    database: Path | str = "database",
+    queries: Path | str = "queries",
+    ground_truth: Path | str | None = None,
+    tolerance: int | None = None,
+) -> PlaceDataset:
     root = Path(path) if path is not None else Path(database).parent
     db_dir = root / database if not Path(database).is_absolute() else Path(database)
     q_dir = root / queries if not Path(queries).is_absolute() else Path(queries)
     db, q = _traversal_items(db_dir), _traversal_items(q_dir)
-    info: dict[str, Any] = {"kind": "traversal", "database_dir": str(db_dir.resolve()), "queries_dir": str(q_dir.resolve())}
+    info: dict[str, Any] = {
+        "kind": "traversal",
+        "database_dir": str(db_dir.resolve()),
+        "queries_dir": str(q_dir.resolve()),
+    }
     if tolerance is not None:
         if ground_truth is not None:
             raise ValueError("give either a ground-truth CSV or a frame tolerance, not both")
@@ -413,8 +534,10 @@ def read_traversal(path: Path | None = None, database: Path | str = "database", 
         if t < 0:
             raise ValueError(f"frame tolerance must be >= 0, got {t}")
         if len(db) != len(q):
-            raise ValueError(f"aligned traversals need the same number of frames: {db_dir} has {len(db)}, "
-                             f"{q_dir} has {len(q)} (use a ground-truth CSV instead)")
+            raise ValueError(
+                f"aligned traversals need the same number of frames: {db_dir} has {len(db)}, "
+                f"{q_dir} has {len(q)} (use a ground-truth CSV instead)"
+            )
         positives = aligned_positives(len(q), len(db), t)
         info["tolerance"] = t
     else:
@@ -430,6 +553,7 @@ def read_traversal(path: Path | None = None, database: Path | str = "database", 
 
 
 # ---- synthetic -------------------------------------------------------------------
+
 
 def read_synthetic(path: Path, radius: float | None = None, **generate: Any) -> PlaceDataset:
     from vpr.data.synthetic import ROUTE_FILE, make_route
@@ -453,7 +577,10 @@ def read_synthetic(path: Path, radius: float | None = None, **generate: Any) -> 
 
 
 READERS: dict[str, Callable[..., PlaceDataset]] = {
-    "folder": read_folder, "mat": read_mat, "traversal": read_traversal, "synthetic": read_synthetic,
+    "folder": read_folder,
+    "mat": read_mat,
+    "traversal": read_traversal,
+    "synthetic": read_synthetic,
 }
 _OPTIONS = {
     "folder": ("radius", "split", "database", "queries"),
@@ -490,10 +617,15 @@ class DatasetSource:
         return f"{self.kind}:{self.path}" + (f" ({opts})" if opts else "")
 
 
-def dataset_source(dataset: str | None = None, database: Path | str | None = None,
-                   queries: Path | str | None = None, ground_truth: Path | str | None = None,
-                   tolerance: int | None = None, radius: float | None = None,
-                   options: dict[str, Any] | None = None) -> DatasetSource:
+def dataset_source(
+    dataset: str | None = None,
+    database: Path | str | None = None,
+    queries: Path | str | None = None,
+    ground_truth: Path | str | None = None,
+    tolerance: int | None = None,
+    radius: float | None = None,
+    options: dict[str, Any] | None = None,
+) -> DatasetSource:
     """Translate command-line choices into a `DatasetSource`.
 
     `dataset="KIND:PATH"` names any kind. Otherwise `database` and `queries`
@@ -503,8 +635,13 @@ def dataset_source(dataset: str | None = None, database: Path | str | None = Non
     opts = dict(options or {})
     if dataset:
         kind, path = parse_dataset_arg(dataset)
-        for key, value in (("database", database), ("queries", queries), ("ground_truth", ground_truth),
-                           ("tolerance", tolerance), ("radius", radius)):
+        for key, value in (
+            ("database", database),
+            ("queries", queries),
+            ("ground_truth", ground_truth),
+            ("tolerance", tolerance),
+            ("radius", radius),
+        ):
             if value is not None:
                 opts[key] = value
         return DatasetSource(kind, path, opts)

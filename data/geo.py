@@ -6,6 +6,7 @@ the UTM Wikipedia article gives): about a millimetre of error inside a zone,
 far below GPS noise. Standard zone rules, including the Norway and Svalbard
 exceptions; latitudes outside -80..84 (the polar UPS system) are refused.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,7 +65,9 @@ def latlon_to_utm(lat, lon, zone: int | None = None, south: bool | None = None):
     lat_a = np.atleast_1d(np.asarray(lat, dtype=np.float64))
     lon_a = np.atleast_1d(np.asarray(lon, dtype=np.float64))
     if lat_a.shape != lon_a.shape or lat_a.size == 0:
-        raise ValueError(f"latitude and longitude arrays must have the same non-empty shape, got {lat_a.shape} and {lon_a.shape}")
+        raise ValueError(
+            f"latitude and longitude arrays must have the same non-empty shape, got {lat_a.shape} and {lon_a.shape}"
+        )
     for la, lo in zip(lat_a.ravel(), lon_a.ravel()):
         check_latlon(float(la), float(lo))
     first_lat, first_lon = float(lat_a.ravel()[0]), float(lon_a.ravel()[0])

@@ -22,6 +22,7 @@ The result is a folder dataset (`database/`, `queries/`, dvgl
 `train.datasets.open_dataset("synthetic", path)` reads it. Same parameters
 and seed give byte-identical files.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,10 +37,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vpr.model.fileio import atomic_write_json, staged_dir
-
 from vpr.data.datasets import dvgl_name
 from vpr.data.geo import utm_to_latlon
+from vpr.model.fileio import atomic_write_json, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,35 +48,58 @@ GENERATOR_VERSION = 1
 LIGHTINGS = ("day", "dusk", "night")
 ZONE, BAND, ORIGIN = 32, "T", (514_000.0, 5_034_000.0)  # somewhere in northern Italy
 
-HALF_WIDTH = 7.0        # street half width, wall to wall (m)
+HALF_WIDTH = 7.0  # street half width, wall to wall (m)
 SIDEWALK = 2.5
 FOCAL_FOV_DEG = 75.0
 SUPERSAMPLE = 2
 
-FACADE_PALETTE = np.array([
-    [0.78, 0.72, 0.62], [0.70, 0.45, 0.35], [0.85, 0.82, 0.76], [0.55, 0.58, 0.62],
-    [0.83, 0.68, 0.45], [0.62, 0.66, 0.55], [0.48, 0.40, 0.36], [0.90, 0.88, 0.84],
-])
-SIGN_PALETTE = np.array([
-    [0.80, 0.12, 0.12], [0.10, 0.35, 0.75], [0.12, 0.55, 0.25], [0.95, 0.75, 0.10],
-    [0.55, 0.20, 0.60], [0.95, 0.45, 0.10], [0.15, 0.15, 0.15], [0.92, 0.92, 0.92],
-])
-CAR_PALETTE = np.array([
-    [0.75, 0.10, 0.10], [0.15, 0.20, 0.50], [0.85, 0.85, 0.85], [0.12, 0.12, 0.12],
-    [0.55, 0.55, 0.58], [0.20, 0.45, 0.30], [0.85, 0.75, 0.20],
-])
+FACADE_PALETTE = np.array(
+    [
+        [0.78, 0.72, 0.62],
+        [0.70, 0.45, 0.35],
+        [0.85, 0.82, 0.76],
+        [0.55, 0.58, 0.62],
+        [0.83, 0.68, 0.45],
+        [0.62, 0.66, 0.55],
+        [0.48, 0.40, 0.36],
+        [0.90, 0.88, 0.84],
+    ]
+)
+SIGN_PALETTE = np.array(
+    [
+        [0.80, 0.12, 0.12],
+        [0.10, 0.35, 0.75],
+        [0.12, 0.55, 0.25],
+        [0.95, 0.75, 0.10],
+        [0.55, 0.20, 0.60],
+        [0.95, 0.45, 0.10],
+        [0.15, 0.15, 0.15],
+        [0.92, 0.92, 0.92],
+    ]
+)
+CAR_PALETTE = np.array(
+    [
+        [0.75, 0.10, 0.10],
+        [0.15, 0.20, 0.50],
+        [0.85, 0.85, 0.85],
+        [0.12, 0.12, 0.12],
+        [0.55, 0.55, 0.58],
+        [0.20, 0.45, 0.30],
+        [0.85, 0.75, 0.20],
+    ]
+)
 
 
 @dataclass(frozen=True)
 class RouteParams:
     places: int = 60
     seed: int = 0
-    spacing: float = 4.0             # metres between database views
+    spacing: float = 4.0  # metres between database views
     size: tuple[int, int] = (160, 120)
-    lighting: str = "dusk"           # of the query pass
-    radius: float | None = None      # positives; default 1.25 * spacing
+    lighting: str = "dusk"  # of the query pass
+    radius: float | None = None  # positives; default 1.25 * spacing
 
-    def validate(self) -> "RouteParams":
+    def validate(self) -> RouteParams:
         if not 2 <= self.places <= 100_000:
             raise ValueError(f"synthetic route: places must be 2..100000, got {self.places}")
         if not 0.5 <= self.spacing <= 100:
@@ -97,6 +120,7 @@ class RouteParams:
 
 # ---- the world ------------------------------------------------------------------
 
+
 def _hash(*ints: np.ndarray) -> np.ndarray:
     """Deterministic integer hash -> uniform floats in [0, 1) (value noise)."""
     h = np.uint64(1469598103934665603)
@@ -110,18 +134,18 @@ def _hash(*ints: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Side:
-    edges: np.ndarray      # building boundaries along the street (n+1,)
-    colour: np.ndarray     # (n, 3)
+    edges: np.ndarray  # building boundaries along the street (n+1,)
+    colour: np.ndarray  # (n, 3)
     height: np.ndarray
     floor_h: np.ndarray
     win_step: np.ndarray
-    win_w: np.ndarray      # fraction of the step
-    win_h: np.ndarray      # fraction of the floor
-    frame: np.ndarray      # (n, 3) window frame colour
-    sign: np.ndarray       # (n, 3)
-    awning: np.ndarray     # bool
-    cornice: np.ndarray    # bool
-    poles: np.ndarray      # lamp post positions
+    win_w: np.ndarray  # fraction of the step
+    win_h: np.ndarray  # fraction of the floor
+    frame: np.ndarray  # (n, 3) window frame colour
+    sign: np.ndarray  # (n, 3)
+    awning: np.ndarray  # bool
+    cornice: np.ndarray  # bool
+    poles: np.ndarray  # lamp post positions
 
 
 def _make_side(rng: np.random.Generator, start: float, end: float) -> Side:
@@ -138,31 +162,45 @@ def _make_side(rng: np.random.Generator, start: float, end: float) -> Side:
     first = start + float(rng.uniform(0, 12))
     poles = np.arange(first, end, 15.0)
     poles = poles + rng.uniform(-3.0, 3.0, len(poles))
-    return Side(edges=edges, colour=np.clip(colour, 0, 1), height=rng.uniform(7.0, 24.0, n),
-                floor_h=rng.uniform(2.8, 3.6, n), win_step=rng.choice([1.6, 2.0, 2.5, 3.0], n),
-                win_w=rng.uniform(0.35, 0.7, n), win_h=rng.uniform(0.4, 0.65, n), frame=frame,
-                sign=SIGN_PALETTE[rng.integers(0, len(SIGN_PALETTE), n)], awning=rng.random(n) < 0.35,
-                cornice=rng.random(n) < 0.5, poles=poles)
+    return Side(
+        edges=edges,
+        colour=np.clip(colour, 0, 1),
+        height=rng.uniform(7.0, 24.0, n),
+        floor_h=rng.uniform(2.8, 3.6, n),
+        win_step=rng.choice([1.6, 2.0, 2.5, 3.0], n),
+        win_w=rng.uniform(0.35, 0.7, n),
+        win_h=rng.uniform(0.4, 0.65, n),
+        frame=frame,
+        sign=SIGN_PALETTE[rng.integers(0, len(SIGN_PALETTE), n)],
+        awning=rng.random(n) < 0.35,
+        cornice=rng.random(n) < 0.5,
+        poles=poles,
+    )
 
 
 @dataclass
 class World:
-    sides: tuple[Side, Side]   # left (y = +HALF_WIDTH), right (y = -HALF_WIDTH)
-    crossings: np.ndarray      # x of zebra crossings
-    manholes: np.ndarray       # (m, 2) x, y
+    sides: tuple[Side, Side]  # left (y = +HALF_WIDTH), right (y = -HALF_WIDTH)
+    crossings: np.ndarray  # x of zebra crossings
+    manholes: np.ndarray  # (m, 2) x, y
 
 
 def make_world(rng: np.random.Generator, length: float) -> World:
     start, end = -30.0, length + 120.0
     crossings = np.sort(rng.uniform(start, end, max(1, int(length / 50))))
-    manholes = np.stack([rng.uniform(start, end, max(2, int(length / 12))),
-                         rng.uniform(-HALF_WIDTH + SIDEWALK + 1, HALF_WIDTH - SIDEWALK - 1, max(2, int(length / 12)))], 1)
+    manholes = np.stack(
+        [
+            rng.uniform(start, end, max(2, int(length / 12))),
+            rng.uniform(-HALF_WIDTH + SIDEWALK + 1, HALF_WIDTH - SIDEWALK - 1, max(2, int(length / 12))),
+        ],
+        1,
+    )
     return World((_make_side(rng, start, end), _make_side(rng, start, end)), crossings, manholes)
 
 
 @dataclass
 class Cars:
-    x0: list[np.ndarray]       # per side, sorted car starts
+    x0: list[np.ndarray]  # per side, sorted car starts
     length: list[np.ndarray]
     colour: list[np.ndarray]
 
@@ -188,12 +226,12 @@ def make_cars(rng: np.random.Generator, length: float, density: float = 0.5) -> 
 class Lighting:
     gain: float
     tint: tuple[float, float, float]
-    shadow: float            # brightness of the shaded (right) facades
+    shadow: float  # brightness of the shaded (right) facades
     sky_top: tuple[float, float, float]
     sky_horizon: tuple[float, float, float]
-    lit_windows: float       # fraction of windows lit
-    lamps: float             # strength of street-lamp pools on the ground
-    noise: float             # sensor noise sigma (0..255 scale)
+    lit_windows: float  # fraction of windows lit
+    lamps: float  # strength of street-lamp pools on the ground
+    noise: float  # sensor noise sigma (0..255 scale)
 
 
 LIGHTING = {
@@ -204,6 +242,7 @@ LIGHTING = {
 
 
 # ---- rendering ------------------------------------------------------------------
+
 
 def _facade(side: Side, s: int, x: np.ndarray, z: np.ndarray, light: Lighting) -> tuple[np.ndarray, np.ndarray]:
     """Facade colour at (x, z) on one side, and a mask of 'above the roof'."""
@@ -290,8 +329,9 @@ class Camera:
     pitch_deg: float
 
 
-def render(world: World, cars: Cars, cam: Camera, light: Lighting, size: tuple[int, int],
-           rng: np.random.Generator) -> Image.Image:
+def render(
+    world: World, cars: Cars, cam: Camera, light: Lighting, size: tuple[int, int], rng: np.random.Generator
+) -> Image.Image:
     """Ray-cast one view (supersampled, box-filtered) -> RGB image."""
     w, h = size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE
     focal = (w / 2) / math.tan(math.radians(FOCAL_FOV_DEG) / 2)
@@ -301,8 +341,11 @@ def render(world: World, cars: Cars, cam: Camera, light: Lighting, size: tuple[i
     fwd = np.array([cy * cp, sy * cp, sp])
     left = np.array([-sy, cy, 0.0])
     up = np.cross(fwd, left)
-    d = (fwd[None, :] - ((u.ravel() - w / 2) / focal)[:, None] * left[None, :]
-         + ((h / 2 - v.ravel()) / focal)[:, None] * up[None, :])
+    d = (
+        fwd[None, :]
+        - ((u.ravel() - w / 2) / focal)[:, None] * left[None, :]
+        + ((h / 2 - v.ravel()) / focal)[:, None] * up[None, :]
+    )
     dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
     o = np.array([cam.x, cam.y, cam.z])
     far = 1e9
@@ -355,8 +398,11 @@ def render(world: World, cars: Cars, cam: Camera, light: Lighting, size: tuple[i
                 head = near & (np.abs(py - ys * 0.93) < 0.45) & (np.abs(pz - 5.0) < 0.15)
                 m = on | head
                 if m.any():
-                    c = np.where(head[m][:, None], np.array([0.9, 0.85, 0.6]) * max(light.lamps, light.gain),
-                                 np.array([0.2, 0.22, 0.2]) * light.gain)
+                    c = np.where(
+                        head[m][:, None],
+                        np.array([0.9, 0.85, 0.6]) * max(light.lamps, light.gain),
+                        np.array([0.2, 0.22, 0.2]) * light.gain,
+                    )
                     col[sel[m]] = c
                     t_best[sel[m]] = tp[m]
         # parked cars: boxes seen from the street side, as vertical panels
@@ -372,14 +418,17 @@ def render(world: World, cars: Cars, cam: Camera, light: Lighting, size: tuple[i
             paint = cars.colour[s][k] * light.gain * np.asarray(light.tint)
             window = np.array([0.15, 0.17, 0.2]) * max(light.gain, 0.3)
             c = np.where(roof[:, None], window, paint)
-            c = np.where((cz < 0.6)[:, None] & ((np.abs(rel - 0.18) < 0.08) | (np.abs(rel - 0.82) < 0.08))[:, None],
-                         np.array([0.05, 0.05, 0.05]), c)
+            c = np.where(
+                (cz < 0.6)[:, None] & ((np.abs(rel - 0.18) < 0.08) | (np.abs(rel - 0.82) < 0.08))[:, None],
+                np.array([0.05, 0.05, 0.05]),
+                c,
+            )
             col[body] = c[body]
             t_best = np.where(body, tc, t_best)
     # aerial perspective: far things fade to the horizon colour
     fog = np.exp(-np.minimum(t_best, 400) / 140.0)[:, None]
     hitsome = (t_best < far)[:, None]
-    col = np.where(hitsome, col * fog + np.asarray(light.sky_horizon) * light.gain ** 0.5 * (1 - fog), col)
+    col = np.where(hitsome, col * fog + np.asarray(light.sky_horizon) * light.gain**0.5 * (1 - fog), col)
     img = np.clip(col.reshape(h, w, 3) * 255.0, 0, 255)
     small = Image.fromarray(img.astype(np.uint8)).resize(size, Image.BOX)
     if light.noise > 0:
@@ -390,7 +439,10 @@ def render(world: World, cars: Cars, cam: Camera, light: Lighting, size: tuple[i
 
 # ---- writing a route ------------------------------------------------------------
 
-def _file_name(x: float, y: float, heading_rad: float, yaw: float, index: int, tag: str) -> tuple[str, tuple[float, float]]:
+
+def _file_name(
+    x: float, y: float, heading_rad: float, yaw: float, index: int, tag: str
+) -> tuple[str, tuple[float, float]]:
     """dvgl name for a camera at street coordinates (x, y)."""
     ch, sh = math.cos(heading_rad), math.sin(heading_rad)
     east = ORIGIN[0] + x * ch - y * sh
@@ -410,8 +462,13 @@ def _jpeg(img: Image.Image) -> bytes:
 def _describe(params: RouteParams) -> dict[str, Any]:
     p = asdict(params)
     p["size"] = list(params.size)
-    return {"format": "vpr-synthetic-route", "generator_version": GENERATOR_VERSION, "params": p,
-            "radius_m": params.radius_m, "utm_zone": f"{ZONE}{BAND}"}
+    return {
+        "format": "vpr-synthetic-route",
+        "generator_version": GENERATOR_VERSION,
+        "params": p,
+        "radius_m": params.radius_m,
+        "utm_zone": f"{ZONE}{BAND}",
+    }
 
 
 def _generate(tmp: Path, params: RouteParams, progress: bool) -> dict[str, int]:
@@ -435,9 +492,13 @@ def _generate(tmp: Path, params: RouteParams, progress: bool) -> dict[str, int]:
         bar.update()
     light = LIGHTING[params.lighting]
     for i in range(params.places):
-        cam = Camera(i * params.spacing + float(q_rng.uniform(-0.3, 0.3)) * params.spacing,
-                     float(q_rng.uniform(-3.0, 0.5)), float(q_rng.uniform(1.3, 1.9)),
-                     float(q_rng.uniform(-8, 8)), float(q_rng.uniform(-2, 4)))
+        cam = Camera(
+            i * params.spacing + float(q_rng.uniform(-0.3, 0.3)) * params.spacing,
+            float(q_rng.uniform(-3.0, 0.5)),
+            float(q_rng.uniform(1.3, 1.9)),
+            float(q_rng.uniform(-8, 8)),
+            float(q_rng.uniform(-2, 4)),
+        )
         name, _ = _file_name(cam.x, cam.y, heading, cam.yaw_deg, i, "q")
         (tmp / "queries" / name).write_bytes(_jpeg(render(world, q_cars, cam, light, params.size, q_rng)))
         bar.update()
@@ -445,33 +506,52 @@ def _generate(tmp: Path, params: RouteParams, progress: bool) -> dict[str, int]:
     return {"database": params.places, "queries": params.places}
 
 
-def make_route(out_dir: Path, places: int = 60, seed: int = 0, spacing: float = 4.0,
-               size: tuple[int, int] | str = (160, 120), lighting: str = "dusk", radius: float | None = None,
-               overwrite: bool = False, progress: bool = False) -> Path:
+def make_route(
+    out_dir: Path,
+    places: int = 60,
+    seed: int = 0,
+    spacing: float = 4.0,
+    size: tuple[int, int] | str = (160, 120),
+    lighting: str = "dusk",
+    radius: float | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
     """Write (or reuse) a synthetic route folder; returns its path.
 
     An existing folder made with the same parameters is reused as is; one made
     with other parameters is an error unless `overwrite`. The folder appears
     atomically (generated in a hidden sibling, then renamed).
     """
-    params = RouteParams(int(places), int(seed), float(spacing), _size(size), lighting,
-                         None if radius is None else float(radius)).validate()
+    params = RouteParams(
+        int(places), int(seed), float(spacing), _size(size), lighting, None if radius is None else float(radius)
+    ).validate()
     out = Path(out_dir)
     desc = _describe(params)
     if out.exists():
         existing = _read_route(out)
-        if existing is not None and existing.get("params") == desc["params"] \
-                and existing.get("generator_version") == GENERATOR_VERSION:
+        if (
+            existing is not None
+            and existing.get("params") == desc["params"]
+            and existing.get("generator_version") == GENERATOR_VERSION
+        ):
             log.info("synthetic route %s already exists with these parameters; reusing it", out)
             return out
         if any(out.iterdir()) and not overwrite:
-            raise ValueError(f"{out}: exists and is not a synthetic route with these parameters; "
-                             "choose another folder or pass overwrite")
+            raise ValueError(
+                f"{out}: exists and is not a synthetic route with these parameters; "
+                "choose another folder or pass overwrite"
+            )
     with staged_dir(out) as tmp:
         desc["counts"] = _generate(tmp, params, progress)
         atomic_write_json(tmp / ROUTE_FILE, desc)
-    log.info("synthetic route: %d database and %d query views in %s (seed %d)", params.places, params.places,
-             out, params.seed)
+    log.info(
+        "synthetic route: %d database and %d query views in %s (seed %d)",
+        params.places,
+        params.places,
+        out,
+        params.seed,
+    )
     return out
 
 

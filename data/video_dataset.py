@@ -20,6 +20,7 @@ names `@east@north@zone@band@lat@lon@<video>@<frame>@<heading>@@@@<time>@@.jpg`
 and `dataset.json` describing the conversion. The folder appears atomically.
 Rotation metadata of the video is not applied (frames are stored as decoded).
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,10 +35,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vpr.model.fileio import atomic_write_json, sha256_file, staged_dir
-
 from vpr.data.datasets import dvgl_name
 from vpr.data.geo import latlon_to_utm, utm_to_latlon
+from vpr.model.fileio import atomic_write_json, sha256_file, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,16 @@ INFO_FILE = "dataset.json"
 @dataclass
 class GpsTrack:
     source: Path
-    t: np.ndarray          # seconds from the start of the video, strictly increasing
+    t: np.ndarray  # seconds from the start of the video, strictly increasing
     lat: np.ndarray
     lon: np.ndarray
-    east: np.ndarray       # smoothed UTM (m)
+    east: np.ndarray  # smoothed UTM (m)
     north: np.ndarray
     zone: int
     band: str
     south: bool
-    dist: np.ndarray       # cumulative distance along the smoothed track (m)
-    dropped: int = 0       # rows without a fix
+    dist: np.ndarray  # cumulative distance along the smoothed track (m)
+    dropped: int = 0  # rows without a fix
     smooth_s: float = 0.0
 
     def at(self, t: float) -> dict[str, float]:
@@ -67,8 +67,14 @@ class GpsTrack:
         j0, j1 = max(0, i - 3), min(len(self.t) - 1, i + 2)
         heading = math.degrees(math.atan2(self.east[j1] - self.east[j0], self.north[j1] - self.north[j0])) % 360
         lat, lon = utm_to_latlon(e, n, self.zone, self.south)  # of the smoothed position
-        return {"east": e, "north": n, "lat": lat, "lon": lon, "dist": float(np.interp(t, self.t, self.dist)),
-                "heading": heading}
+        return {
+            "east": e,
+            "north": n,
+            "lat": lat,
+            "lon": lon,
+            "dist": float(np.interp(t, self.t, self.dist)),
+            "heading": heading,
+        }
 
 
 def _local_linear(t: np.ndarray, x: np.ndarray, window_s: float) -> np.ndarray:
@@ -105,16 +111,20 @@ def read_gps_csv(path: Path, smooth_s: float = 1.0) -> GpsTrack:
         cols = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in REQUIRED_COLUMNS if c not in cols]
         if missing:
-            raise ValueError(f"{path}: line 1: missing column(s) {', '.join(missing)}; "
-                             f"the header needs {', '.join(REQUIRED_COLUMNS)} (found {', '.join(cols) or 'nothing'})")
+            raise ValueError(
+                f"{path}: line 1: missing column(s) {', '.join(missing)}; "
+                f"the header needs {', '.join(REQUIRED_COLUMNS)} (found {', '.join(cols) or 'nothing'})"
+            )
         reader.fieldnames = cols
         for row in reader:
             line = reader.line_num
             try:
                 t, lat, lon = (float(row[c]) for c in REQUIRED_COLUMNS)
             except (TypeError, ValueError):
-                raise ValueError(f"{path}: line {line}: time_s, lat, lon must be numbers, got "
-                                 f"{[row.get(c) for c in REQUIRED_COLUMNS]}") from None
+                raise ValueError(
+                    f"{path}: line {line}: time_s, lat, lon must be numbers, got "
+                    f"{[row.get(c) for c in REQUIRED_COLUMNS]}"
+                ) from None
             if not all(map(math.isfinite, (t, lat, lon))):
                 raise ValueError(f"{path}: line {line}: non-finite value")
             if lat == 0 and lon == 0:
@@ -126,8 +136,10 @@ def read_gps_csv(path: Path, smooth_s: float = 1.0) -> GpsTrack:
                 raise ValueError(f"{path}: line {line}: time_s {t} does not increase (previous {rows[-1][0]})")
             rows.append((t, lat, lon))
     if len(rows) < 2:
-        raise ValueError(f"{path}: needs at least 2 GPS fixes, found {len(rows)}"
-                         + (f" ({dropped} rows without a fix dropped)" if dropped else ""))
+        raise ValueError(
+            f"{path}: needs at least 2 GPS fixes, found {len(rows)}"
+            + (f" ({dropped} rows without a fix dropped)" if dropped else "")
+        )
     if dropped:
         log.warning("%s: dropped %d rows without a GPS fix (lat = lon = 0)", path, dropped)
     arr = np.array(rows)
@@ -143,7 +155,7 @@ def read_gps_csv(path: Path, smooth_s: float = 1.0) -> GpsTrack:
 class Sample:
     frame_index: int
     time_s: float
-    subset: str            # database | queries
+    subset: str  # database | queries
     name: str
     position: dict[str, float]
 
@@ -164,8 +176,16 @@ def _frame_times(stream) -> float:
     return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
 
 
-def _sample_video(video: Path, track: GpsTrack, out: Path, plan: list[tuple[str, float]], spacing: float,
-                  max_side: int | None, jpeg_quality: int, progress: bool) -> tuple[list[Sample], int, int, int]:
+def _sample_video(
+    video: Path,
+    track: GpsTrack,
+    out: Path,
+    plan: list[tuple[str, float]],
+    spacing: float,
+    max_side: int | None,
+    jpeg_quality: int,
+    progress: bool,
+) -> tuple[list[Sample], int, int, int]:
     """Decode `video`, writing a frame whenever the distance passes the next
     threshold of a subset; `plan` = [(subset, first threshold)]."""
     import av
@@ -203,9 +223,18 @@ def _sample_video(video: Path, track: GpsTrack, out: Path, plan: list[tuple[str,
                 passed = int((pos["dist"] - nxt[subset]) // spacing)
                 skipped += passed
                 nxt[subset] += (passed + 1) * spacing
-                name = dvgl_name(pos["east"], pos["north"], track.zone, track.band, pos["lat"], pos["lon"],
-                                 pano_id=video.stem, tile=f"{decoded - 1:06d}", heading=pos["heading"],
-                                 timestamp=f"{t:.3f}")
+                name = dvgl_name(
+                    pos["east"],
+                    pos["north"],
+                    track.zone,
+                    track.band,
+                    pos["lat"],
+                    pos["lon"],
+                    pano_id=video.stem,
+                    tile=f"{decoded - 1:06d}",
+                    heading=pos["heading"],
+                    timestamp=f"{t:.3f}",
+                )
                 img = frame.to_image()
                 if max_side and max(img.size) > max_side:
                     s = max_side / max(img.size)
@@ -224,10 +253,20 @@ def _sample_video(video: Path, track: GpsTrack, out: Path, plan: list[tuple[str,
     return samples, decoded, outside, skipped
 
 
-def video_to_dataset(video: Path, gps: Path, out: Path, spacing: float = 1.0, split_queries: bool = False,
-                     queries_video: Path | None = None, queries_gps: Path | None = None,
-                     max_side: int | None = None, smooth_s: float = 1.0, jpeg_quality: int = 95,
-                     overwrite: bool = False, progress: bool = True) -> VideoDatasetReport:
+def video_to_dataset(
+    video: Path,
+    gps: Path,
+    out: Path,
+    spacing: float = 1.0,
+    split_queries: bool = False,
+    queries_video: Path | None = None,
+    queries_gps: Path | None = None,
+    max_side: int | None = None,
+    smooth_s: float = 1.0,
+    jpeg_quality: int = 95,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> VideoDatasetReport:
     """Convert a video + GPS CSV into a folder dataset (see the module doc).
 
     `split_queries` samples queries from the same video half-way between the
@@ -256,35 +295,62 @@ def video_to_dataset(video: Path, gps: Path, out: Path, spacing: float = 1.0, sp
         qtrack = _reproject(qtrack, track.zone, track.south)
     with staged_dir(out) as tmp:
         plan = [("database", 0.0)] + ([("queries", spacing / 2)] if split_queries else [])
-        samples, decoded, outside, skipped = _sample_video(video, track, tmp, plan, spacing, max_side,
-                                                           jpeg_quality, progress)
+        samples, decoded, outside, skipped = _sample_video(
+            video, track, tmp, plan, spacing, max_side, jpeg_quality, progress
+        )
         if queries_video is not None:
-            qs, qd, qo, qsk = _sample_video(Path(queries_video), qtrack, tmp, [("queries", 0.0)], spacing, max_side,
-                                            jpeg_quality, progress)
+            qs, qd, qo, qsk = _sample_video(
+                Path(queries_video), qtrack, tmp, [("queries", 0.0)], spacing, max_side, jpeg_quality, progress
+            )
             samples += qs
             decoded, outside, skipped = decoded + qd, outside + qo, skipped + qsk
         counts = {s: sum(1 for x in samples if x.subset == s) for s in ("database", "queries")}
         if counts["database"] == 0:
-            raise ValueError(f"{video}: no frame lies within the GPS time span of {gps} "
-                             f"({track.t[0]:.2f}..{track.t[-1]:.2f} s)")
+            raise ValueError(
+                f"{video}: no frame lies within the GPS time span of {gps} ({track.t[0]:.2f}..{track.t[-1]:.2f} s)"
+            )
         if skipped:
-            log.warning("%s: moved more than %.2f m between consecutive frames %d times; use a larger spacing",
-                        video, spacing, skipped)
+            log.warning(
+                "%s: moved more than %.2f m between consecutive frames %d times; use a larger spacing",
+                video,
+                spacing,
+                skipped,
+            )
         info: dict[str, Any] = {
-            "format": "vpr-video-dataset", "video": str(video.resolve()), "video_sha256": sha256_file(video),
-            "gps": str(gps.resolve()), "spacing_m": spacing, "smooth_s": smooth_s, "max_side": max_side,
-            "utm_zone": f"{track.zone}{track.band}", "track_length_m": float(track.dist[-1]),
-            "gps_fixes": len(track.t), "gps_rows_dropped": track.dropped, "frames_decoded": decoded,
-            "frames_outside_gps": outside, "skipped_thresholds": skipped, "counts": counts,
+            "format": "vpr-video-dataset",
+            "video": str(video.resolve()),
+            "video_sha256": sha256_file(video),
+            "gps": str(gps.resolve()),
+            "spacing_m": spacing,
+            "smooth_s": smooth_s,
+            "max_side": max_side,
+            "utm_zone": f"{track.zone}{track.band}",
+            "track_length_m": float(track.dist[-1]),
+            "gps_fixes": len(track.t),
+            "gps_rows_dropped": track.dropped,
+            "frames_decoded": decoded,
+            "frames_outside_gps": outside,
+            "skipped_thresholds": skipped,
+            "counts": counts,
             "queries": ("split" if split_queries else str(Path(queries_video).resolve()) if queries_video else None),
-            "samples": [{"subset": s.subset, "frame": s.frame_index, "time_s": round(s.time_s, 4), "file": s.name}
-                        for s in samples],
+            "samples": [
+                {"subset": s.subset, "frame": s.frame_index, "time_s": round(s.time_s, 4), "file": s.name}
+                for s in samples
+            ],
         }
         atomic_write_json(tmp / INFO_FILE, info)
-    log.info("%s: %d database and %d query frames every %.2f m along %.1f m -> %s", video, counts["database"],
-             counts["queries"], spacing, track.dist[-1], out)
-    return VideoDatasetReport(out, counts["database"], counts["queries"], float(track.dist[-1]), decoded, outside,
-                              skipped, samples)
+    log.info(
+        "%s: %d database and %d query frames every %.2f m along %.1f m -> %s",
+        video,
+        counts["database"],
+        counts["queries"],
+        spacing,
+        track.dist[-1],
+        out,
+    )
+    return VideoDatasetReport(
+        out, counts["database"], counts["queries"], float(track.dist[-1]), decoded, outside, skipped, samples
+    )
 
 
 def _reproject(track: GpsTrack, zone: int, south: bool) -> GpsTrack:

@@ -18,30 +18,30 @@ atomically; concurrent writers merge what is on disk and the last rename
 wins, so an entry may have to be recomputed but a bundle is never half
 written. A corrupt bundle is logged and ignored (recomputed).
 """
+
 from __future__ import annotations
 
 import io
 import logging
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from vpr.model.fileio import atomic_write_bytes
-
 from vpr.media.degrade import DEGRADE_VERSION, Quality, parse_quality
+from vpr.model.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class CacheHit:
-    found: np.ndarray          # bool (N,)
-    desc: np.ndarray | None    # (N, D) float32, rows valid where found
-    nbytes: np.ndarray         # int64 (N,), -1 where unknown
-    kbps: np.ndarray           # float64 (N,), NaN where unknown
+    found: np.ndarray  # bool (N,)
+    desc: np.ndarray | None  # (N, D) float32, rows valid where found
+    nbytes: np.ndarray  # int64 (N,), -1 where unknown
+    kbps: np.ndarray  # float64 (N,), NaN where unknown
 
 
 def model_key(ref: str, sha256: str) -> str:
@@ -91,15 +91,24 @@ class DescriptorCache:
             hit.kbps[hit.found] = data["kbps"][rows[hit.found]]
         return hit
 
-    def put(self, model: str, quality: Quality | str, keys: Sequence[str], desc: np.ndarray,
-            nbytes: Sequence[int | None] | None = None, kbps: Sequence[float | None] | None = None) -> Path:
+    def put(
+        self,
+        model: str,
+        quality: Quality | str,
+        keys: Sequence[str],
+        desc: np.ndarray,
+        nbytes: Sequence[int | None] | None = None,
+        kbps: Sequence[float | None] | None = None,
+    ) -> Path:
         """Add entries (merging with what the bundle holds now) and write it atomically."""
         desc = np.ascontiguousarray(desc, dtype=np.float32)
         if desc.ndim != 2 or len(desc) != len(keys):
             raise ValueError(f"cache put: {len(keys)} keys for descriptors of shape {desc.shape}")
         n = len(keys)
         nb = np.array([-1 if v is None else int(v) for v in (nbytes if nbytes is not None else [None] * n)], np.int64)
-        kb = np.array([np.nan if v is None else float(v) for v in (kbps if kbps is not None else [None] * n)], np.float64)
+        kb = np.array(
+            [np.nan if v is None else float(v) for v in (kbps if kbps is not None else [None] * n)], np.float64
+        )
         path = self.bundle_path(model, quality)
         old = self._load(path)
         new_keys = np.asarray(list(keys), dtype=str)
@@ -110,8 +119,12 @@ class DescriptorCache:
             nb = np.concatenate([old["nbytes"][keep], nb])
             kb = np.concatenate([old["kbps"][keep], kb])
         elif old is not None:
-            log.warning("%s: cached descriptors have dimension %d, new ones %d; replacing the bundle",
-                        path, old["desc"].shape[1], desc.shape[1])
+            log.warning(
+                "%s: cached descriptors have dimension %d, new ones %d; replacing the bundle",
+                path,
+                old["desc"].shape[1],
+                desc.shape[1],
+            )
         buf = io.BytesIO()
         np.savez(buf, keys=new_keys, desc=desc, nbytes=nb, kbps=kb)
         atomic_write_bytes(path, buf.getvalue())

@@ -12,6 +12,7 @@ all under one small-image policy (`PreprocessConfig.small_policy`, possibly
 overridden for every model alike), caching descriptors by (model version,
 image, quality) through `train.cache`, and returns a JSON-able report.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,36 +22,37 @@ import os
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vpr.data.datasets import DatasetSource, PlaceDataset
+from vpr.describe.cache import CacheHit, DescriptorCache, model_key
 from vpr.index.knn import exact_knn
+from vpr.media.degrade import Quality, codec_info, degrade, parse_qualities, parse_quality
 from vpr.model.config import HomeSettings, PreprocessConfig
 from vpr.model.extract import default_device, extract
 from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from vpr.model.preprocess import ImageDecodeError, load_image, target_size, to_input
 from vpr.model.registry import LoadedModel, Registry
 
-from vpr.describe.cache import CacheHit, DescriptorCache, model_key
-from vpr.data.datasets import DatasetSource, PlaceDataset
-from vpr.media.degrade import Quality, codec_info, degrade, parse_qualities, parse_quality
-
 log = logging.getLogger(__name__)
 
 DEFAULT_NS = (1, 5, 10, 20)
 POLICIES = ("native", "upsample")
-NO_POSITIVE = -2   # rank code: the query has no positive
-NOT_FOUND = -1     # rank code: no positive among the retrieved top k
+NO_POSITIVE = -2  # rank code: the query has no positive
+NOT_FOUND = -1  # rank code: no positive among the retrieved top k
 
 
 # ---- recall -------------------------------------------------------------------
+
 
 def _check_ns(ns: Sequence[int]) -> tuple[int, ...]:
     try:
@@ -62,8 +64,9 @@ def _check_ns(ns: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def first_positive_ranks(db_desc: np.ndarray, q_desc: np.ndarray, positives: Sequence[np.ndarray],
-                         k: int) -> np.ndarray:
+def first_positive_ranks(
+    db_desc: np.ndarray, q_desc: np.ndarray, positives: Sequence[np.ndarray], k: int
+) -> np.ndarray:
     """Per query, the 0-based rank of its first positive among the top `k`
     (NOT_FOUND if none there, NO_POSITIVE if it has no positive at all)."""
     if len(positives) != len(q_desc):
@@ -94,8 +97,9 @@ def recall_from_ranks(ranks: np.ndarray, ns: Sequence[int] = DEFAULT_NS) -> dict
     return {n: float(np.mean((valid >= 0) & (valid < n))) for n in ns}
 
 
-def recall_at_n(db_desc: np.ndarray, q_desc: np.ndarray, positives: Sequence[np.ndarray],
-                ns: Sequence[int] = DEFAULT_NS) -> dict[int, float]:
+def recall_at_n(
+    db_desc: np.ndarray, q_desc: np.ndarray, positives: Sequence[np.ndarray], ns: Sequence[int] = DEFAULT_NS
+) -> dict[int, float]:
     """THE recall@N: share of queries (with at least one positive) whose
     first positive is among the N nearest database descriptors."""
     ns = _check_ns(ns)
@@ -104,11 +108,12 @@ def recall_at_n(db_desc: np.ndarray, q_desc: np.ndarray, positives: Sequence[np.
 
 # ---- describing images ----------------------------------------------------------
 
+
 @dataclass
 class Described:
-    desc: np.ndarray            # (N, D) float32
-    nbytes: np.ndarray          # (N,) compressed size, -1 when not compressed
-    kbps: np.ndarray            # (N,) video bitrate, NaN when not video
+    desc: np.ndarray  # (N, D) float32
+    nbytes: np.ndarray  # (N,) compressed size, -1 when not compressed
+    kbps: np.ndarray  # (N,) video bitrate, NaN when not video
     computed: int = 0
     cached: int = 0
     seconds: float = 0.0
@@ -116,8 +121,10 @@ class Described:
     def cost(self) -> dict[str, float | None]:
         nb = self.nbytes[self.nbytes >= 0]
         kb = self.kbps[~np.isnan(self.kbps)]
-        return {"mean_bytes": float(nb.mean()) if nb.size else None,
-                "mean_bitrate_kbps": float(kb.mean()) if kb.size else None}
+        return {
+            "mean_bytes": float(nb.mean()) if nb.size else None,
+            "mean_bitrate_kbps": float(kb.mean()) if kb.size else None,
+        }
 
 
 def policy_config(cfg: PreprocessConfig, policy: str | None) -> PreprocessConfig:
@@ -156,25 +163,40 @@ class _Plan:
     desc: np.ndarray
 
 
-def _plan(model: LoadedModel, ids: list[tuple[str, tuple[int, int]]], q: Quality, policy: str | None,
-          cache: DescriptorCache | None) -> _Plan:
+def _plan(
+    model: LoadedModel,
+    ids: list[tuple[str, tuple[int, int]]],
+    q: Quality,
+    policy: str | None,
+    cache: DescriptorCache | None,
+) -> _Plan:
     """Cache keys (content hash + network input size) and what the cache already holds."""
     cfg = policy_config(model.net.config.preprocess, policy)
     keys = [f"{sha}:{'x'.join(map(str, target_size(*q.output_size(*size), cfg)))}" for sha, size in ids]
     mk = model_key(str(model.ref), model.sha256)
     n, dim = len(ids), model.net.descriptor_dim
-    hit = cache.get(mk, q, keys) if cache is not None else \
-        CacheHit(np.zeros(n, bool), None, np.full(n, -1, np.int64), np.full(n, np.nan))
+    hit = (
+        cache.get(mk, q, keys)
+        if cache is not None
+        else CacheHit(np.zeros(n, bool), None, np.full(n, -1, np.int64), np.full(n, np.nan))
+    )
     desc = hit.desc if hit.desc is not None and hit.desc.shape[1] == dim else np.zeros((n, dim), np.float32)
     if hit.desc is not None and hit.desc.shape[1] != dim:
         hit.found[:] = False
     return _Plan(model, cfg, keys, mk, hit, desc)
 
 
-def describe_images(models: Sequence[LoadedModel], paths: Sequence[Path], quality: Quality | str,
-                    policy: str | None = None, cache: DescriptorCache | None = None, batch_size: int = 8,
-                    device: torch.device | str | None = None, chunk: int = 32, progress: bool | str = True,
-                    ) -> list[Described]:
+def describe_images(
+    models: Sequence[LoadedModel],
+    paths: Sequence[Path],
+    quality: Quality | str,
+    policy: str | None = None,
+    cache: DescriptorCache | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    chunk: int = 32,
+    progress: bool | str = True,
+) -> list[Described]:
     """Descriptors of `paths` degraded to `quality`, for each of `models`.
 
     Each image is decoded and degraded once for all models that miss it in
@@ -188,15 +210,19 @@ def describe_images(models: Sequence[LoadedModel], paths: Sequence[Path], qualit
         ids = list(pool.map(_identify, paths))
         plans = [_plan(m, ids, q, policy, cache) for m in models]
         need = sorted({int(i) for p in plans for i in np.flatnonzero(~p.hit.found)})
-        parts = [need[s:s + chunk] for s in range(0, len(need), chunk)]
+        parts = [need[s : s + chunk] for s in range(0, len(need), chunk)]
 
         def prefetch(k: int) -> list:
             if k >= len(parts):
                 return []
             return [pool.submit(lambda i: degrade(load_image(paths[i]), q), i) for i in parts[k]]
 
-        bar = tqdm(total=len(need), desc=progress if isinstance(progress, str) else f"describe {q}",
-                   unit="img", disable=not progress or not need)
+        bar = tqdm(
+            total=len(need),
+            desc=progress if isinstance(progress, str) else f"describe {q}",
+            unit="img",
+            disable=not progress or not need,
+        )
         pending = prefetch(0)
         for k, part in enumerate(parts):
             degraded = [f.result() for f in pending]
@@ -205,8 +231,9 @@ def describe_images(models: Sequence[LoadedModel], paths: Sequence[Path], qualit
                 todo = [j for j, i in enumerate(part) if not p.hit.found[i]]
                 if todo:
                     tensors = [to_input(degraded[j].image, p.cfg) for j in todo]
-                    p.desc[[part[j] for j in todo]] = extract(p.model.net, tensors, batch_size=batch_size,
-                                                              device=device)
+                    p.desc[[part[j] for j in todo]] = extract(
+                        p.model.net, tensors, batch_size=batch_size, device=device
+                    )
                 for j, i in enumerate(part):
                     d = degraded[j]
                     p.hit.nbytes[i] = -1 if d.bytes is None else d.bytes
@@ -217,17 +244,38 @@ def describe_images(models: Sequence[LoadedModel], paths: Sequence[Path], qualit
     for p in plans:
         new = np.flatnonzero(~p.hit.found)
         if cache is not None and new.size:
-            cache.put(p.cache_model, q, [p.keys[i] for i in new], p.desc[new], p.hit.nbytes[new].tolist(),
-                      [None if np.isnan(v) else v for v in p.hit.kbps[new]])
-        out.append(Described(p.desc, p.hit.nbytes, p.hit.kbps, computed=int(new.size),
-                             cached=int(p.hit.found.sum()), seconds=time.perf_counter() - t0))
-    log.info("described %d images at %s for %s: %d computed, %d from cache (%.1f s)", len(paths), q,
-             ", ".join(str(m.ref) for m in models), sum(o.computed for o in out), sum(o.cached for o in out),
-             time.perf_counter() - t0)
+            cache.put(
+                p.cache_model,
+                q,
+                [p.keys[i] for i in new],
+                p.desc[new],
+                p.hit.nbytes[new].tolist(),
+                [None if np.isnan(v) else v for v in p.hit.kbps[new]],
+            )
+        out.append(
+            Described(
+                p.desc,
+                p.hit.nbytes,
+                p.hit.kbps,
+                computed=int(new.size),
+                cached=int(p.hit.found.sum()),
+                seconds=time.perf_counter() - t0,
+            )
+        )
+    log.info(
+        "described %d images at %s for %s: %d computed, %d from cache (%.1f s)",
+        len(paths),
+        q,
+        ", ".join(str(m.ref) for m in models),
+        sum(o.computed for o in out),
+        sum(o.cached for o in out),
+        time.perf_counter() - t0,
+    )
     return out
 
 
 # ---- evaluation ------------------------------------------------------------------
+
 
 def resolve_policy(models: Sequence[LoadedModel], override: str | None) -> tuple[str, str]:
     """The one small-image policy of a run -> (policy, where it came from)."""
@@ -237,9 +285,11 @@ def resolve_policy(models: Sequence[LoadedModel], override: str | None) -> tuple
         return override, "override"
     own = {str(m.ref): m.net.config.preprocess.small_policy for m in models}
     if len(set(own.values())) > 1:
-        raise ValueError("the models disagree on the small-image policy ("
-                         + ", ".join(f"{k}: {v}" for k, v in own.items())
-                         + "); pass --policy native|upsample to compare them under one policy")
+        raise ValueError(
+            "the models disagree on the small-image policy ("
+            + ", ".join(f"{k}: {v}" for k, v in own.items())
+            + "); pass --policy native|upsample to compare them under one policy"
+        )
     return next(iter(own.values())), "models"
 
 
@@ -247,18 +297,23 @@ def _check_models(db: LoadedModel, queries: Sequence[LoadedModel]) -> list[str]:
     warnings = []
     for m in queries:
         if m.net.descriptor_dim != db.net.descriptor_dim:
-            raise ValueError(f"query model {m.ref} gives {m.net.descriptor_dim}-d descriptors but database model "
-                             f"{db.ref} gives {db.net.descriptor_dim}-d: they cannot be compared")
+            raise ValueError(
+                f"query model {m.ref} gives {m.net.descriptor_dim}-d descriptors but database model "
+                f"{db.ref} gives {db.net.descriptor_dim}-d: they cannot be compared"
+            )
         if m.ref != db.ref and m.manifest.get("parent") != str(db.ref):
-            msg = (f"query model {m.ref} is neither the database model {db.ref} nor its student "
-                   f"(parent: {m.manifest.get('parent')}); its descriptors may live in another space")
+            msg = (
+                f"query model {m.ref} is neither the database model {db.ref} nor its student "
+                f"(parent: {m.manifest.get('parent')}); its descriptors may live in another space"
+            )
             log.warning(msg)
             warnings.append(msg)
     return warnings
 
 
-def _load_models(registry: Registry, db_model: str, query_models: Sequence[str],
-                 device: torch.device) -> tuple[LoadedModel, list[LoadedModel]]:
+def _load_models(
+    registry: Registry, db_model: str, query_models: Sequence[str], device: torch.device
+) -> tuple[LoadedModel, list[LoadedModel]]:
     db = registry.load(db_model, device)
     loaded = {str(db.ref): db}
     out = []
@@ -274,10 +329,19 @@ def _load_models(registry: Registry, db_model: str, query_models: Sequence[str],
     return db, out
 
 
-def evaluate(registry: Registry, dataset: PlaceDataset, db_model: str, query_models: Sequence[str],
-             qualities: Sequence[Quality | str] | str, policy: str | None = None,
-             cache: DescriptorCache | None = None, ns: Sequence[int] = DEFAULT_NS, batch_size: int = 8,
-             device: torch.device | str | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    registry: Registry,
+    dataset: PlaceDataset,
+    db_model: str,
+    query_models: Sequence[str],
+    qualities: Sequence[Quality | str] | str,
+    policy: str | None = None,
+    cache: DescriptorCache | None = None,
+    ns: Sequence[int] = DEFAULT_NS,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Recall of each query model at each quality against the database model at orig."""
     t0 = time.perf_counter()
     ns = _check_ns(ns)
@@ -288,62 +352,111 @@ def evaluate(registry: Registry, dataset: PlaceDataset, db_model: str, query_mod
     db, qms = _load_models(registry, db_model, query_models, device)
     used, source = resolve_policy([db, *qms], policy)
     warnings = _check_models(db, qms)
-    log.info("evaluating %s: %d database, %d queries; db model %s; query models %s; qualities %s; policy %s (%s)",
-             dataset.name, len(dataset.database), len(dataset.queries), db.ref,
-             ", ".join(str(m.ref) for m in qms), ", ".join(map(str, quals)), used, source)
-    db_out = describe_images([db], [i.path for i in dataset.database], "orig", used, cache, batch_size, device,
-                             progress=f"database ({db.ref})" if progress else False)[0]
+    log.info(
+        "evaluating %s: %d database, %d queries; db model %s; query models %s; qualities %s; policy %s (%s)",
+        dataset.name,
+        len(dataset.database),
+        len(dataset.queries),
+        db.ref,
+        ", ".join(str(m.ref) for m in qms),
+        ", ".join(map(str, quals)),
+        used,
+        source,
+    )
+    db_out = describe_images(
+        [db],
+        [i.path for i in dataset.database],
+        "orig",
+        used,
+        cache,
+        batch_size,
+        device,
+        progress=f"database ({db.ref})" if progress else False,
+    )[0]
     results = []
     for q in quals:
-        outs = describe_images(qms, [i.path for i in dataset.queries], q, used, cache, batch_size, device,
-                               progress=f"queries {q}" if progress else False)
+        outs = describe_images(
+            qms,
+            [i.path for i in dataset.queries],
+            q,
+            used,
+            cache,
+            batch_size,
+            device,
+            progress=f"queries {q}" if progress else False,
+        )
         for m, out in zip(qms, outs):
             t1 = time.perf_counter()
             ranks = first_positive_ranks(db_out.desc, out.desc, dataset.positives, max(ns))
             rec = recall_from_ranks(ranks, ns)
-            results.append({
-                "query_model": str(m.ref), "quality": str(q), "recall": {str(n): rec[n] for n in ns},
-                "num_queries": int((ranks != NO_POSITIVE).sum()),
-                "num_queries_without_positive": int((ranks == NO_POSITIVE).sum()),
-                "policy": used, **out.cost(), "describe_seconds": round(out.seconds, 3),
-                "search_seconds": round(time.perf_counter() - t1, 4),
-                "computed": out.computed, "cached": out.cached,
-            })
+            results.append(
+                {
+                    "query_model": str(m.ref),
+                    "quality": str(q),
+                    "recall": {str(n): rec[n] for n in ns},
+                    "num_queries": int((ranks != NO_POSITIVE).sum()),
+                    "num_queries_without_positive": int((ranks == NO_POSITIVE).sum()),
+                    "policy": used,
+                    **out.cost(),
+                    "describe_seconds": round(out.seconds, 3),
+                    "search_seconds": round(time.perf_counter() - t1, 4),
+                    "computed": out.computed,
+                    "cached": out.cached,
+                }
+            )
     order = {str(m.ref): i for i, m in enumerate(qms)}
     qorder = {str(q): i for i, q in enumerate(quals)}
     results.sort(key=lambda r: (order[r["query_model"]], qorder[r["quality"]]))
     return {
         "results": results,
-        "db_model": str(db.ref), "query_models": [str(m.ref) for m in qms],
-        "qualities": [str(q) for q in quals], "ns": list(ns),
-        "policy": used, "policy_source": source,
+        "db_model": str(db.ref),
+        "query_models": [str(m.ref) for m in qms],
+        "qualities": [str(q) for q in quals],
+        "ns": list(ns),
+        "policy": used,
+        "policy_source": source,
         "dataset": dataset.summary(),
-        "database": {"count": len(dataset.database), "quality": "orig", "describe_seconds": round(db_out.seconds, 3),
-                     "computed": db_out.computed, "cached": db_out.cached},
-        "device": str(device), "codec": codec_info(), "warnings": warnings,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "database": {
+            "count": len(dataset.database),
+            "quality": "orig",
+            "describe_seconds": round(db_out.seconds, 3),
+            "computed": db_out.computed,
+            "cached": db_out.cached,
+        },
+        "device": str(device),
+        "codec": codec_info(),
+        "warnings": warnings,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "total_seconds": round(time.perf_counter() - t0, 3),
     }
 
 
 # ---- reporting -------------------------------------------------------------------
 
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of a report's results."""
     ns = report.get("ns") or sorted(int(k) for k in report["results"][0]["recall"])
-    head = f"{'query model':<24} {'quality':<18}" + "".join(f"{'R@' + str(n):>8}" for n in ns) + f"{'n':>7}{'kbps':>10}{'bytes':>9}"
+    head = (
+        f"{'query model':<24} {'quality':<18}"
+        + "".join(f"{'R@' + str(n):>8}" for n in ns)
+        + f"{'n':>7}{'kbps':>10}{'bytes':>9}"
+    )
     lines = [f"database {report.get('db_model')} at orig; policy {report.get('policy')}", head, "-" * len(head)]
     for r in report["results"]:
         kbps = r.get("mean_bitrate_kbps")
         nb = r.get("mean_bytes")
-        lines.append(f"{r['query_model']:<24} {r['quality']:<18}" + "".join(f"{r['recall'][str(n)]:>8.3f}" for n in ns)
-                     + f"{r['num_queries']:>7}" + (f"{kbps:>10.0f}" if kbps is not None else f"{'-':>10}")
-                     + (f"{nb:>9.0f}" if nb is not None else f"{'-':>9}"))
+        lines.append(
+            f"{r['query_model']:<24} {r['quality']:<18}"
+            + "".join(f"{r['recall'][str(n)]:>8.3f}" for n in ns)
+            + f"{r['num_queries']:>7}"
+            + (f"{kbps:>10.0f}" if kbps is not None else f"{'-':>10}")
+            + (f"{nb:>9.0f}" if nb is not None else f"{'-':>9}")
+        )
     return "\n".join(lines)
 
 
-def plot_series(series: dict[str, list[tuple[str, float]]], out: Path, title: str,
-                ylabel: str = "recall@1") -> Path:
+def plot_series(series: dict[str, list[tuple[str, float]]], out: Path, title: str, ylabel: str = "recall@1") -> Path:
     """Line plot of a metric against quality (categorical x axis, in the
     order first seen), one line per series; written atomically as PNG."""
     import matplotlib
@@ -365,8 +478,15 @@ def plot_series(series: dict[str, list[tuple[str, float]]], out: Path, title: st
         for k, (label, pts) in enumerate(series.items()):
             xs = [qualities.index(q) for q, _ in pts]
             # distinct dashes and markers keep coinciding lines visible
-            ax.plot(xs, [v for _, v in pts], linestyle=styles[k % len(styles)], marker=markers[k % len(markers)],
-                    markersize=7 - (k % 3), label=label, alpha=0.9)
+            ax.plot(
+                xs,
+                [v for _, v in pts],
+                linestyle=styles[k % len(styles)],
+                marker=markers[k % len(markers)],
+                markersize=7 - (k % 3),
+                label=label,
+                alpha=0.9,
+            )
         ax.set_xticks(range(len(qualities)))
         ax.set_xticklabels(qualities, rotation=30, ha="right")
         ax.set_ylim(0, 1.02)
@@ -425,8 +545,19 @@ def run_eval(cfg: EvalConfig, out: TextIO | None = None) -> dict[str, Any]:
     if cfg.limit is not None:
         dataset = dataset.subset_queries(cfg.limit)
     cache = DescriptorCache(cfg.home.cache_dir) if cfg.use_cache else None
-    report = evaluate(Registry(cfg.home.models_dir), dataset, cfg.db_model, cfg.query_models, quals, cfg.policy,
-                      cache, cfg.ns, cfg.batch_size, cfg.device, cfg.progress)
+    report = evaluate(
+        Registry(cfg.home.models_dir),
+        dataset,
+        cfg.db_model,
+        cfg.query_models,
+        quals,
+        cfg.policy,
+        cache,
+        cfg.ns,
+        cfg.batch_size,
+        cfg.device,
+        cfg.progress,
+    )
     report["source"] = str(cfg.source)
     report.update(cfg.extra)
     if cfg.json_out is not None:

@@ -23,6 +23,7 @@ For models with PCA-whitening the decomposition is of the NetVLAD descriptor
 before the projection. The overlay shows max(share, 0) * N (1 = the
 uniform share), on one colour scale for all panels of an image.
 """
+
 from __future__ import annotations
 
 import io
@@ -58,7 +59,7 @@ def descriptor_shares(net: VPRNet, fmap: torch.Tensor) -> torch.Tensor:
     intra = vlad / norms
     z = intra.flatten(1).norm(dim=1).clamp_min(EPS).view(b, 1, 1)
     d = intra / z  # (B, K, C) = the descriptor
-    scale = (soft / (norms * z))  # (B, K, N): a_kn / (||V_k|| Z)
+    scale = soft / (norms * z)  # (B, K, N): a_kn / (||V_k|| Z)
     dx = torch.bmm(d, flat)  # <d_k, x^_n>  (B, K, N)
     dc = (d * cent.unsqueeze(0)).sum(dim=2, keepdim=True)  # <d_k, c_k>  (B, K, 1)
     return (scale * (dx - dc)).sum(dim=1).view(b, h, w)
@@ -67,8 +68,8 @@ def descriptor_shares(net: VPRNet, fmap: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Panel:
     title: str
-    image: Image.Image          # what the network saw (input size)
-    heat: np.ndarray            # (h, w) shares
+    image: Image.Image  # what the network saw (input size)
+    heat: np.ndarray  # (h, w) shares
     stats: dict[str, float]
 
 
@@ -79,8 +80,12 @@ def heat_stats(shares: np.ndarray) -> dict[str, float]:
     k = max(1, int(round(0.1 * s.size)))
     p = pos / pos.sum() if pos.sum() > 0 else np.full_like(pos, 1 / pos.size)
     entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(s.size)) if s.size > 1 else 0.0
-    return {"top10pct_share": float(np.sort(s)[::-1][:k].sum()), "negative_share": float(-s[s < 0].sum()),
-            "normalised_entropy": entropy, "locations": int(s.size)}
+    return {
+        "top10pct_share": float(np.sort(s)[::-1][:k].sum()),
+        "negative_share": float(-s[s < 0].sum()),
+        "normalised_entropy": entropy,
+        "locations": int(s.size),
+    }
 
 
 def explain_one(model: LoadedModel, img: Image.Image, device: torch.device, title: str) -> Panel:
@@ -101,13 +106,14 @@ def overlay(panel: Panel, ax, vmax: float, alpha: float = 0.55) -> None:
     import matplotlib
 
     heat = np.clip(relative_heat(panel) / vmax, 0, 1)
-    up = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(panel.image.size, Image.BILINEAR),
-                    np.float32) / 255
+    up = (
+        np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(panel.image.size, Image.BILINEAR), np.float32)
+        / 255
+    )
     colours = matplotlib.colormaps["jet"](up)[..., :3]
     base = np.asarray(panel.image, np.float32) / 255
     ax.imshow(np.clip((1 - alpha) * base + alpha * colours, 0, 1))
-    ax.set_title(f"{panel.title}\ntop 10% of locations: {panel.stats['top10pct_share']:.0%} of descriptor",
-                 fontsize=8)
+    ax.set_title(f"{panel.title}\ntop 10% of locations: {panel.stats['top10pct_share']:.0%} of descriptor", fontsize=8)
     ax.axis("off")
 
 
@@ -142,8 +148,14 @@ def output_names(images: list[Path], quality: str | None) -> list[str]:
     return [f"{s}{suffix}.png" if stems.count(s) == 1 else f"{k:03d}-{s}{suffix}.png" for k, s in enumerate(stems)]
 
 
-def explain_images(registry: Registry, models: list[str], images: list[Path], out: Path,
-                   quality: str | None = None, device: torch.device | str | None = None) -> list[Path]:
+def explain_images(
+    registry: Registry,
+    models: list[str],
+    images: list[Path],
+    out: Path,
+    quality: str | None = None,
+    device: torch.device | str | None = None,
+) -> list[Path]:
     """One PNG per image in `out`: the image as the model(s) saw it, then one
     heatmap overlay per model side by side; plus `explain.json` with numbers."""
     from vpr.media.degrade import degrade_image, parse_quality
@@ -166,9 +178,16 @@ def explain_images(registry: Registry, models: list[str], images: list[Path], ou
         target = out / name
         atomic_write_bytes(target, render(panels, f"{Path(path).name} @ {q or 'orig'}"))
         written.append(target)
-        summary.append({"image": str(path), "png": name, "quality": q or "orig",
-                         "models": {p.title.split(" ")[0]: p.stats for p in panels}})
+        summary.append(
+            {
+                "image": str(path),
+                "png": name,
+                "quality": q or "orig",
+                "models": {p.title.split(" ")[0]: p.stats for p in panels},
+            }
+        )
         log.info("%s: heatmaps of %d model(s)", target, len(panels))
-    atomic_write_json(out / "explain.json", {"method": "NetVLAD descriptor share per location (train/explain.py)",
-                                             "images": summary})
+    atomic_write_json(
+        out / "explain.json", {"method": "NetVLAD descriptor share per location (train/explain.py)", "images": summary}
+    )
     return written

@@ -5,10 +5,12 @@ A backend writes a version's vectors while the store writes everything else
 (metadata, manifest, publication); the manifest fields a backend returns are
 all it needs to open that version again.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -34,11 +36,20 @@ class Searcher(Protocol):
 class Backend(Protocol):
     kind: str
 
-    def build(self, folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, factory: str,
-              progress: Progress | None) -> dict: ...
+    def build(
+        self, folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, factory: str, progress: Progress | None
+    ) -> dict: ...
 
-    def edit(self, old_folder: Path, old_manifest: dict, folder: Path, name: str, add_vectors: np.ndarray,
-             add_ids: np.ndarray, remove_ids: np.ndarray) -> dict: ...
+    def edit(
+        self,
+        old_folder: Path,
+        old_manifest: dict,
+        folder: Path,
+        name: str,
+        add_vectors: np.ndarray,
+        add_ids: np.ndarray,
+        remove_ids: np.ndarray,
+    ) -> dict: ...
 
     def open(self, folder: Path, manifest: dict) -> Searcher: ...
 
@@ -72,23 +83,40 @@ class FaissBackend:
         self.max_train = max_train
         self.mmap = mmap
 
-    def build(self, folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, factory: str,
-              progress: Progress | None) -> dict:
+    def build(
+        self, folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, factory: str, progress: Progress | None
+    ) -> dict:
         index = fb.build_index(vectors, ids, factory, self.max_train, progress, normalized=True)
         fb.write_index(index, folder / INDEX_FILE)
-        return {"backend": "faiss", "index_file": INDEX_FILE, "index_type": fb.describe(index),
-                "search_params": list(fb.param_names(index))}
+        return {
+            "backend": "faiss",
+            "index_file": INDEX_FILE,
+            "index_type": fb.describe(index),
+            "search_params": list(fb.param_names(index)),
+        }
 
-    def edit(self, old_folder: Path, old_manifest: dict, folder: Path, name: str, add_vectors: np.ndarray,
-             add_ids: np.ndarray, remove_ids: np.ndarray) -> dict:
+    def edit(
+        self,
+        old_folder: Path,
+        old_manifest: dict,
+        folder: Path,
+        name: str,
+        add_vectors: np.ndarray,
+        add_ids: np.ndarray,
+        remove_ids: np.ndarray,
+    ) -> dict:
         index = fb.read_index(old_folder / old_manifest.get("index_file", INDEX_FILE))
         if len(remove_ids):
             fb.remove_ids(index, remove_ids)
         if len(add_ids):
             fb.add_vectors(index, add_vectors, add_ids)
         fb.write_index(index, folder / INDEX_FILE)
-        return {"backend": "faiss", "index_file": INDEX_FILE, "index_type": fb.describe(index),
-                "search_params": list(fb.param_names(index))}
+        return {
+            "backend": "faiss",
+            "index_file": INDEX_FILE,
+            "index_type": fb.describe(index),
+            "search_params": list(fb.param_names(index)),
+        }
 
     def open(self, folder: Path, manifest: dict) -> FaissSearcher:
         path = folder / manifest.get("index_file", INDEX_FILE)

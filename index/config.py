@@ -5,6 +5,7 @@ metadata; `milvus` keeps them in a Milvus collection (Milvus Lite file or a
 cluster URI) and the metadata, manifest and versions stay on disk as for
 FAISS. Environment: VPR_INDEX_BACKEND, VPR_INDEX_MILVUS_URI, ...
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -21,8 +22,8 @@ class IndexSettings(BaseSettings):
     # Cloud), or a local file path ending in .db (Milvus Lite). Unset with the
     # milvus backend: Milvus Lite in <indexes_dir>/milvus.db.
     milvus_uri: str | None = None
-    milvus_token: SecretStr | None = None   # "user:password" or an API key
-    milvus_db: str | None = None            # database name on a cluster
+    milvus_token: SecretStr | None = None  # "user:password" or an API key
+    milvus_db: str | None = None  # database name on a cluster
     # Images described per resumable chunk file while building.
     chunk_size: int = Field(256, ge=1, le=1_000_000)
     # Vectors sampled to train IVF / PQ / PCA (FAISS subsamples further per k-means).
@@ -37,6 +38,8 @@ class IndexSettings(BaseSettings):
             return None
         v = v.strip()
         if not (v.startswith(("http://", "https://", "tcp://", "unix:")) or v.endswith(".db")):
-            raise ValueError(f"milvus_uri {v!r}: expected http(s)://host:port for a server "
-                             "or a local file path ending in .db for Milvus Lite")
+            raise ValueError(
+                f"milvus_uri {v!r}: expected http(s)://host:port for a server "
+                "or a local file path ending in .db for Milvus Lite"
+            )
         return v

@@ -6,6 +6,7 @@ atomically) inside a work folder keyed by the model's weights sha256 and the
 image list (paths, sizes, mtimes). A restarted build with the same model and
 images reuses every finished chunk; a changed image or model gets a new key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,8 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -79,9 +80,17 @@ def _describe_batch(net, paths: Sequence[Path], batch_size: int, device, skip_ba
     return np.stack(rows).astype(np.float32)
 
 
-def describe_images(net, paths: Sequence[Path], model_sha256: str, work_root: Path, batch_size: int = 8,
-                    chunk_size: int = 256, device=None, progress: Progress | None = None,
-                    skip_bad: bool = False) -> tuple[np.ndarray, Path]:
+def describe_images(
+    net,
+    paths: Sequence[Path],
+    model_sha256: str,
+    work_root: Path,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    device=None,
+    progress: Progress | None = None,
+    skip_bad: bool = False,
+) -> tuple[np.ndarray, Path]:
     """(N, D) float32 descriptors of `paths`, resuming from `work_root/<key>`.
 
     Returns the descriptors and the work folder (delete it once the index that
@@ -97,8 +106,9 @@ def describe_images(net, paths: Sequence[Path], model_sha256: str, work_root: Pa
         info = json.loads(info_path.read_text())
         chunk_size = int(info.get("chunk_size", chunk_size))  # chunk boundaries must not move
     else:
-        atomic_write_json(info_path, {"model_sha256": model_sha256, "count": len(paths),
-                                      "chunk_size": chunk_size, "dim": dim})
+        atomic_write_json(
+            info_path, {"model_sha256": model_sha256, "count": len(paths), "chunk_size": chunk_size, "dim": dim}
+        )
     total = len(paths)
     out = np.empty((total, dim), np.float32)
     starts = range(0, total, chunk_size)

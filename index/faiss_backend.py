@@ -12,13 +12,14 @@ does; IVF does not, so wrapping IVF would silently return wrong ids after a
 removal. HNSW cannot remove at all: removal rebuilds its graph from the
 vectors it stores (no new training, no re-extraction).
 """
+
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import faiss
 import numpy as np
@@ -27,7 +28,9 @@ from vpr.index.knn import as_float32, flat_ip_index
 
 log = logging.getLogger(__name__)
 
-FACTORY_EXAMPLES = "Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, PCA256,L2norm,IVF1024,PQ32, OPQ64,IVF4096,PQ64, IVF1024,SQ8"
+FACTORY_EXAMPLES = (
+    "Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, PCA256,L2norm,IVF1024,PQ32, OPQ64,IVF4096,PQ64, IVF1024,SQ8"
+)
 # Search-time parameters accepted by `search(..., params=...)`, per index kind.
 IVF_PARAMS = ("nprobe", "max_codes")
 HNSW_PARAMS = ("efSearch",)
@@ -89,8 +92,9 @@ def make_index(spec: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise FactoryError(f"bad factory spec {spec!r} for {dim}-d descriptors: {_faiss_msg(e)}; "
-                           f"examples: {FACTORY_EXAMPLES}") from None
+        raise FactoryError(
+            f"bad factory spec {spec!r} for {dim}-d descriptors: {_faiss_msg(e)}; examples: {FACTORY_EXAMPLES}"
+        ) from None
 
 
 def _faiss_msg(e: Exception) -> str:
@@ -140,8 +144,9 @@ def search_parameters(index: faiss.Index, params: dict | None) -> faiss.SearchPa
     if unknown:
         _, _, base = unwrap(index)
         kind = type(base).__name__
-        raise ValueError(f"search parameters {unknown} do not apply to a {kind} index; "
-                         f"it accepts {list(allowed) or 'none'}")
+        raise ValueError(
+            f"search parameters {unknown} do not apply to a {kind} index; it accepts {list(allowed) or 'none'}"
+        )
     values = {}
     for key, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -171,16 +176,19 @@ class BuildStats:
     add_seconds: float = 0.0
 
 
-def train_index(index: faiss.Index, vectors: np.ndarray, spec: str, max_train: int = DEFAULT_MAX_TRAIN,
-                seed: int = 0) -> int:
+def train_index(
+    index: faiss.Index, vectors: np.ndarray, spec: str, max_train: int = DEFAULT_MAX_TRAIN, seed: int = 0
+) -> int:
     """Train on (a sample of) the normalised database vectors; returns how many."""
     if index.is_trained:
         return 0
     need = min_train_vectors(spec)
     if len(vectors) < max(need, 1):
-        raise FactoryError(f"factory spec {spec!r} needs at least {need} vectors to train, "
-                           f"the database has {len(vectors)}; use a smaller spec (e.g. Flat or HNSW32) "
-                           f"or fewer IVF lists / PQ sub-quantizers")
+        raise FactoryError(
+            f"factory spec {spec!r} needs at least {need} vectors to train, "
+            f"the database has {len(vectors)}; use a smaller spec (e.g. Flat or HNSW32) "
+            f"or fewer IVF lists / PQ sub-quantizers"
+        )
     sample = vectors
     if len(vectors) > max_train:
         pick = np.sort(np.random.default_rng(seed).choice(len(vectors), max_train, replace=False))
@@ -198,8 +206,13 @@ def wrap_ids(index: faiss.Index) -> faiss.Index:
     return index if is_ivf(base) else faiss.IndexIDMap2(index)
 
 
-def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
-                progress: Callable[[int, int], None] | None = None, batch: int | None = None) -> None:
+def add_vectors(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    progress: Callable[[int, int], None] | None = None,
+    batch: int | None = None,
+) -> None:
     """Add in batches (about 20 progress reports per call, at most ADD_BATCH each)."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     total = len(vectors)
@@ -214,8 +227,14 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
             progress(stop, total)
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, spec: str = "Flat", max_train: int = DEFAULT_MAX_TRAIN,
-                progress: Callable[[int, int], None] | None = None, normalized: bool = False) -> faiss.Index:
+def build_index(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    spec: str = "Flat",
+    max_train: int = DEFAULT_MAX_TRAIN,
+    progress: Callable[[int, int], None] | None = None,
+    normalized: bool = False,
+) -> faiss.Index:
     """Build a searchable index over `vectors` with external `ids`."""
     x = vectors if normalized else l2_normalize(vectors)
     ids = np.asarray(ids, dtype=np.int64)

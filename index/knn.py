@@ -3,6 +3,7 @@
 The one exact search path: the `Flat` index backend and the recall evaluation
 both go through it, so evaluation measures what the server would return.
 """
+
 from __future__ import annotations
 
 import faiss

@@ -6,15 +6,17 @@ A published version's file never changes, so readers open it read-only and
 immutable (no locking, no journal) and one connection serves all threads
 under a lock.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -47,7 +49,7 @@ class Entry:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, obj: Any) -> "Entry":
+    def of(cls, obj: Any) -> Entry:
         if isinstance(obj, Entry):
             return obj
         if isinstance(obj, (str, Path)):
@@ -56,11 +58,14 @@ class Entry:
             raise TypeError(f"{obj!r}: a database item needs at least a `path` attribute")
         path = Path(obj.path)
         label = getattr(obj, "label", None)
-        return cls(path=path, label=str(label) if label is not None else path.stem,
-                   utm=_pair(getattr(obj, "utm", None), "utm", path),
-                   utm_zone=getattr(obj, "utm_zone", None),
-                   latlon=_pair(getattr(obj, "latlon", None), "latlon", path),
-                   extra=dict(getattr(obj, "extra", None) or {}))
+        return cls(
+            path=path,
+            label=str(label) if label is not None else path.stem,
+            utm=_pair(getattr(obj, "utm", None), "utm", path),
+            utm_zone=getattr(obj, "utm_zone", None),
+            latlon=_pair(getattr(obj, "latlon", None), "latlon", path),
+            extra=dict(getattr(obj, "extra", None) or {}),
+        )
 
 
 def _pair(value: Any, what: str, path: Path) -> tuple[float, float] | None:
@@ -86,8 +91,9 @@ def relative_path(path: Path, root: Path) -> str:
         try:
             rel = PurePosixPath(path.resolve().relative_to(Path(root).resolve()).as_posix())
         except ValueError:
-            raise ValueError(f"{path}: not under the index root {root}; "
-                             "pass a root folder that contains every database image") from None
+            raise ValueError(
+                f"{path}: not under the index root {root}; pass a root folder that contains every database image"
+            ) from None
     if ".." in rel.parts:
         raise ValueError(f"{path}: escapes the index root {root}")
     return str(rel)
@@ -96,8 +102,17 @@ def relative_path(path: Path, root: Path) -> str:
 def row_for(id_: int, entry: Entry, root: Path) -> tuple:
     utm = entry.utm or (None, None)
     latlon = entry.latlon or (None, None)
-    return (int(id_), relative_path(entry.path, root), entry.label, utm[0], utm[1], entry.utm_zone,
-            latlon[0], latlon[1], json.dumps(entry.extra, sort_keys=True))
+    return (
+        int(id_),
+        relative_path(entry.path, root),
+        entry.label,
+        utm[0],
+        utm[1],
+        entry.utm_zone,
+        latlon[0],
+        latlon[1],
+        json.dumps(entry.extra, sort_keys=True),
+    )
 
 
 def create(path: Path, rows: Iterable[tuple]) -> int:
@@ -147,7 +162,7 @@ class MetaReader:
         out: dict[int, dict[str, Any]] = {}
         with self._lock:
             for start in range(0, len(wanted), QUERY_CHUNK):
-                chunk = wanted[start:start + QUERY_CHUNK]
+                chunk = wanted[start : start + QUERY_CHUNK]
                 sql = f"SELECT {','.join(COLUMNS)} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
                 for row in self._con.execute(sql, chunk):
                     out[row[0]] = as_dict(row)
@@ -177,7 +192,7 @@ class MetaReader:
         with self._lock:
             for column, values in (("path", list(paths)), ("label", list(labels))):
                 for start in range(0, len(values), QUERY_CHUNK):
-                    chunk = values[start:start + QUERY_CHUNK]
+                    chunk = values[start : start + QUERY_CHUNK]
                     sql = f"SELECT id FROM items WHERE {column} IN ({','.join('?' * len(chunk))})"
                     found.update(r[0] for r in self._con.execute(sql, chunk))
         return sorted(found)

@@ -13,6 +13,7 @@ list grows large (its size is logged).
 Works with Milvus Lite (a local `.db` file, used by the tests), a standalone
 server or a cluster (`http://host:19530`), or Zilliz Cloud (https + token).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 VECTOR_FIELD = "vec"
 ID_FIELD = "id"
-MAX_INSERT_BYTES = 16 << 20     # keep gRPC messages well under Milvus's 64 MiB
-MAX_LIMIT = 16_384              # Milvus's top-k limit
+MAX_INSERT_BYTES = 16 << 20  # keep gRPC messages well under Milvus's 64 MiB
+MAX_LIMIT = 16_384  # Milvus's top-k limit
 EXCLUDED_WARN = 10_000
 _clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
@@ -48,7 +49,9 @@ def _pymilvus():
     try:
         import pymilvus
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise MilvusUnavailable("the milvus backend needs pymilvus (pip install 'pymilvus>=2.4' 'milvus-lite>=2.4')") from e
+        raise MilvusUnavailable(
+            "the milvus backend needs pymilvus (pip install 'pymilvus>=2.4' 'milvus-lite>=2.4')"
+        ) from e
     return pymilvus
 
 
@@ -70,16 +73,20 @@ def milvus_index(spec: str) -> tuple[str, dict]:
         (r"^Flat$", lambda m: ("FLAT", {})),
         (r"^IVF(\d+),Flat$", lambda m: ("IVF_FLAT", {"nlist": int(m[1])})),
         (r"^IVF(\d+),SQ8$", lambda m: ("IVF_SQ8", {"nlist": int(m[1])})),
-        (r"^IVF(\d+),PQ(\d+)(?:x(\d+))?$",
-         lambda m: ("IVF_PQ", {"nlist": int(m[1]), "m": int(m[2]), "nbits": int(m[3] or 8)})),
+        (
+            r"^IVF(\d+),PQ(\d+)(?:x(\d+))?$",
+            lambda m: ("IVF_PQ", {"nlist": int(m[1]), "m": int(m[2]), "nbits": int(m[3] or 8)}),
+        ),
         (r"^HNSW(\d+)(?:,Flat)?$", lambda m: ("HNSW", {"M": int(m[1]), "efConstruction": 200})),
     ]
     for pattern, make in patterns:
         if m := re.match(pattern, spec):
             return make(m)
-    raise fb.FactoryError(f"factory spec {spec!r} has no Milvus equivalent; the milvus backend supports Flat, "
-                          "IVF<n>,Flat, IVF<n>,SQ8, IVF<n>,PQ<m>[x<bits>] and HNSW<M>. Milvus has no PCA: "
-                          "reduce the dimension in the model (pca_dim) instead")
+    raise fb.FactoryError(
+        f"factory spec {spec!r} has no Milvus equivalent; the milvus backend supports Flat, "
+        "IVF<n>,Flat, IVF<n>,SQ8, IVF<n>,PQ<m>[x<bits>] and HNSW<M>. Milvus has no PCA: "
+        "reduce the dimension in the model (pca_dim) instead"
+    )
 
 
 def collection_prefix(name: str) -> str:
@@ -105,26 +112,34 @@ def _load_partition(client: Any, collection: str, partition: str, lite: bool) ->
 
 
 class MilvusSearcher:
-    def __init__(self, client: Any, collection: str, partitions: list[str], excluded: list[int],
-                 index_type: str, dim: int) -> None:
+    def __init__(
+        self, client: Any, collection: str, partitions: list[str], excluded: list[int], index_type: str, dim: int
+    ) -> None:
         self.client = client
         self.collection = collection
         self.partitions = partitions
         self.filter = _exclusion_filter(excluded)
         self.dim = dim
-        self.param_names = {"IVF_FLAT": ("nprobe",), "IVF_SQ8": ("nprobe",), "IVF_PQ": ("nprobe",),
-                            "HNSW": ("efSearch",)}.get(index_type, ())
+        self.param_names = {
+            "IVF_FLAT": ("nprobe",),
+            "IVF_SQ8": ("nprobe",),
+            "IVF_PQ": ("nprobe",),
+            "HNSW": ("efSearch",),
+        }.get(index_type, ())
         client.load_collection(collection)
-        res = client.query(collection, filter=self.filter or f"{ID_FIELD} >= 0", output_fields=["count(*)"],
-                           partition_names=partitions)
+        res = client.query(
+            collection, filter=self.filter or f"{ID_FIELD} >= 0", output_fields=["count(*)"], partition_names=partitions
+        )
         self.ntotal = int(res[0]["count(*)"])
 
     def _params(self, params: dict | None) -> dict:
         params = params or {}
         unknown = sorted(set(params) - set(self.param_names))
         if unknown:
-            raise ValueError(f"search parameters {unknown} do not apply to this Milvus index; "
-                             f"it accepts {list(self.param_names) or 'none'}")
+            raise ValueError(
+                f"search parameters {unknown} do not apply to this Milvus index; "
+                f"it accepts {list(self.param_names) or 'none'}"
+            )
         out = {}
         for key, value in params.items():
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -136,9 +151,16 @@ class MilvusSearcher:
         if k > MAX_LIMIT:
             raise ValueError(f"k={k} exceeds Milvus's limit of {MAX_LIMIT}")
         sp = {"metric_type": "IP", "params": self._params(params)}
-        res = self.client.search(self.collection, data=queries.tolist(), limit=k, anns_field=VECTOR_FIELD,
-                                 search_params=sp, filter=self.filter, partition_names=self.partitions,
-                                 output_fields=[ID_FIELD])
+        res = self.client.search(
+            self.collection,
+            data=queries.tolist(),
+            limit=k,
+            anns_field=VECTOR_FIELD,
+            search_params=sp,
+            filter=self.filter,
+            partition_names=self.partitions,
+            output_fields=[ID_FIELD],
+        )
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         for row, hits in enumerate(res):
@@ -160,7 +182,7 @@ class MilvusBackend:
         self.db_name = db_name
 
     @classmethod
-    def from_settings(cls, settings: Any, indexes_dir: Path) -> "MilvusBackend":
+    def from_settings(cls, settings: Any, indexes_dir: Path) -> MilvusBackend:
         uri = settings.milvus_uri or str(Path(indexes_dir).resolve() / "milvus.db")
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
         return cls(uri, token, settings.milvus_db)
@@ -188,8 +210,15 @@ class MilvusBackend:
                     raise MilvusUnavailable(f"cannot connect to Milvus at {uri}: {e}") from e
             return _clients[key]
 
-    def _insert(self, client: Any, collection: str, vectors: np.ndarray, ids: np.ndarray, partition: str | None,
-                progress: Progress | None = None) -> None:
+    def _insert(
+        self,
+        client: Any,
+        collection: str,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        partition: str | None,
+        progress: Progress | None = None,
+    ) -> None:
         rows_per = max(1, MAX_INSERT_BYTES // (vectors.shape[1] * 4 + 8))
         total = len(vectors)
         for start in range(0, total, rows_per):
@@ -200,19 +229,24 @@ class MilvusBackend:
                 progress(stop, total)
         client.flush(collection)
 
-    def build(self, folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, factory: str,
-              progress: Progress | None) -> dict:
+    def build(
+        self, folder: Path, name: str, vectors: np.ndarray, ids: np.ndarray, factory: str, progress: Progress | None
+    ) -> dict:
         pm = _pymilvus()
         index_type, build_params = milvus_index(factory)
         min_train = fb.min_train_vectors(factory)
         if len(vectors) < min_train:
-            raise fb.FactoryError(f"factory spec {factory!r} needs at least {min_train} vectors to train, "
-                                  f"the database has {len(vectors)}")
+            raise fb.FactoryError(
+                f"factory spec {factory!r} needs at least {min_train} vectors to train, the database has {len(vectors)}"
+            )
         collection = collection_prefix(name) + secrets.token_hex(4)
         # Written before the collection exists: a killed build leaves enough
         # behind for the next writer to drop the orphan collection.
-        (folder / "backend.json").write_text(json.dumps({"backend": "milvus", "milvus_uri": self.uri,
-                                                         "milvus_collection": collection, "milvus_fresh": True}))
+        (folder / "backend.json").write_text(
+            json.dumps(
+                {"backend": "milvus", "milvus_uri": self.uri, "milvus_collection": collection, "milvus_fresh": True}
+            )
+        )
         client = self.client()
         schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(ID_FIELD, pm.DataType.INT64, is_primary=True)
@@ -220,36 +254,66 @@ class MilvusBackend:
         client.create_collection(collection, schema=schema, consistency_level="Strong")
         self._insert(client, collection, vectors, ids, None, progress)
         index_params = client.prepare_index_params()
-        index_params.add_index(field_name=VECTOR_FIELD, index_type=index_type, metric_type="IP",
-                               params=build_params)
+        index_params.add_index(field_name=VECTOR_FIELD, index_type=index_type, metric_type="IP", params=build_params)
         client.create_index(collection, index_params)
         client.load_collection(collection)
-        log.info("milvus collection %s at %s: %d vectors, %s %s", collection, self.uri, len(vectors),
-                 index_type, build_params)
-        return {"backend": "milvus", "milvus_uri": self.uri, "milvus_collection": collection,
-                "milvus_partitions": ["_default"], "milvus_excluded": [], "milvus_index": index_type,
-                "milvus_index_params": build_params,
-                "search_params": list({"IVF_FLAT": ("nprobe",), "IVF_SQ8": ("nprobe",), "IVF_PQ": ("nprobe",),
-                                       "HNSW": ("efSearch",)}.get(index_type, ()))}
+        log.info(
+            "milvus collection %s at %s: %d vectors, %s %s",
+            collection,
+            self.uri,
+            len(vectors),
+            index_type,
+            build_params,
+        )
+        return {
+            "backend": "milvus",
+            "milvus_uri": self.uri,
+            "milvus_collection": collection,
+            "milvus_partitions": ["_default"],
+            "milvus_excluded": [],
+            "milvus_index": index_type,
+            "milvus_index_params": build_params,
+            "search_params": list(
+                {"IVF_FLAT": ("nprobe",), "IVF_SQ8": ("nprobe",), "IVF_PQ": ("nprobe",), "HNSW": ("efSearch",)}.get(
+                    index_type, ()
+                )
+            ),
+        }
 
-    def edit(self, old_folder: Path, old_manifest: dict, folder: Path, name: str, add_vectors: np.ndarray,
-             add_ids: np.ndarray, remove_ids: np.ndarray) -> dict:
+    def edit(
+        self,
+        old_folder: Path,
+        old_manifest: dict,
+        folder: Path,
+        name: str,
+        add_vectors: np.ndarray,
+        add_ids: np.ndarray,
+        remove_ids: np.ndarray,
+    ) -> dict:
         collection = old_manifest["milvus_collection"]
         client = self.client(self._uri_for(old_manifest))
         partitions = list(old_manifest.get("milvus_partitions", ["_default"]))
         excluded = sorted(set(old_manifest.get("milvus_excluded", [])) | {int(i) for i in remove_ids})
         if len(add_ids):
             part = f"p_{secrets.token_hex(4)}"
-            (folder / "backend.json").write_text(json.dumps({"backend": "milvus", "milvus_uri": self.uri,
-                                                             "milvus_collection": collection,
-                                                             "milvus_new_partition": part}))
+            (folder / "backend.json").write_text(
+                json.dumps(
+                    {
+                        "backend": "milvus",
+                        "milvus_uri": self.uri,
+                        "milvus_collection": collection,
+                        "milvus_new_partition": part,
+                    }
+                )
+            )
             client.create_partition(collection, part)
             self._insert(client, collection, add_vectors, add_ids, part)
             _load_partition(client, collection, part, is_lite(self._uri_for(old_manifest)))
             partitions.append(part)
         if len(excluded) > EXCLUDED_WARN:
-            log.warning("index %s: %d removed ids are filtered at search time; rebuild it to compact",
-                        name, len(excluded))
+            log.warning(
+                "index %s: %d removed ids are filtered at search time; rebuild it to compact", name, len(excluded)
+            )
         return {"milvus_partitions": partitions, "milvus_excluded": excluded}
 
     def _uri_for(self, manifest: dict) -> str:
@@ -260,11 +324,18 @@ class MilvusBackend:
         client = self.client(self._uri_for(manifest))
         collection = manifest["milvus_collection"]
         if not client.has_collection(collection):
-            raise FileNotFoundError(f"Milvus collection {collection} of index {manifest['name']}@"
-                                    f"{manifest['version']} is missing at {self._uri_for(manifest)}")
-        return MilvusSearcher(client, collection, list(manifest.get("milvus_partitions", ["_default"])),
-                              list(manifest.get("milvus_excluded", [])), manifest.get("milvus_index", "FLAT"),
-                              int(manifest["dim"]))
+            raise FileNotFoundError(
+                f"Milvus collection {collection} of index {manifest['name']}@"
+                f"{manifest['version']} is missing at {self._uri_for(manifest)}"
+            )
+        return MilvusSearcher(
+            client,
+            collection,
+            list(manifest.get("milvus_partitions", ["_default"])),
+            list(manifest.get("milvus_excluded", [])),
+            manifest.get("milvus_index", "FLAT"),
+            int(manifest["dim"]),
+        )
 
     def discard(self, fields: dict) -> None:
         client = self.client(fields.get("milvus_uri") or self.uri)

@@ -14,6 +14,7 @@ Versions never change once published: `add` and `remove` write a new version
 (copy-on-write), so a `LoadedIndex` of the old version keeps answering.
 Writers of one index are serialised by a file lock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,19 +27,19 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-
-from vpr.model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
 
 from vpr.index import faiss_backend as fb
 from vpr.index import meta as meta_db
 from vpr.index.backends import Backend, FaissBackend, Searcher
 from vpr.index.config import IndexSettings
 from vpr.index.meta import Entry, MetaReader
+from vpr.model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,18 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = 1
 Progress = Callable[[int, int], None]
 
-__all__ = ["ActiveIndex", "Entry", "Hit", "IndexMismatch", "IndexRef", "IndexStore", "IndexStoreError", "LoadedIndex",
-           "ModelStamp", "check_compatible"]
+__all__ = [
+    "ActiveIndex",
+    "Entry",
+    "Hit",
+    "IndexMismatch",
+    "IndexRef",
+    "IndexStore",
+    "IndexStoreError",
+    "LoadedIndex",
+    "ModelStamp",
+    "check_compatible",
+]
 
 
 class IndexStoreError(ValueError):
@@ -80,12 +91,12 @@ class Hit:
 class ModelStamp:
     """What an index records about the model that described its database."""
 
-    spec: str      # name@version
+    spec: str  # name@version
     sha256: str
     dim: int
 
     @classmethod
-    def of(cls, model: Any) -> "ModelStamp":
+    def of(cls, model: Any) -> ModelStamp:
         """From a registry `LoadedModel`, a model manifest dict or a ModelStamp."""
         if isinstance(model, ModelStamp):
             return model
@@ -121,27 +132,31 @@ def check_compatible(index_manifest: dict, model_manifest: dict) -> None:
             raise IndexMismatch(
                 f"index {index_name} was built with {built_with} weights sha256 "
                 f"{str(index_manifest.get('model_sha256'))[:12]}..., but the model {spec} now has "
-                f"{str(model_manifest.get('sha256'))[:12]}...; rebuild the index with this model")
+                f"{str(model_manifest.get('sha256'))[:12]}...; rebuild the index with this model"
+            )
     elif model_manifest.get("parent") and model_manifest.get("parent") == built_with:
         pass  # a student distilled from the index's teacher
     else:
         parent = model_manifest.get("parent")
         raise IndexMismatch(
             f"index {index_name} was built with model {built_with}; {spec} is neither that model nor a "
-            f"student of it (its parent is {parent or 'unset'}); use {built_with} or one of its students")
+            f"student of it (its parent is {parent or 'unset'}); use {built_with} or one of its students"
+        )
     if idim is None or mdim is None or int(idim) != int(mdim):
-        raise IndexMismatch(f"index {index_name} holds {idim}-d descriptors but model {spec} "
-                            f"produces {mdim}-d descriptors")
+        raise IndexMismatch(
+            f"index {index_name} holds {idim}-d descriptors but model {spec} produces {mdim}-d descriptors"
+        )
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise IndexStoreError(f"bad index name {name!r}: use letters, digits, '_', '.', '-' (max 64, "
-                              "not starting with '.', '_' or '-')")
+        raise IndexStoreError(
+            f"bad index name {name!r}: use letters, digits, '_', '.', '-' (max 64, not starting with '.', '_' or '-')"
+        )
     return name
 
 
@@ -239,6 +254,7 @@ class IndexStore:
             return FaissBackend(self.settings.max_train, self.settings.mmap)
         if kind == "milvus":
             from vpr.index.milvus_backend import MilvusBackend  # optional dependency
+
             return MilvusBackend.from_settings(self.settings, self.root)
         raise IndexStoreError(f"unknown index backend {kind!r}; choose faiss or milvus")
 
@@ -247,14 +263,16 @@ class IndexStore:
         fb.make_index(factory, dim)
         if (kind or self.settings.backend) == "milvus":
             from vpr.index.milvus_backend import milvus_index
+
             milvus_index(factory)
 
     # -- naming
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name)
-                      and self.versions(p.name))
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name) and self.versions(p.name)
+        )
 
     def versions(self, name: str) -> list[int]:
         d = self.root / name
@@ -286,10 +304,13 @@ class IndexStore:
                 if ref is None:
                     known = self.versions(name)
                     if not known:
-                        raise IndexStoreError(f"no index named {name!r} in {self.root} "
-                                              f"(indexes: {', '.join(self.names()) or 'none'})")
-                    raise IndexStoreError(f"index {name!r} has no active version; activate one of "
-                                          f"{', '.join(f'{name}@{v}' for v in known)}")
+                        raise IndexStoreError(
+                            f"no index named {name!r} in {self.root} (indexes: {', '.join(self.names()) or 'none'})"
+                        )
+                    raise IndexStoreError(
+                        f"index {name!r} has no active version; activate one of "
+                        f"{', '.join(f'{name}@{v}' for v in known)}"
+                    )
         if not (self.dir(ref) / MANIFEST_FILE).is_file():
             known = ", ".join(f"{ref.name}@{v}" for v in self.versions(ref.name)) or "none"
             raise IndexStoreError(f"index {ref} not found in {self.root} (versions: {known})")
@@ -433,10 +454,19 @@ class IndexStore:
             self.activate(ref)
         return ref
 
-    def build_from_descriptors(self, name: str, descriptors: np.ndarray, items: Sequence[Any], root: Path,
-                               model: Any, factory: str = "Flat", progress: Progress | None = None,
-                               activate: bool = True, ids: Sequence[int] | None = None,
-                               details: dict | None = None) -> IndexRef:
+    def build_from_descriptors(
+        self,
+        name: str,
+        descriptors: np.ndarray,
+        items: Sequence[Any],
+        root: Path,
+        model: Any,
+        factory: str = "Flat",
+        progress: Progress | None = None,
+        activate: bool = True,
+        ids: Sequence[int] | None = None,
+        details: dict | None = None,
+    ) -> IndexRef:
         """Publish a new version of `name` from ready descriptors.
 
         `items[i]` (Entry or any object with path/label/utm/utm_zone/latlon)
@@ -458,23 +488,44 @@ class IndexStore:
         rows = [meta_db.row_for(i, e, root) for i, e in zip(ids_arr.tolist(), entries)]
         self.validate_factory(factory, x.shape[1])
         backend = self._backend()
-        with self._writer(name) as base:
-            with self._staging(base) as tmp:
-                t0 = time.perf_counter()
-                meta_db.create(tmp / META_FILE, rows)
-                fields = backend.build(tmp, name, x, ids_arr, fb.normalize_spec(factory), progress)
-                manifest = {
-                    "format": FORMAT, "name": name, "model": stamp.spec, "model_sha256": stamp.sha256,
-                    "dim": int(x.shape[1]), "count": int(len(x)), "factory": fb.normalize_spec(factory),
-                    "metric": "inner_product", "normalized": True, "created": now_iso(), "root": str(root),
-                    "next_id": int(ids_arr.max()) + 1, "derived_from": None, "operation": f"build {len(x)}",
-                    "build_seconds": round(time.perf_counter() - t0, 3), "details": details or {}, **fields,
-                }
-                return self._publish(base, tmp, manifest, activate)
+        with self._writer(name) as base, self._staging(base) as tmp:
+            t0 = time.perf_counter()
+            meta_db.create(tmp / META_FILE, rows)
+            fields = backend.build(tmp, name, x, ids_arr, fb.normalize_spec(factory), progress)
+            manifest = {
+                "format": FORMAT,
+                "name": name,
+                "model": stamp.spec,
+                "model_sha256": stamp.sha256,
+                "dim": int(x.shape[1]),
+                "count": int(len(x)),
+                "factory": fb.normalize_spec(factory),
+                "metric": "inner_product",
+                "normalized": True,
+                "created": now_iso(),
+                "root": str(root),
+                "next_id": int(ids_arr.max()) + 1,
+                "derived_from": None,
+                "operation": f"build {len(x)}",
+                "build_seconds": round(time.perf_counter() - t0, 3),
+                "details": details or {},
+                **fields,
+            }
+            return self._publish(base, tmp, manifest, activate)
 
-    def build(self, name: str, model: Any, items: Sequence[Any], root: Path, factory: str = "Flat",
-              batch_size: int = 8, progress: Progress | None = None, activate: bool = True,
-              device: Any = None, skip_bad: bool = False) -> IndexRef:
+    def build(
+        self,
+        name: str,
+        model: Any,
+        items: Sequence[Any],
+        root: Path,
+        factory: str = "Flat",
+        batch_size: int = 8,
+        progress: Progress | None = None,
+        activate: bool = True,
+        device: Any = None,
+        skip_bad: bool = False,
+    ) -> IndexRef:
         """Describe `items` with `model` (a registry LoadedModel), then publish.
 
         Description is resumable: chunks already written by an interrupted build
@@ -491,21 +542,47 @@ class IndexStore:
         paths = [e.path if e.path.is_absolute() else root / e.path for e in entries]
         for e in entries:
             meta_db.relative_path(e.path, root)  # every image must be under root
-        descs, work = describe_images(model.net, paths, stamp.sha256, self.root / ".work", batch_size,
-                                      self.settings.chunk_size, device, progress, skip_bad)
+        descs, work = describe_images(
+            model.net,
+            paths,
+            stamp.sha256,
+            self.root / ".work",
+            batch_size,
+            self.settings.chunk_size,
+            device,
+            progress,
+            skip_bad,
+        )
         descs, entries = _drop_bad(descs, entries)
         ref = self.build_from_descriptors(name, descs, entries, root, stamp, factory, activate=activate)
         remove_work(work)
         return ref
 
-    def add_descriptors(self, spec: str | IndexRef, descriptors: np.ndarray, items: Sequence[Any], model: Any,
-                        root: Path | None = None, activate: bool = True) -> IndexRef:
+    def add_descriptors(
+        self,
+        spec: str | IndexRef,
+        descriptors: np.ndarray,
+        items: Sequence[Any],
+        model: Any,
+        root: Path | None = None,
+        activate: bool = True,
+    ) -> IndexRef:
         """New version = `spec` (default: the active one) plus these items."""
         return self._edit(spec, model, descriptors, items, None, root, activate)
 
-    def add(self, spec: str | IndexRef, model: Any, items: Sequence[Any], root: Path | None = None,
-            batch_size: int = 8, progress: Progress | None = None, activate: bool = True,
-            device: Any = None, skip_bad: bool = False, skip_existing: bool = False) -> IndexRef:
+    def add(
+        self,
+        spec: str | IndexRef,
+        model: Any,
+        items: Sequence[Any],
+        root: Path | None = None,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+        activate: bool = True,
+        device: Any = None,
+        skip_bad: bool = False,
+        skip_existing: bool = False,
+    ) -> IndexRef:
         """Describe `items` with the index's own model and add them (no rebuild).
 
         Images already in the index are refused, or left out with
@@ -531,15 +608,30 @@ class IndexStore:
         if not entries:
             raise ValueError("nothing to add")
         paths = [e.path if e.path.is_absolute() else root / e.path for e in entries]
-        descs, work = describe_images(model.net, paths, stamp.sha256, self.root / ".work", batch_size,
-                                      self.settings.chunk_size, device, progress, skip_bad)
+        descs, work = describe_images(
+            model.net,
+            paths,
+            stamp.sha256,
+            self.root / ".work",
+            batch_size,
+            self.settings.chunk_size,
+            device,
+            progress,
+            skip_bad,
+        )
         descs, entries = _drop_bad(descs, entries)
         ref = self._edit(spec, stamp, descs, entries, None, root, activate)
         remove_work(work)
         return ref
 
-    def remove(self, spec: str | IndexRef, ids: Iterable[int] = (), paths: Iterable[str | Path] = (),
-               labels: Iterable[str] = (), activate: bool = True) -> IndexRef:
+    def remove(
+        self,
+        spec: str | IndexRef,
+        ids: Iterable[int] = (),
+        paths: Iterable[str | Path] = (),
+        labels: Iterable[str] = (),
+        activate: bool = True,
+    ) -> IndexRef:
         """New version = `spec` (default: the active one) without the items
         with these ids, relative (or absolute, under the root) paths or place
         labels. Unknown ids, paths or labels are refused."""
@@ -571,13 +663,22 @@ class IndexStore:
         """Adding needs the very model that built the index (a student's
         descriptors do not belong in the database)."""
         if stamp.spec != m["model"] or stamp.sha256 != m["model_sha256"] or stamp.dim != int(m["dim"]):
-            raise IndexMismatch(f"index {m['name']}@{m['version']} was built with {m['model']} "
-                                f"(sha256 {m['model_sha256'][:12]}..., {m['dim']}-d); cannot add descriptors "
-                                f"from {stamp.spec} (sha256 {stamp.sha256[:12]}..., {stamp.dim}-d)")
+            raise IndexMismatch(
+                f"index {m['name']}@{m['version']} was built with {m['model']} "
+                f"(sha256 {m['model_sha256'][:12]}..., {m['dim']}-d); cannot add descriptors "
+                f"from {stamp.spec} (sha256 {stamp.sha256[:12]}..., {stamp.dim}-d)"
+            )
 
-    def _edit(self, spec: str | IndexRef, model: Any, descriptors: np.ndarray | None, items: Sequence[Any],
-              select: Callable[[IndexRef, dict], list[int]] | None, root: Path | None,
-              activate: bool) -> IndexRef:
+    def _edit(
+        self,
+        spec: str | IndexRef,
+        model: Any,
+        descriptors: np.ndarray | None,
+        items: Sequence[Any],
+        select: Callable[[IndexRef, dict], list[int]] | None,
+        root: Path | None,
+        activate: bool,
+    ) -> IndexRef:
         """Copy-on-write edit, resolved under the writer lock so that two
         concurrent edits of the active version both land."""
         name = spec.name if isinstance(spec, IndexRef) else str(spec).partition("@")[0]
@@ -586,8 +687,10 @@ class IndexStore:
             old = self.manifest(ref)
             root = Path(root).resolve() if root else Path(old["root"])
             if str(root) != old["root"]:
-                raise ValueError(f"root {root} differs from the index root {old['root']}; "
-                                 "paths are stored relative to the index root")
+                raise ValueError(
+                    f"root {root} differs from the index root {old['root']}; "
+                    "paths are stored relative to the index root"
+                )
             add_x = np.zeros((0, int(old["dim"])), np.float32)
             add_ids = np.zeros(0, np.int64)
             rows: list[tuple] = []
@@ -607,8 +710,9 @@ class IndexStore:
                 finally:
                     reader.close()
                 if dup:
-                    raise IndexStoreError(f"index {ref} already has {len(dup)} of these images, e.g. {dup[:3]}; "
-                                          "remove them first")
+                    raise IndexStoreError(
+                        f"index {ref} already has {len(dup)} of these images, e.g. {dup[:3]}; remove them first"
+                    )
             rm = np.asarray(select(ref, old) if select else [], dtype=np.int64)
             count = int(old["count"]) + len(add_ids) - len(rm)
             if count < 1:
@@ -618,8 +722,15 @@ class IndexStore:
                 meta_db.copy_edit(self.dir(ref) / META_FILE, tmp / META_FILE, rows, rm.tolist())
                 fields = backend.edit(self.dir(ref), old, tmp, ref.name, add_x, add_ids, rm)
                 op = (f"add {len(add_ids)}" if len(add_ids) else "") + (f"remove {len(rm)}" if len(rm) else "")
-                manifest = {**old, **fields, "count": count, "created": now_iso(), "derived_from": str(ref),
-                            "operation": op, "next_id": int(old["next_id"]) + len(add_ids)}
+                manifest = {
+                    **old,
+                    **fields,
+                    "count": count,
+                    "created": now_iso(),
+                    "derived_from": str(ref),
+                    "operation": op,
+                    "next_id": int(old["next_id"]) + len(add_ids),
+                }
                 return self._publish(base, tmp, manifest, activate)
 
     def prune(self, name: str, keep: int = 3) -> list[IndexRef]:
@@ -650,10 +761,20 @@ class IndexStore:
         out = []
         for v in self.versions(name):
             m = self.manifest(IndexRef(name, v))
-            out.append({"version": v, "active": bool(active and active.version == v), "count": m["count"],
-                        "dim": m["dim"], "factory": m["factory"], "model": m["model"], "backend": m["backend"],
-                        "created": m["created"], "operation": m.get("operation"),
-                        "bytes": sum(f["bytes"] for f in m.get("files", {}).values())})
+            out.append(
+                {
+                    "version": v,
+                    "active": bool(active and active.version == v),
+                    "count": m["count"],
+                    "dim": m["dim"],
+                    "factory": m["factory"],
+                    "model": m["model"],
+                    "backend": m["backend"],
+                    "created": m["created"],
+                    "operation": m.get("operation"),
+                    "bytes": sum(f["bytes"] for f in m.get("files", {}).values()),
+                }
+            )
         return out
 
 

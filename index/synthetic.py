@@ -7,6 +7,7 @@ useless and recall means nothing. Real place descriptors come in groups
 around centres, images around places, and queries as noisy views of
 database images, so that nearest neighbours are meaningful but not trivial.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,10 +18,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def clustered_descriptors(n: int, dim: int, n_queries: int = 0, centres: int | None = None,
-                          place_size: int = 4, spread: float = 0.6, jitter: float = 0.35,
-                          query_noise: float = 0.5, seed: int = 0, chunk: int = 200_000
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def clustered_descriptors(
+    n: int,
+    dim: int,
+    n_queries: int = 0,
+    centres: int | None = None,
+    place_size: int = 4,
+    spread: float = 0.6,
+    jitter: float = 0.35,
+    query_noise: float = 0.5,
+    seed: int = 0,
+    chunk: int = 200_000,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(database (n, dim), queries (n_queries, dim), query_sources (n_queries,)).
 
     Database rows: `centres` coarse clusters, places around them, `place_size`

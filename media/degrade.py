@@ -29,16 +29,17 @@ a side), so a frame is padded by replicating its last row/column before
 encoding and cropped back after decoding: the result has exactly the size
 the spec asks for, whatever the aspect ratio.
 """
+
 from __future__ import annotations
 
 import functools
 import io
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -51,13 +52,13 @@ log = logging.getLogger(__name__)
 DEGRADE_VERSION = 1
 
 VIDEO_SETTINGS: dict = {
-    "fps": 30,             # time base of the clip; single images cost bytes * 8 * fps
-    "gop": 30,             # one key frame per second
-    "bframes": 0,          # low-latency streaming (robot or phone uplink): no B-frames
-    "scenecut": 0,         # key frames only on the GOP grid
+    "fps": 30,  # time base of the clip; single images cost bytes * 8 * fps
+    "gop": 30,  # one key frame per second
+    "bframes": 0,  # low-latency streaming (robot or phone uplink): no B-frames
+    "scenecut": 0,  # key frames only on the GOP grid
     "preset": "medium",
     "pix_fmt": "yuv420p",
-    "threads": 1,          # single-threaded encoders are bit-exact run to run
+    "threads": 1,  # single-threaded encoders are bit-exact run to run
     "kbps_vbv_buffer_s": 1.0,
     "padding": "edge replication to even sizes (H.265: >= 16 px a side), cropped after decoding",
 }
@@ -66,8 +67,10 @@ _DECODERS = {"h264": "h264", "h265": "hevc"}
 _MIN_SIDE = {"h264": 2, "h265": 16}
 _LABELS = {"h264": "H.264", "h265": "HEVC (H.265)"}
 
-SPEC_HELP = ("orig or h<N>, optionally followed by one of -jpeg<Q>, -webp<Q>, -h264-qp<Q>, "
-             "-h265-qp<Q>, -h264-kbps<N> (e.g. h180-jpeg20, h240-h264-qp38)")
+SPEC_HELP = (
+    "orig or h<N>, optionally followed by one of -jpeg<Q>, -webp<Q>, -h264-qp<Q>, "
+    "-h265-qp<Q>, -h264-kbps<N> (e.g. h180-jpeg20, h240-h264-qp38)"
+)
 _SPEC_RE = re.compile(
     r"^(?:(?P<orig>orig)|h(?P<height>\d+))"
     r"(?:-(?P<img>jpeg|webp)(?P<imgq>\d+)"
@@ -82,17 +85,21 @@ MAX_KBPS = 1_000_000
 class Quality:
     """A parsed quality spec; `str(q)` is its canonical spelling."""
 
-    height: int | None = None   # None: keep the size
-    codec: str | None = None    # jpeg | webp | h264 | h265 | None
-    level: int | None = None    # JPEG/WebP quality, or the video QP
-    kbps: int | None = None     # H.264 target bitrate (instead of a QP)
+    height: int | None = None  # None: keep the size
+    codec: str | None = None  # jpeg | webp | h264 | h265 | None
+    level: int | None = None  # JPEG/WebP quality, or the video QP
+    kbps: int | None = None  # H.264 target bitrate (instead of a QP)
 
     def __str__(self) -> str:
         base = "orig" if self.height is None else f"h{self.height}"
         if self.codec in ("jpeg", "webp"):
             return f"{base}-{self.codec}{self.level}"
         if self.codec in _ENCODERS:
-            return f"{base}-{self.codec}-kbps{self.kbps}" if self.kbps is not None else f"{base}-{self.codec}-qp{self.level}"
+            return (
+                f"{base}-{self.codec}-kbps{self.kbps}"
+                if self.kbps is not None
+                else f"{base}-{self.codec}-qp{self.level}"
+            )
         return base
 
     @property
@@ -110,7 +117,7 @@ class Quality:
         return max(1, round(width * self.height / height)), self.height
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encoder_available(name: str) -> bool:
     """Whether the installed PyAV/FFmpeg build can encode with `name`."""
     import av
@@ -162,8 +169,11 @@ def parse_quality(spec: str | Quality) -> Quality:
 def _require_encoder(spec: str, codec: str) -> None:
     name = _ENCODERS[codec]
     if not encoder_available(name):
-        raise _bad(spec, f"the installed PyAV/FFmpeg has no {_LABELS[codec]} encoder ({name}); "
-                         f"install a PyAV wheel built with {name}, or use another codec step")
+        raise _bad(
+            spec,
+            f"the installed PyAV/FFmpeg has no {_LABELS[codec]} encoder ({name}); "
+            f"install a PyAV wheel built with {name}, or use another codec step",
+        )
 
 
 def parse_qualities(specs: str | Sequence[str]) -> list[Quality]:
@@ -186,9 +196,9 @@ def parse_qualities(specs: str | Sequence[str]) -> list[Quality]:
 class Degraded:
     """A degraded image and what it cost to send."""
 
-    image: Image.Image              # RGB, at Quality.output_size
+    image: Image.Image  # RGB, at Quality.output_size
     quality: Quality
-    bytes: int | None = None        # compressed size; None for orig / plain resizing
+    bytes: int | None = None  # compressed size; None for orig / plain resizing
     bitrate_kbps: float | None = None  # video codecs: achieved bitrate
     encoded: bytes | None = field(default=None, repr=False)  # the JPEG/WebP file or H.26x bitstream
 
@@ -250,8 +260,7 @@ def _video_context(codec: str, q: Quality, width: int, height: int):
         opts["x264-params"] = params
     else:
         rate = f"bitrate={q.kbps}:vbv-maxrate={q.kbps}:vbv-bufsize={q.kbps}" if q.kbps else f"qp={q.level}"
-        opts = {"preset": s["preset"],
-                "x265-params": f"{common}:{rate}:log-level=none:pools=1:frame-threads=1:wpp=0"}
+        opts = {"preset": s["preset"], "x265-params": f"{common}:{rate}:log-level=none:pools=1:frame-threads=1:wpp=0"}
     ctx.options = opts
     return ctx
 
@@ -332,8 +341,13 @@ def codec_info() -> dict:
     """Versions and settings that determine degraded pixels (for reports)."""
     import av
 
-    info = {"degrade_version": DEGRADE_VERSION, "pyav": av.__version__, "video_settings": dict(VIDEO_SETTINGS),
-            "jpeg": "Pillow, 4:2:0, optimize off", "webp": "Pillow, method 4, lossy"}
+    info = {
+        "degrade_version": DEGRADE_VERSION,
+        "pyav": av.__version__,
+        "video_settings": dict(VIDEO_SETTINGS),
+        "jpeg": "Pillow, 4:2:0, optimize off",
+        "webp": "Pillow, method 4, lossy",
+    }
     try:
         info["ffmpeg"] = {k: ".".join(map(str, v)) for k, v in av.library_versions.items()}
     except Exception:  # not exposed by every PyAV build
@@ -366,8 +380,9 @@ def _save(path: Path, d: Degraded) -> None:
     from vpr.model.fileio import atomic_write_bytes
 
     suffix = path.suffix.lower()
-    if d.encoded is not None and ((d.quality.codec == "jpeg" and suffix in (".jpg", ".jpeg"))
-                                  or (d.quality.codec == "webp" and suffix == ".webp")):
+    if d.encoded is not None and (
+        (d.quality.codec == "jpeg" and suffix in (".jpg", ".jpeg")) or (d.quality.codec == "webp" and suffix == ".webp")
+    ):
         atomic_write_bytes(path, d.encoded)
         return
     buf = io.BytesIO()
@@ -380,8 +395,14 @@ def _save(path: Path, d: Degraded) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def degrade_folder(src: Path, dst: Path, spec: str | Quality, recursive: bool = False,
-                   progress: bool = True, on_file: Callable[[int, int], None] | None = None) -> FolderReport:
+def degrade_folder(
+    src: Path,
+    dst: Path,
+    spec: str | Quality,
+    recursive: bool = False,
+    progress: bool = True,
+    on_file: Callable[[int, int], None] | None = None,
+) -> FolderReport:
     """Write degraded copies of the images in `src` to `dst` (same relative
     names) and `dst/degrade.json` with per-file sizes and bitrates."""
     from vpr.model.fileio import atomic_write_json
@@ -405,17 +426,34 @@ def degrade_folder(src: Path, dst: Path, spec: str | Quality, recursive: bool = 
         d = degrade(load_image(path), q)
         rel = path.relative_to(src)
         _save(dst / rel, d)
-        records.append({"file": rel.as_posix(), "width": d.image.width, "height": d.image.height,
-                        "bytes": d.bytes, "bitrate_kbps": d.bitrate_kbps})
+        records.append(
+            {
+                "file": rel.as_posix(),
+                "width": d.image.width,
+                "height": d.image.height,
+                "bytes": d.bytes,
+                "bitrate_kbps": d.bitrate_kbps,
+            }
+        )
         total += d.bytes or 0
         if d.bitrate_kbps is not None:
             kbps.append(d.bitrate_kbps)
         if on_file:
             on_file(i + 1, len(files))
-    report = FolderReport(src, dst, str(q), len(files), total if q.codec else None,
-                          float(np.mean(kbps)) if kbps else None, records)
-    atomic_write_json(dst / "degrade.json", {
-        "source": str(src), "quality": str(q), "count": report.count, "total_bytes": report.total_bytes,
-        "mean_bitrate_kbps": report.mean_bitrate_kbps, "codec": codec_info(), "files": records})
+    report = FolderReport(
+        src, dst, str(q), len(files), total if q.codec else None, float(np.mean(kbps)) if kbps else None, records
+    )
+    atomic_write_json(
+        dst / "degrade.json",
+        {
+            "source": str(src),
+            "quality": str(q),
+            "count": report.count,
+            "total_bytes": report.total_bytes,
+            "mean_bitrate_kbps": report.mean_bitrate_kbps,
+            "codec": codec_info(),
+            "files": records,
+        },
+    )
     log.info("degraded %d images from %s to %s at %s", len(files), src, dst, q)
     return report

@@ -4,13 +4,14 @@ Each backbone is a `Backbone`: an nn.Module with `out_channels`, a list of
 named blocks (so that "which layers train" is a list of names) and a default
 set of trainable blocks. Built by name from a `BackboneConfig`.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 
 from vpr.model.config import BACKBONES, BackboneConfig
 
@@ -18,9 +19,7 @@ from vpr.model.config import BACKBONES, BackboneConfig
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 # Blocks of VGG16 up to conv5_3 (index 28), without its ReLU and pool5:
 # names of the paper's figures, index ranges into `features`.
-_VGG_BLOCKS = OrderedDict(
-    conv1=(0, 5), conv2=(5, 10), conv3=(10, 17), conv4=(17, 24), conv5=(24, 29)
-)
+_VGG_BLOCKS = OrderedDict(conv1=(0, 5), conv2=(5, 10), conv3=(10, 17), conv4=(17, 24), conv5=(24, 29))
 
 
 class Backbone(nn.Module):
@@ -29,7 +28,7 @@ class Backbone(nn.Module):
     out_channels: int
     default_trainable: tuple[str, ...]
 
-    def blocks(self) -> "OrderedDict[str, nn.Module]":
+    def blocks(self) -> OrderedDict[str, nn.Module]:
         raise NotImplementedError
 
     def layers(self) -> nn.Sequential:
@@ -65,7 +64,7 @@ class VGG16Backbone(Backbone):
         full = torchvision.models.vgg16(weights=None).features
         self.features = nn.Sequential(*list(full.children())[:29])
 
-    def blocks(self) -> "OrderedDict[str, nn.Module]":
+    def blocks(self) -> OrderedDict[str, nn.Module]:
         layers = list(self.features.children())
         return OrderedDict((n, nn.Sequential(*layers[a:b])) for n, (a, b) in _VGG_BLOCKS.items())
 
@@ -90,7 +89,7 @@ class ResNetBackbone(Backbone):
         self.out_channels = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
         self.default_trainable = (cut,)
 
-    def blocks(self) -> "OrderedDict[str, nn.Module]":
+    def blocks(self) -> OrderedDict[str, nn.Module]:
         b = OrderedDict(stem=nn.ModuleList([self.body.conv1, self.body.bn1]))
         for n, m in self.body.named_children():
             if n.startswith("layer"):

@@ -1,4 +1,5 @@
 """Initialise NetVLAD centroids (and PCA) from a folder of images."""
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,9 @@ from vpr.model.network import VPRNet
 log = logging.getLogger(__name__)
 
 
-def sample_local_features(net: VPRNet, images: list[Path], per_image: int, seed: int,
-                          device: torch.device | str = "cpu") -> np.ndarray:
+def sample_local_features(
+    net: VPRNet, images: list[Path], per_image: int, seed: int, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """Conv features at `per_image` random locations of each image -> (N, C)."""
     rng = np.random.default_rng(seed)
     out = []
@@ -30,8 +32,9 @@ def sample_local_features(net: VPRNet, images: list[Path], per_image: int, seed:
     return np.concatenate(out)
 
 
-def init_clusters(net: VPRNet, images: list[Path], samples: int = 50_000, seed: int = 0,
-                  device: torch.device | str = "cpu") -> dict:
+def init_clusters(
+    net: VPRNet, images: list[Path], samples: int = 50_000, seed: int = 0, device: torch.device | str = "cpu"
+) -> dict:
     """k-means centroids from about `samples` local features; returns what to record."""
     if not images:
         raise ValueError("cluster initialisation needs at least one image")
@@ -39,7 +42,9 @@ def init_clusters(net: VPRNet, images: list[Path], samples: int = 50_000, seed: 
     feats = sample_local_features(net, images, per_image, seed, device)
     k = net.netvlad.clusters
     if len(feats) < k:
-        raise ValueError(f"only {len(feats)} local features from {len(images)} images; need at least {k} clusters' worth")
+        raise ValueError(
+            f"only {len(feats)} local features from {len(images)} images; need at least {k} clusters' worth"
+        )
     log.info("k-means: %d clusters on %d local features (seed %d)", k, len(feats), seed)
     net.netvlad.init_from_centroids(kmeans_centroids(feats, k, seed=seed))
     return {"cluster_images": len(images), "cluster_samples": int(len(feats)), "cluster_seed": seed}

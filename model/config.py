@@ -4,6 +4,7 @@ The architecture config is stored in every registry manifest, so that a
 version can be rebuilt exactly; one pydantic model per concept, validated
 choices with messages that list what is allowed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,11 +1,12 @@
 """The one extraction loop: images in, float32 descriptors out."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import platform
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -89,8 +90,9 @@ def extract(
     net.eval()
     descs: list[np.ndarray] = []
     feats: list[torch.Tensor] = []
-    bar = tqdm(total=len(images), desc=progress if isinstance(progress, str) else "extract",
-               unit="img", disable=not progress)
+    bar = tqdm(
+        total=len(images), desc=progress if isinstance(progress, str) else "extract", unit="img", disable=not progress
+    )
     for batch in _batches((prepare(i, net) for i in images), batch_size):
         out = embed_tensors(net, torch.stack(batch), device, return_features)
         if return_features:

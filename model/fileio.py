@@ -4,6 +4,7 @@ Every piece of state is written to a temporary sibling, fsynced, then renamed
 into place, so that a reader (or a process restarted after SIGKILL) never sees
 half a file or half a version folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,9 +12,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:

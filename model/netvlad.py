@@ -6,6 +6,7 @@ each cluster's vector L2-normalised (intra-normalisation) and the whole
 flattened K*D vector L2-normalised. Output dimension K*D (64*512 = 32768 for
 VGG16).
 """
+
 from __future__ import annotations
 
 import numpy as np

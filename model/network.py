@@ -1,4 +1,5 @@
 """The place-recognition network: backbone -> NetVLAD -> optional PCA-whitening."""
+
 from __future__ import annotations
 
 import numpy as np

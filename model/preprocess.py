@@ -4,6 +4,7 @@ The server, the index builder, evaluation and training all call
 `decode_image` / `load_image` and then `to_input`, so a query is prepared
 exactly like the database images it is compared with.
 """
+
 from __future__ import annotations
 
 import io

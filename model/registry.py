@@ -6,6 +6,7 @@ fsynced, then renamed into place, so a reader never sees half a version.
 Loading checks the sha256 recorded in the manifest before reading a byte of
 the tensors; nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -59,7 +60,7 @@ def check_name(name: str) -> str:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class Registry:
@@ -106,8 +107,15 @@ class Registry:
         return self.root / ref.name / str(ref.version)
 
     # ---- writing ------------------------------------------------------
-    def register(self, name: str, net: VPRNet, role: str, parent: str | None = None,
-                 details: dict | None = None, metrics: dict | None = None) -> ModelRef:
+    def register(
+        self,
+        name: str,
+        net: VPRNet,
+        role: str,
+        parent: str | None = None,
+        details: dict | None = None,
+        metrics: dict | None = None,
+    ) -> ModelRef:
         check_name(name)
         if role not in ROLES:
             raise RegistryError(f"bad role {role!r}; choose one of {ROLES}")
@@ -119,9 +127,14 @@ class Registry:
             state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
             save_file(state, str(weights), metadata={"format": "pt", "model": name})
             manifest = {
-                "name": name, "role": role, "config": net.config.model_dump(),
-                "descriptor_dim": net.descriptor_dim, "sha256": sha256_file(weights),
-                "parent": parent, "details": details or {}, "metrics": metrics or {},
+                "name": name,
+                "role": role,
+                "config": net.config.model_dump(),
+                "descriptor_dim": net.descriptor_dim,
+                "sha256": sha256_file(weights),
+                "parent": parent,
+                "details": details or {},
+                "metrics": metrics or {},
                 "created": now_iso(),
             }
             while True:  # claim the next free version number by rename

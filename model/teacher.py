@@ -1,4 +1,5 @@
 """Build, initialise and register a teacher: the `vpr model init` workflow."""
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,18 @@ def load_backbone_weights(net: VPRNet, weights: str) -> dict:
     return {"weights": str(path.resolve()), "weights_sha256": sha256_file(path)}
 
 
-def init_teacher(registry: Registry, name: str, config: ModelConfig, weights: str,
-                 cluster_images: Path, samples: int = 50_000, seed: int = 0,
-                 pca_images: Path | None = None, activate: bool = True,
-                 device: torch.device | str = "cpu") -> ModelRef:
+def init_teacher(
+    registry: Registry,
+    name: str,
+    config: ModelConfig,
+    weights: str,
+    cluster_images: Path,
+    samples: int = 50_000,
+    seed: int = 0,
+    pca_images: Path | None = None,
+    activate: bool = True,
+    device: torch.device | str = "cpu",
+) -> ModelRef:
     torch.manual_seed(seed)
     net = build_model(config).to(device)
     details = {"source": "init", **load_backbone_weights(net, weights)}

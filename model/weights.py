@@ -7,6 +7,7 @@
 - `import_pytorch_netvlad`: a checkpoint of the pytorch-NetVLAD project,
   read with `torch.load(weights_only=True)` (no arbitrary unpickling).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,11 @@ def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
     """Strict key and shape check with a message a user can act on."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    bad = [f"{k}: file {tuple(got[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    bad = [
+        f"{k}: file {tuple(got[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and tuple(got[k].shape) != tuple(v.shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys {missing[:6]}{'...' if len(missing) > 6 else ''}")
@@ -56,9 +60,11 @@ def load_vgg16_features(net: VPRNet, path: Path) -> None:
 
 
 def torchvision_cache_file(arch: str) -> Path:
-    weights = {"vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
-               "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-               "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2}[arch]
+    weights = {
+        "vgg16": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
+        "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+        "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
+    }[arch]
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
@@ -67,8 +73,10 @@ def load_torchvision_imagenet(net: VPRNet) -> None:
     arch = net.config.backbone.name
     path = torchvision_cache_file(arch)
     if not path.exists():
-        raise WeightsError(f"{path}: torchvision's ImageNet {arch} weights are not in the local cache; "
-                           "copy the file there, or pass --weights FILE.safetensors")
+        raise WeightsError(
+            f"{path}: torchvision's ImageNet {arch} weights are not in the local cache; "
+            "copy the file there, or pass --weights FILE.safetensors"
+        )
     sd = torch.load(path, map_location="cpu", weights_only=True)
     own = net.backbone.state_dict()
     # torchvision's keys are `features.N.*` (VGG, same as ours) or `layerN.*` (ResNet,
@@ -92,16 +100,21 @@ def import_pytorch_netvlad(path: Path) -> tuple[VPRNet, dict]:
         raise WeightsError(f"{path}: not a readable weights-only torch checkpoint ({e})") from e
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or "pool.centroids" not in sd:
-        raise WeightsError(f"{path}: no pytorch-NetVLAD state_dict (expected keys encoder.*, pool.conv.weight, pool.centroids)")
+        raise WeightsError(
+            f"{path}: no pytorch-NetVLAD state_dict (expected keys encoder.*, pool.conv.weight, pool.centroids)"
+        )
     centroids = sd["pool.centroids"]
     k, d = centroids.shape
     wpca = sd.get("WPCA.0.weight")
-    cfg = ModelConfig(backbone=BackboneConfig(name="vgg16"), netvlad=NetVLADConfig(clusters=k),
-                      preprocess=PreprocessConfig(mode="imagenet"),
-                      pca_dim=int(wpca.shape[0]) if wpca is not None else None)
+    cfg = ModelConfig(
+        backbone=BackboneConfig(name="vgg16"),
+        netvlad=NetVLADConfig(clusters=k),
+        preprocess=PreprocessConfig(mode="imagenet"),
+        pca_dim=int(wpca.shape[0]) if wpca is not None else None,
+    )
     net = build_model(cfg)
     own = net.state_dict()
-    new = {f"backbone.features.{key[len('encoder.'):]}": v for key, v in sd.items() if key.startswith("encoder.")}
+    new = {f"backbone.features.{key[len('encoder.') :]}": v for key, v in sd.items() if key.startswith("encoder.")}
     new["netvlad.centroids"] = centroids
     new["netvlad.conv.weight"] = sd["pool.conv.weight"]
     new["netvlad.conv.bias"] = sd.get("pool.conv.bias", torch.zeros(k))  # vladv2=False has no bias
@@ -110,6 +123,11 @@ def import_pytorch_netvlad(path: Path) -> tuple[VPRNet, dict]:
         new["pca.proj.bias"] = sd.get("WPCA.0.bias", torch.zeros(wpca.shape[0]))
     check_state_dict(own, new, str(path))
     net.load_state_dict(new, strict=True)
-    details = {"source": "pytorch-NetVLAD", "file": str(path), "clusters": k, "dim": d,
-               "epoch": int(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else None}
+    details = {
+        "source": "pytorch-NetVLAD",
+        "file": str(path),
+        "clusters": k,
+        "dim": d,
+        "epoch": int(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else None,
+    }
     return net, details

@@ -7,6 +7,7 @@ without a token exposes nothing. Clients send it as `Authorization: Bearer
 401. The comparison is constant-time over fixed-length digests, so neither
 the content nor the length of the token leaks through timing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from vpr.index.store import IndexMismatch, IndexStoreError
 from vpr.model.registry import RegistryError
-
 from vpr.server.inputs import ApiError
 from vpr.server.jobs import JobManager, RebuildRequest
 from vpr.server.results import ErrorResponse
@@ -67,10 +67,19 @@ def token_guard(token: str, runtime: Runtime):
         if not ok:
             runtime.metrics.admin_auth_failures.inc()
             client = request.client.host if request.client else "?"
-            log.warning("admin request %s %s from %s refused: %s token", request.method, request.url.path,
-                        client, "wrong" if given else "no")
-            raise ApiError(401, "unauthorized", "admin routes need a valid token as 'Authorization: Bearer "
-                           "<token>' or 'X-API-Key: <token>'", headers={"WWW-Authenticate": 'Bearer realm="vpr-admin"'})
+            log.warning(
+                "admin request %s %s from %s refused: %s token",
+                request.method,
+                request.url.path,
+                client,
+                "wrong" if given else "no",
+            )
+            raise ApiError(
+                401,
+                "unauthorized",
+                "admin routes need a valid token as 'Authorization: Bearer <token>' or 'X-API-Key: <token>'",
+                headers={"WWW-Authenticate": 'Bearer realm="vpr-admin"'},
+            )
 
     return require_admin
 
@@ -99,15 +108,23 @@ def lookup_error(e: Exception) -> ApiError:
 
 def admin_router(runtime: Runtime, jobs: JobManager, token: str) -> APIRouter:
     errors: dict[int | str, dict[str, Any]] = {
-        401: {"model": ErrorResponse, "description": "missing or wrong token"}, 403: {"model": ErrorResponse},
-        404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
-    router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=errors,
-                       dependencies=[Depends(token_guard(token, runtime))])
+        401: {"model": ErrorResponse, "description": "missing or wrong token"},
+        403: {"model": ErrorResponse},
+        404: {"model": ErrorResponse},
+        409: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+    }
+    router = APIRouter(
+        prefix="/v1/admin", tags=["admin"], responses=errors, dependencies=[Depends(token_guard(token, runtime))]
+    )
 
     def served() -> dict[str, Any]:
         cur = runtime.current
-        return {"model": cur.model_spec if cur else None, "index": cur.index_spec if cur else None,
-                "index_size": cur.index.count if cur else None}
+        return {
+            "model": cur.model_spec if cur else None,
+            "index": cur.index_spec if cur else None,
+            "index_size": cur.index.count if cur else None,
+        }
 
     async def swap(model: str | None, index: str | None) -> dict[str, Any]:
         """Hot-swap off the event loop (loading weights takes seconds)."""
@@ -137,11 +154,19 @@ def admin_router(runtime: Runtime, jobs: JobManager, token: str) -> APIRouter:
                         compatible = True
                     except IndexMismatch:
                         compatible = False
-                out.append({"ref": f"{name}@{v}", "role": m.get("role"), "parent": m.get("parent"),
-                            "descriptor_dim": m.get("descriptor_dim"), "created": m.get("created"),
-                            "active": bool(active and active.version == v),
-                            "served": bool(cur and cur.model_spec == f"{name}@{v}"),
-                            "compatible_with_served_index": compatible, "metrics": m.get("metrics") or {}})
+                out.append(
+                    {
+                        "ref": f"{name}@{v}",
+                        "role": m.get("role"),
+                        "parent": m.get("parent"),
+                        "descriptor_dim": m.get("descriptor_dim"),
+                        "created": m.get("created"),
+                        "active": bool(active and active.version == v),
+                        "served": bool(cur and cur.model_spec == f"{name}@{v}"),
+                        "compatible_with_served_index": compatible,
+                        "metrics": m.get("metrics") or {},
+                    }
+                )
         return {"models": out, "served": served()}
 
     @router.post("/models/activate", summary="Hot-swap the query model (optionally with the index)")

@@ -6,6 +6,7 @@ OpenAPI docs at /docs. The event loop never decodes or runs the model:
 decoding goes to a thread pool, the forward pass and the search to the
 micro-batcher's thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,16 +17,15 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, WebSocket
-from PIL import Image
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from vpr.model.preprocess import ImageDecodeError, ImageTooLarge
-
 from vpr.server.admin import admin_router
 from vpr.server.batcher import Answer, BatcherStopped, QueueFull
 from vpr.server.inputs import ACCEPTED_TYPES, ApiError, BodyLimitMiddleware, check_media, media_type
@@ -52,8 +52,13 @@ IMAGE_BODY_DOC = {
         "description": "one image: the raw bytes with its content type, or a multipart form with one file",
         "content": {
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in ACCEPTED_TYPES},
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "string", "format": "binary"}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
         },
     }
 }
@@ -61,8 +66,14 @@ BATCH_BODY_DOC = {
     "requestBody": {
         "required": True,
         "description": "several images as files of one multipart form (any field names)",
-        "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}},
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            }
+        },
     }
 }
 DESCRIPTION = """Top-k places for a (low-quality) query image or a live video stream.
@@ -83,10 +94,16 @@ While the model is busy only the newest frame is kept.
 and exist only when the server has a token (VPR_ADMIN_TOKEN / VPR_ADMIN_TOKEN_FILE).
 """
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text} for code, text in {
-        400: "corrupt or truncated image, malformed multipart", 413: "body or image too large",
-        415: "unsupported media type", 422: "bad parameter (e.g. top_k)",
-        503: "not ready, or overloaded (see Retry-After)", 504: "the model did not answer in time"}.items()}
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "corrupt or truncated image, malformed multipart",
+        413: "body or image too large",
+        415: "unsupported media type",
+        422: "bad parameter (e.g. top_k)",
+        503: "not ready, or overloaded (see Retry-After)",
+        504: "the model did not answer in time",
+    }.items()
+}
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -113,8 +130,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             await asyncio.get_running_loop().run_in_executor(None, loader.join, 60.0)
             runtime.close()
 
-    app = FastAPI(title="Visual place recognition", version=API_VERSION, lifespan=lifespan,
-                  description=DESCRIPTION)
+    app = FastAPI(title="Visual place recognition", version=API_VERSION, lifespan=lifespan, description=DESCRIPTION)
     app.state.settings, app.state.runtime, app.state.jobs, app.state.metrics = settings, runtime, jobs, metrics
     limits = {"/v1/query": settings.max_body_bytes, "/v1/query/batch": settings.max_batch_body_bytes}
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: limits.get(path, settings.max_admin_body_bytes))
@@ -122,22 +138,36 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     _install_error_handlers(app)
 
     def top_k_param() -> Any:
-        return Query(settings.top_k_default, ge=1, le=settings.top_k_max,
-                     description=f"matches to return (1..{settings.top_k_max})")
+        return Query(
+            settings.top_k_default,
+            ge=1,
+            le=settings.top_k_max,
+            description=f"matches to return (1..{settings.top_k_max})",
+        )
 
     # ---- probes -----------------------------------------------------------------
     @app.get("/healthz", tags=["probes"], summary="Liveness: the process answers")
     def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["probes"], response_model=Readiness, summary="Readiness: model and index loaded",
-             responses={503: {"model": Readiness}})
+    @app.get(
+        "/readyz",
+        tags=["probes"],
+        response_model=Readiness,
+        summary="Readiness: model and index loaded",
+        responses={503: {"model": Readiness}},
+    )
     def readyz() -> JSONResponse:
         cur, st = runtime.current, runtime.status
-        body = Readiness(ready=cur is not None, state="ready" if cur is not None else st.state,
-                         reason=None if cur is not None else st.reason,
-                         model=cur.model_spec if cur else None, index=cur.index_spec if cur else None,
-                         index_size=cur.index.count if cur else None, device=str(runtime.device))
+        body = Readiness(
+            ready=cur is not None,
+            state="ready" if cur is not None else st.state,
+            reason=None if cur is not None else st.reason,
+            model=cur.model_spec if cur else None,
+            index=cur.index_spec if cur else None,
+            index_size=cur.index.count if cur else None,
+            device=str(runtime.device),
+        )
         headers = {} if cur is not None else {"Retry-After": str(settings.retry_after_s)}
         return JSONResponse(body.model_dump(), status_code=200 if cur is not None else 503, headers=headers)
 
@@ -148,8 +178,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         return Response(data, media_type=ctype)
 
     # ---- queries -----------------------------------------------------------------
-    @app.post("/v1/query", tags=["query"], response_model=QueryResponse, responses=ERRORS,
-              openapi_extra=IMAGE_BODY_DOC, summary="Top-k places for one image")
+    @app.post(
+        "/v1/query",
+        tags=["query"],
+        response_model=QueryResponse,
+        responses=ERRORS,
+        openapi_extra=IMAGE_BODY_DOC,
+        summary="Top-k places for one image",
+    )
     async def query(request: Request, top_k: int = top_k_param()) -> dict[str, Any]:
         t0 = time.perf_counter()
         with _lease(runtime) as serving:
@@ -157,11 +193,21 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             x, decode_ms = await _prepare(runtime, serving, data, declared, name)
             answer = await _embed(runtime, serving, x, top_k)
         total = (time.perf_counter() - t0) * 1000
-        return {**answer_json(answer.hits, serving), "top_k": top_k, "batch_size": answer.batch_size,
-                "timings_ms": _timings(decode_ms, answer, total)}
+        return {
+            **answer_json(answer.hits, serving),
+            "top_k": top_k,
+            "batch_size": answer.batch_size,
+            "timings_ms": _timings(decode_ms, answer, total),
+        }
 
-    @app.post("/v1/query/batch", tags=["query"], response_model=BatchResponse, responses=ERRORS,
-              openapi_extra=BATCH_BODY_DOC, summary="Top-k places for several images in one request")
+    @app.post(
+        "/v1/query/batch",
+        tags=["query"],
+        response_model=BatchResponse,
+        responses=ERRORS,
+        openapi_extra=BATCH_BODY_DOC,
+        summary="Top-k places for several images in one request",
+    )
     async def query_batch(request: Request, top_k: int = top_k_param()) -> dict[str, Any]:
         t0 = time.perf_counter()
         with _lease(runtime) as serving:
@@ -169,11 +215,17 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             prepared = await asyncio.gather(*(_prepare(runtime, serving, d, t, n) for d, t, n in files))
             answers = await _embed_many(runtime, serving, [x for x, _ in prepared], top_k)
         total = (time.perf_counter() - t0) * 1000
-        items = [{"file": name, "results": answer_json(a.hits, serving)["results"],
-                  "timings_ms": _timings(dec, a, total)}
-                 for (_, _, name), (_, dec), a in zip(files, prepared, answers)]
-        return {"items": items, "model": serving.model_spec, "index": serving.index_spec, "top_k": top_k,
-                "timings_ms": rounded({"total": total})}
+        items = [
+            {"file": name, "results": answer_json(a.hits, serving)["results"], "timings_ms": _timings(dec, a, total)}
+            for (_, _, name), (_, dec), a in zip(files, prepared, answers)
+        ]
+        return {
+            "items": items,
+            "model": serving.model_spec,
+            "index": serving.index_spec,
+            "top_k": top_k,
+            "timings_ms": rounded({"total": total}),
+        }
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
@@ -197,8 +249,9 @@ def _lease(runtime: Runtime):
         try:
             serving = stack.enter_context(runtime.lease())
         except NotReady as e:
-            raise ApiError(503, "not_ready", str(e),
-                           headers={"Retry-After": str(runtime.settings.retry_after_s)}) from None
+            raise ApiError(
+                503, "not_ready", str(e), headers={"Retry-After": str(runtime.settings.retry_after_s)}
+            ) from None
         yield serving
 
 
@@ -208,12 +261,20 @@ async def _one_image(request: Request, settings: ServerSettings) -> tuple[bytes,
     if kind == "multipart/form-data":
         files = await _form_files(request, settings)
         if len(files) != 1:
-            raise ApiError(400, "bad_request", f"the multipart form has {len(files)} files; /v1/query takes "
-                           "exactly one (use /v1/query/batch for several)")
+            raise ApiError(
+                400,
+                "bad_request",
+                f"the multipart form has {len(files)} files; /v1/query takes "
+                "exactly one (use /v1/query/batch for several)",
+            )
         return files[0]
     if kind not in ACCEPTED_TYPES:
-        raise ApiError(415, "unsupported_media_type", f"content type {kind or 'missing'!r} is not supported; send "
-                       f"the image as {', '.join(ACCEPTED_TYPES)} or as a file in multipart/form-data")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {kind or 'missing'!r} is not supported; send "
+            f"the image as {', '.join(ACCEPTED_TYPES)} or as a file in multipart/form-data",
+        )
     data = await request.body()
     if not data:
         raise ApiError(400, "empty_body", "the request body is empty; send the image bytes")
@@ -223,8 +284,11 @@ async def _one_image(request: Request, settings: ServerSettings) -> tuple[bytes,
 async def _all_files(request: Request, settings: ServerSettings) -> list[tuple[bytes, str | None, str]]:
     kind = media_type(request.headers.get("content-type"))
     if kind != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", f"content type {kind or 'missing'!r}: /v1/query/batch takes "
-                       "multipart/form-data with one file per image")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {kind or 'missing'!r}: /v1/query/batch takes multipart/form-data with one file per image",
+        )
     files = await _form_files(request, settings)
     if not files:
         raise ApiError(400, "bad_request", "the multipart form has no files")
@@ -250,8 +314,9 @@ async def _form_files(request: Request, settings: ServerSettings) -> list[tuple[
     return out
 
 
-async def _prepare(runtime: Runtime, serving: Serving, data: bytes, declared: str | None,
-                   name: str) -> tuple[Any, float]:
+async def _prepare(
+    runtime: Runtime, serving: Serving, data: bytes, declared: str | None, name: str
+) -> tuple[Any, float]:
     check_media(declared, data, name)
     try:
         return await asyncio.get_running_loop().run_in_executor(runtime.pool, runtime.prepare, data, serving, name)
@@ -277,14 +342,15 @@ async def _embed_many(runtime: Runtime, serving: Serving, xs: list[Any], k: int)
     except QueueFull as e:
         for f in futures:
             f.cancel()
-        raise ApiError(503, "overloaded", f"{e}; retry in {s.retry_after_s} s",
-                       headers={"Retry-After": str(s.retry_after_s)}) from None
+        raise ApiError(
+            503, "overloaded", f"{e}; retry in {s.retry_after_s} s", headers={"Retry-After": str(s.retry_after_s)}
+        ) from None
     except BatcherStopped as e:
         raise ApiError(503, "shutting_down", str(e), headers={"Retry-After": str(s.retry_after_s)}) from None
     waiting = [asyncio.wrap_future(f) for f in futures]
     try:
         return list(await asyncio.wait_for(asyncio.gather(*waiting), s.query_timeout_s))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         for f in futures:
             f.cancel()
         raise ApiError(504, "timeout", f"no answer from the model within {s.query_timeout_s:g} s") from None
@@ -293,14 +359,24 @@ async def _embed_many(runtime: Runtime, serving: Serving, xs: list[Any], k: int)
 
 
 def _timings(decode_ms: float, a: Answer, total_ms: float) -> dict[str, float]:
-    return rounded({"decode": decode_ms, "queue": a.queue_ms, "embed": a.embed_ms, "search": a.search_ms,
-                    "total": total_ms})
+    return rounded(
+        {"decode": decode_ms, "queue": a.queue_ms, "embed": a.embed_ms, "search": a.search_ms, "total": total_ms}
+    )
 
 
 # ---- errors --------------------------------------------------------------------------------
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-          405: "method_not_allowed", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
-          422: "invalid_request", 503: "unavailable"}
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -309,14 +385,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = getattr(exc, "code", None) or _CODES.get(exc.status_code, "error")
-        return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {"error": code, "detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
-        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                           for e in errors)
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
+        )
         return JSONResponse({"error": "invalid_request", "detail": detail, "errors": errors}, status_code=422)
 
     @app.exception_handler(ClientDisconnect)
@@ -327,8 +405,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal", "detail": f"internal error ({type(exc).__name__})"},
-                            status_code=500)
+        return JSONResponse({"error": "internal", "detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -339,7 +416,13 @@ def serve(settings: ServerSettings) -> int:
     app = create_app(settings)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("serving on http://%s:%d (docs at /docs, readiness at /readyz)", host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                ws_max_size=settings.stream_max_message_bytes + 4096, timeout_graceful_shutdown=15,
-                access_log=settings.access_log)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=settings.stream_max_message_bytes + 4096,
+        timeout_graceful_shutdown=15,
+        access_log=settings.access_log,
+    )
     return 0

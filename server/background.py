@@ -8,6 +8,7 @@ processes), and the server is stopped gracefully when the block ends.
     with BackgroundServer(create_app(settings)) as srv:
         httpx.get(f"{srv.url}/readyz")
 """
+
 from __future__ import annotations
 
 import socket
@@ -20,16 +21,30 @@ from fastapi import FastAPI
 
 
 class BackgroundServer:
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 ws_max_size: int | None = None, start_timeout: float = 60.0, **config: Any) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        ws_max_size: int | None = None,
+        start_timeout: float = 60.0,
+        **config: Any,
+    ) -> None:
         settings = getattr(app.state, "settings", None)
         if ws_max_size is None and settings is not None:
             ws_max_size = settings.stream_max_message_bytes + 4096  # as serve() does
         self.app, self.host, self.port = app, host, port
         self.start_timeout = start_timeout
-        self.config = uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False,
-                                     ws_max_size=ws_max_size or 16 * 1024 * 1024, timeout_graceful_shutdown=10,
-                                     **config)
+        self.config = uvicorn.Config(
+            app,
+            log_level=log_level,
+            lifespan="on",
+            access_log=False,
+            ws_max_size=ws_max_size or 16 * 1024 * 1024,
+            timeout_graceful_shutdown=10,
+            **config,
+        )
         self.server = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -42,14 +57,15 @@ class BackgroundServer:
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.port}"
 
-    def start(self) -> "BackgroundServer":
+    def start(self) -> BackgroundServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         self._sock = sock
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
-                                        name="vpr-uvicorn", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name="vpr-uvicorn", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + self.start_timeout
         while not self.server.started:
@@ -69,7 +85,7 @@ class BackgroundServer:
             self._sock.close()
             self._sock = None
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -14,6 +14,7 @@ Each item carries the `Serving` snapshot it was admitted with, so a hot swap
 never mixes models: items of the old and new model simply land in different
 groups, and requests in flight finish on the model they started with.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -58,7 +59,7 @@ class Answer:
 @dataclass(eq=False)
 class _Item:
     tensor: torch.Tensor
-    serving: "Serving"
+    serving: Serving
     k: int
     params: dict | None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -66,8 +67,9 @@ class _Item:
 
 
 class MicroBatcher:
-    def __init__(self, max_batch_size: int = 8, max_wait_ms: float = 2.0, queue_size: int = 64,
-                 metrics: "Metrics | None" = None) -> None:
+    def __init__(
+        self, max_batch_size: int = 8, max_wait_ms: float = 2.0, queue_size: int = 64, metrics: Metrics | None = None
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
@@ -106,8 +108,15 @@ class MicroBatcher:
         return self._thread is not None and self._thread.is_alive()
 
     # ---- producers ----------------------------------------------------------
-    def submit(self, tensor: torch.Tensor, serving: "Serving", k: int, params: dict | None = None,
-               source: str = "http", wait_s: float = 0.0) -> cf.Future:
+    def submit(
+        self,
+        tensor: torch.Tensor,
+        serving: Serving,
+        k: int,
+        params: dict | None = None,
+        source: str = "http",
+        wait_s: float = 0.0,
+    ) -> cf.Future:
         """Queue one prepared input (3, H, W); the future yields an `Answer`.
 
         Raises QueueFull at once when the queue is at capacity, or after
@@ -201,7 +210,7 @@ class MicroBatcher:
             queue_ms = (started - it.enqueued) * 1000
             if self.metrics:
                 self.metrics.stage.labels("queue").observe(queue_ms / 1000)
-            it.future.set_result(Answer(list(h)[:it.k], queue_ms, embed_ms[id(it)], ms, sizes[id(it)]))
+            it.future.set_result(Answer(list(h)[: it.k], queue_ms, embed_ms[id(it)], ms, sizes[id(it)]))
 
 
 def _fail(items: list[_Item], error: BaseException) -> None:

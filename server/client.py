@@ -11,6 +11,7 @@ h264_mp4toannexb bitstream filter, no re-encoding; other codecs are
 re-encoded to H.264), for `jpeg` one JPEG per frame. Results are handed to
 `on_message` as they arrive, while frames keep being sent.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import httpx
 
@@ -57,7 +59,7 @@ class VPRClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
-    def __enter__(self) -> "VPRClient":
+    def __enter__(self) -> VPRClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -150,9 +152,17 @@ class VPRClient:
             time.sleep(interval)
 
     # ---- streaming ------------------------------------------------------------------------------
-    def stream(self, video: Path | str, codec: str = "h264", top_k: int | None = None, realtime: bool = True,
-               speed: float = 1.0, on_message: Callable[[dict], None] | None = None,
-               max_frames: int | None = None, timeout: float = 60.0) -> dict:
+    def stream(
+        self,
+        video: Path | str,
+        codec: str = "h264",
+        top_k: int | None = None,
+        realtime: bool = True,
+        speed: float = 1.0,
+        on_message: Callable[[dict], None] | None = None,
+        max_frames: int | None = None,
+        timeout: float = 60.0,
+    ) -> dict:
         """Stream a video file; returns the server's final message (`end` or
         `error`), with `messages` (results received) and `sent` added."""
         from websockets.exceptions import ConnectionClosed
@@ -165,7 +175,7 @@ class VPRClient:
             raise FileNotFoundError(f"{video}: no such video file")
         fps = video_fps(video)
         source = h264_chunks(video, max_frames) if codec == "h264" else jpeg_frames(video, max_frames)
-        ws_url = "ws" + self.url[len("http"):] + "/v1/stream"
+        ws_url = "ws" + self.url[len("http") :] + "/v1/stream"
         hello = {"codec": codec, "fps": fps, **({"top_k": top_k} if top_k else {})}
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
@@ -198,8 +208,12 @@ class VPRClient:
                         final = msg
                         break
             except ConnectionClosed as e:
-                final = {"type": "error", "error": "closed", "detail": f"the server closed the stream ({e})",
-                         "close_code": e.rcvd.code if e.rcvd else None}
+                final = {
+                    "type": "error",
+                    "error": "closed",
+                    "detail": f"the server closed the stream ({e})",
+                    "close_code": e.rcvd.code if e.rcvd else None,
+                }
             sender.join(timeout=5)
         if sent["error"] is not None and not final:
             raise ConnectionError(f"streaming failed: {sent['error']}")
@@ -272,7 +286,7 @@ def h264_chunks(path: Path, max_frames: int | None = None) -> Iterator[tuple[flo
                 data = bytes(p)
                 t = float(p.dts * p.time_base) if p.dts is not None and p.time_base else n / rate
                 for i in range(0, len(data), CHUNK):
-                    yield max(t, 0.0), data[i:i + CHUNK]
+                    yield max(t, 0.0), data[i : i + CHUNK]
                 n += 1
 
 
@@ -322,7 +336,9 @@ def format_match(m: dict) -> str:
     if pos.get("lat") is not None:
         where = f"  ({pos['lat']:.6f}, {pos['lon']:.6f})"
     elif pos.get("utm_e") is not None:
-        where = f"  (UTM {pos['utm_e']:.1f} E, {pos['utm_n']:.1f} N{' ' + pos['utm_zone'] if pos.get('utm_zone') else ''})"
+        where = (
+            f"  (UTM {pos['utm_e']:.1f} E, {pos['utm_n']:.1f} N{' ' + pos['utm_zone'] if pos.get('utm_zone') else ''})"
+        )
     return f"  {m['rank']:>2}. {m['score']:.4f}  {m.get('label') or '-'}  {m.get('path') or ''}{where}"
 
 
@@ -332,13 +348,14 @@ def format_stream_message(msg: dict) -> str:
         best = msg["results"][0] if msg.get("results") else None
         when = f" t={msg['time_s']:.2f}s" if msg.get("time_s") is not None else ""
         top = format_match(best).strip() if best else "no match"
-        return (f"frame {msg['frame']:>5}{when}  {top}  latency {msg['latency_ms']:.0f} ms  "
-                f"dropped {msg['dropped']}")
+        return f"frame {msg['frame']:>5}{when}  {top}  latency {msg['latency_ms']:.0f} ms  dropped {msg['dropped']}"
     if kind == "ready":
         return f"streaming ({msg['codec']}) to {msg['model']} / {msg['index']}, top_k={msg['top_k']}"
     if kind == "end":
-        return (f"end: {msg['received']} frames received, {msg['processed']} processed, "
-                f"{msg['dropped']} dropped, {msg.get('bad_frames', 0)} undecodable")
+        return (
+            f"end: {msg['received']} frames received, {msg['processed']} processed, "
+            f"{msg['dropped']} dropped, {msg.get('bad_frames', 0)} undecodable"
+        )
     if kind == "warning":
         return f"warning: frame {msg.get('frame')}: {msg.get('detail')}"
     if kind == "error":
@@ -346,8 +363,13 @@ def format_stream_message(msg: dict) -> str:
     return json.dumps(msg)
 
 
-def query_command(url: str | None, images: Sequence[Path], top_k: int | None = None, as_json: bool = False,
-                  out: Callable[[str], None] = print) -> int:
+def query_command(
+    url: str | None,
+    images: Sequence[Path],
+    top_k: int | None = None,
+    as_json: bool = False,
+    out: Callable[[str], None] = print,
+) -> int:
     """`vpr query`: each image in turn; a bad image is reported, the rest go on.
     Exit status 0 when all succeeded, 1 otherwise."""
     failed = 0
@@ -363,21 +385,33 @@ def query_command(url: str | None, images: Sequence[Path], top_k: int | None = N
                 out(json.dumps({"image": str(path), **answer}))
                 continue
             t = answer["timings_ms"]
-            out(f"{path}: {answer['model']} / {answer['index']}  ({t['total']:.0f} ms: decode {t['decode']:.0f}, "
-                f"embed {t['embed']:.0f}, search {t['search']:.0f})")
+            out(
+                f"{path}: {answer['model']} / {answer['index']}  ({t['total']:.0f} ms: decode {t['decode']:.0f}, "
+                f"embed {t['embed']:.0f}, search {t['search']:.0f})"
+            )
             for m in answer["results"]:
                 out(format_match(m))
     return 1 if failed else 0
 
 
-def stream_command(url: str | None, video: Path, codec: str = "h264", top_k: int | None = None,
-                   realtime: bool = True, speed: float = 1.0, as_json: bool = False,
-                   max_frames: int | None = None, out: Callable[[str], None] = print) -> int:
+def stream_command(
+    url: str | None,
+    video: Path,
+    codec: str = "h264",
+    top_k: int | None = None,
+    realtime: bool = True,
+    speed: float = 1.0,
+    as_json: bool = False,
+    max_frames: int | None = None,
+    out: Callable[[str], None] = print,
+) -> int:
     """`vpr stream`: prints each message as it arrives; 0 when the stream ended cleanly."""
+
     def show(msg: dict) -> None:
         out(json.dumps(msg) if as_json else format_stream_message(msg))
 
     with VPRClient(url) as client:
-        final = client.stream(video, codec=codec, top_k=top_k, realtime=realtime, speed=speed,
-                              on_message=show, max_frames=max_frames)
+        final = client.stream(
+            video, codec=codec, top_k=top_k, realtime=realtime, speed=speed, on_message=show, max_frames=max_frames
+        )
     return 0 if final.get("type") == "end" else 1

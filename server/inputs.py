@@ -4,9 +4,10 @@ Every refusal is an `ApiError` (or a FastAPI validation error) that becomes
 `{"error": <code>, "detail": <message>}` with a 4xx status, so a client can
 branch on `error` and show `detail`; the server itself keeps serving.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -112,12 +113,19 @@ def check_media(declared: str | None, data: bytes, source: str) -> None:
     kind = media_type(declared)
     accepted = ", ".join(ACCEPTED_TYPES)
     if kind not in ACCEPTED_TYPES and kind not in GENERIC_TYPES:
-        raise ApiError(415, "unsupported_media_type",
-                       f"{source}: content type {kind or 'missing'!r} is not supported; send one of {accepted}")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{source}: content type {kind or 'missing'!r} is not supported; send one of {accepted}",
+        )
     actual = sniff(data)
     if actual is not None and actual not in ACCEPTED_TYPES:
-        raise ApiError(415, "unsupported_media_type",
-                       f"{source}: the data is {actual}, which is not supported; send one of {accepted}")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{source}: the data is {actual}, which is not supported; send one of {accepted}",
+        )
     if actual is None:
-        raise ApiError(400, "bad_image", f"{source}: not a decodable image (the data does not start like a "
-                       "JPEG, PNG or WebP file)")
+        raise ApiError(
+            400, "bad_image", f"{source}: not a decodable image (the data does not start like a JPEG, PNG or WebP file)"
+        )

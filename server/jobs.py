@@ -7,6 +7,7 @@ queued or running when the server stopped are marked failed on the next
 start, with the reason. Rebuilds run one at a time on their own thread, so
 queries keep being served (more slowly, on the same cores) meanwhile.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,6 @@ from vpr.index.store import IndexMismatch, IndexRef, check_name
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import list_images
 from vpr.model.registry import RegistryError, now_iso
-
 from vpr.server.runtime import NotReady, Runtime
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,18 @@ class RebuildRequest(BaseModel):
     recursive: bool = Field(False, description="with `folder`: include sub-folders")
     dataset: DatasetSpec | None = Field(None, description="a dataset whose database side is indexed")
     name: str | None = Field(None, description="index name; default: the served index's name")
-    model: str | None = Field(None, description="model describing the database (NAME or NAME@VERSION); "
-                                                "default: the model that built the served index")
+    model: str | None = Field(
+        None,
+        description="model describing the database (NAME or NAME@VERSION); "
+        "default: the model that built the served index",
+    )
     factory: str = Field("Flat", description="FAISS index_factory spec, e.g. Flat, HNSW32, IVF1024,PQ64")
     batch_size: int = Field(8, ge=1, le=512)
     skip_bad: bool = Field(False, description="leave out undecodable images instead of failing")
     activate: bool = Field(True, description="serve the new version when it is built")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RebuildRequest":
+    def _one_source(self) -> RebuildRequest:
         if (self.folder is None) == (self.dataset is None):
             raise ValueError("give exactly one of `folder` or `dataset`")
         return self
@@ -89,8 +92,9 @@ class JobManager:
         for path in sorted(self.dir.glob("*.json")):
             job = self._read(path)
             if job and job.get("state") not in FINAL:
-                job.update(state="failed", finished=now_iso(),
-                           error="interrupted: the server stopped before the job finished")
+                job.update(
+                    state="failed", finished=now_iso(), error="interrupted: the server stopped before the job finished"
+                )
                 atomic_write_json(path, job)
                 n += 1
         if n:
@@ -137,10 +141,19 @@ class JobManager:
     def submit_rebuild(self, req: RebuildRequest) -> dict[str, Any]:
         """Validate what can be checked now (a 422 beats a failed job), then queue."""
         plan = self._plan(req)
-        job = {"id": uuid.uuid4().hex, "kind": "index.rebuild", "state": "queued", "created": now_iso(),
-               "started": None, "finished": None, "progress": {"stage": "queued", "done": 0, "total": None},
-               "request": json.loads(req.model_dump_json()), "plan": {k: str(v) for k, v in plan.items()},
-               "result": None, "error": None}
+        job = {
+            "id": uuid.uuid4().hex,
+            "kind": "index.rebuild",
+            "state": "queued",
+            "created": now_iso(),
+            "started": None,
+            "finished": None,
+            "progress": {"stage": "queued", "done": 0, "total": None},
+            "request": json.loads(req.model_dump_json()),
+            "plan": {k: str(v) for k, v in plan.items()},
+            "result": None,
+            "error": None,
+        }
         with self._lock:
             self._jobs[job["id"]] = job
         self._write(job)
@@ -180,18 +193,29 @@ class JobManager:
         try:
             result = self._rebuild(job, req, plan)
         except Exception as e:  # the job fails, the server does not
-            if not isinstance(e, (ValueError, FileNotFoundError, PermissionError, RegistryError, NotReady,
-                                  JobCancelled)):
+            if not isinstance(
+                e, (ValueError, FileNotFoundError, PermissionError, RegistryError, NotReady, JobCancelled)
+            ):
                 log.exception("job %s failed", job["id"])
             else:
                 log.error("job %s failed: %s", job["id"], e)
-            self._update(job, state="failed", finished=now_iso(), error=f"{type(e).__name__}: {e}",
-                         seconds=round(time.perf_counter() - t0, 3))
+            self._update(
+                job,
+                state="failed",
+                finished=now_iso(),
+                error=f"{type(e).__name__}: {e}",
+                seconds=round(time.perf_counter() - t0, 3),
+            )
             self.metrics.jobs.labels(job["kind"], "failed").inc()
             return
-        self._update(job, state="succeeded", finished=now_iso(), result=result,
-                     seconds=round(time.perf_counter() - t0, 3),
-                     progress={**job["progress"], "stage": "done"})
+        self._update(
+            job,
+            state="succeeded",
+            finished=now_iso(),
+            result=result,
+            seconds=round(time.perf_counter() - t0, 3),
+            progress={**job["progress"], "stage": "done"},
+        )
         self.metrics.jobs.labels(job["kind"], "succeeded").inc()
         log.info("job %s succeeded: %s", job["id"], result)
 
@@ -209,19 +233,34 @@ class JobManager:
 
         def progress(done: int, total: int) -> None:
             if self._stopping.is_set():
-                raise JobCancelled("interrupted: the server is shutting down (a new rebuild of the same "
-                                   "images resumes from the descriptors computed so far)")
+                raise JobCancelled(
+                    "interrupted: the server is shutting down (a new rebuild of the same "
+                    "images resumes from the descriptors computed so far)"
+                )
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or done >= total:
                 last[0] = now
                 self._update(job, progress={"stage": "describing", "done": int(done), "total": int(total)})
 
-        new: IndexRef = rt.store.build(plan["name"], model, items, root, factory=req.factory,
-                                       batch_size=req.batch_size, progress=progress, activate=False,
-                                       device=rt.device, skip_bad=req.skip_bad)
+        new: IndexRef = rt.store.build(
+            plan["name"],
+            model,
+            items,
+            root,
+            factory=req.factory,
+            batch_size=req.batch_size,
+            progress=progress,
+            activate=False,
+            device=rt.device,
+            skip_bad=req.skip_bad,
+        )
         manifest = rt.store.manifest(new)
-        result: dict[str, Any] = {"index": str(new), "count": manifest["count"], "model": manifest["model"],
-                                  "activated": False}
+        result: dict[str, Any] = {
+            "index": str(new),
+            "count": manifest["count"],
+            "model": manifest["model"],
+            "activated": False,
+        }
         if req.activate:
             self._stage(job, "activating")
             if rt.current is not None:
@@ -241,6 +280,7 @@ class JobManager:
         if req.folder is not None:
             if req.recursive:
                 from vpr.data.datasets import list_images_recursive
+
                 return list_images_recursive(source), source
             return list_images(source), source
         from vpr.data.datasets import open_dataset  # the one dataset reader (imports train lazily)
@@ -274,10 +314,9 @@ class JobManager:
     def _prune(self) -> None:
         """Keep the newest `keep` finished job files."""
         files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for path in files[self.keep:]:
+        for path in files[self.keep :]:
             job = self._read(path)
             if job is None or job.get("state") in FINAL:
                 path.unlink(missing_ok=True)
                 with self._lock:
                     self._jobs.pop(path.stem, None)
-

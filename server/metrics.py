@@ -5,12 +5,12 @@ Each app owns its own `CollectorRegistry` so that several apps in one process
 are labelled by their template (`/v1/admin/jobs/{job_id}`), never by the raw
 path, so a scanner cannot blow up label cardinality.
 """
+
 from __future__ import annotations
 
 import time
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -24,38 +24,54 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("vpr_http_requests_total", "HTTP requests by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("vpr_http_request_duration_seconds",
-                                 "HTTP request latency by route, method and status",
-                                 ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "vpr_http_requests_total",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "vpr_http_request_duration_seconds",
+            "HTTP request latency by route, method and status",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("vpr_http_requests_in_flight", "HTTP requests being served", registry=r)
-        self.stage = Histogram("vpr_query_stage_seconds", "Per-item time in each query stage",
-                               ["stage"], buckets=STAGE_BUCKETS, registry=r)
-        self.batch_size = Histogram("vpr_model_batch_size", "Items per model forward pass",
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.stage = Histogram(
+            "vpr_query_stage_seconds", "Per-item time in each query stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "vpr_model_batch_size", "Items per model forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("vpr_queue_depth", "Items waiting for the model", registry=r)
-        self.queue_rejected = Counter("vpr_queue_rejected_total", "Items refused because the queue was full",
-                                      ["source"], registry=r)
-        self.frames_received = Counter("vpr_stream_frames_received_total", "Frames received on streams",
-                                       ["codec"], registry=r)
-        self.frames_processed = Counter("vpr_stream_frames_processed_total", "Frames answered on streams",
-                                        ["codec"], registry=r)
-        self.frames_dropped = Counter("vpr_stream_frames_dropped_total",
-                                      "Frames skipped on streams (newer frame arrived, or queue full)",
-                                      ["codec", "reason"], registry=r)
+        self.queue_rejected = Counter(
+            "vpr_queue_rejected_total", "Items refused because the queue was full", ["source"], registry=r
+        )
+        self.frames_received = Counter(
+            "vpr_stream_frames_received_total", "Frames received on streams", ["codec"], registry=r
+        )
+        self.frames_processed = Counter(
+            "vpr_stream_frames_processed_total", "Frames answered on streams", ["codec"], registry=r
+        )
+        self.frames_dropped = Counter(
+            "vpr_stream_frames_dropped_total",
+            "Frames skipped on streams (newer frame arrived, or queue full)",
+            ["codec", "reason"],
+            registry=r,
+        )
         self.streams = Gauge("vpr_stream_connections", "Open websocket streams", registry=r)
-        self.stream_errors = Counter("vpr_stream_errors_total", "Streams closed because of an error",
-                                     ["reason"], registry=r)
+        self.stream_errors = Counter(
+            "vpr_stream_errors_total", "Streams closed because of an error", ["reason"], registry=r
+        )
         self.index_size = Gauge("vpr_index_size", "Vectors in the served index", registry=r)
         self.ready = Gauge("vpr_ready", "1 when a model and an index are served", registry=r)
-        self.active = Gauge("vpr_active_version_info", "The served versions (value 1)",
-                            ["kind", "version"], registry=r)
+        self.active = Gauge("vpr_active_version_info", "The served versions (value 1)", ["kind", "version"], registry=r)
         self.swaps = Counter("vpr_swaps_total", "Hot swaps of the served model or index", ["kind"], registry=r)
-        self.admin_auth_failures = Counter("vpr_admin_auth_failures_total",
-                                           "Admin requests refused for a missing or wrong token", registry=r)
-        self.jobs = Counter("vpr_jobs_total", "Background jobs by kind and final state", ["kind", "state"],
-                            registry=r)
+        self.admin_auth_failures = Counter(
+            "vpr_admin_auth_failures_total", "Admin requests refused for a missing or wrong token", registry=r
+        )
+        self.jobs = Counter("vpr_jobs_total", "Background jobs by kind and final state", ["kind", "state"], registry=r)
 
     def set_served(self, model: str | None, index: str | None, index_size: int | None) -> None:
         """Publish what is served now (called after every load or swap)."""

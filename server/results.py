@@ -1,4 +1,5 @@
 """JSON shapes of answers (also the OpenAPI schema at /docs)."""
+
 from __future__ import annotations
 
 import math
@@ -80,14 +81,23 @@ def _finite(x: Any) -> Any:
 def match_json(rank: int, hit: Any) -> dict[str, Any]:
     m = hit.meta
     pos = {k: _finite(m.get(k)) for k in POSITION_KEYS}
-    return {"rank": rank, "id": int(hit.id), "score": round(float(hit.score), 6), "path": m.get("path"),
-            "label": m.get("label"), "position": pos if any(v is not None for v in pos.values()) else None,
-            "extra": m.get("extra") or {}}
+    return {
+        "rank": rank,
+        "id": int(hit.id),
+        "score": round(float(hit.score), 6),
+        "path": m.get("path"),
+        "label": m.get("label"),
+        "position": pos if any(v is not None for v in pos.values()) else None,
+        "extra": m.get("extra") or {},
+    }
 
 
 def answer_json(hits: list, serving: Any) -> dict[str, Any]:
-    return {"results": [match_json(r, h) for r, h in enumerate(hits, 1)], "model": serving.model_spec,
-            "index": serving.index_spec}
+    return {
+        "results": [match_json(r, h) for r, h in enumerate(hits, 1)],
+        "model": serving.model_spec,
+        "index": serving.index_spec,
+    }
 
 
 def rounded(timings: dict[str, float]) -> dict[str, float]:

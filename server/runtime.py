@@ -9,6 +9,7 @@ retired pair's resources are released once its last lease ends.
 Blocking work (loading, decoding, the forward pass) runs on threads; the
 event loop only awaits futures.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,7 +29,6 @@ from vpr.model.extract import default_device, embed_tensors
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import decode_image, target_size, to_input
 from vpr.model.registry import LoadedModel, Registry, RegistryError, now_iso
-
 from vpr.server.batcher import MicroBatcher
 from vpr.server.metrics import Metrics
 from vpr.server.settings import ServerSettings
@@ -76,10 +76,12 @@ class Runtime:
         self.registry = Registry(settings.models_dir)
         self.store = IndexStore(settings.indexes_dir)
         self.device = torch.device(settings.device) if settings.device else default_device()
-        if self.device.type == "cuda" and (not torch.cuda.is_available()
-                                           or (self.device.index or 0) >= torch.cuda.device_count()):
-            raise ValueError(f"device {self.device} requested but CUDA (or that GPU) is not available; "
-                             "use --device cpu")
+        if self.device.type == "cuda" and (
+            not torch.cuda.is_available() or (self.device.index or 0) >= torch.cuda.device_count()
+        ):
+            raise ValueError(
+                f"device {self.device} requested but CUDA (or that GPU) is not available; use --device cpu"
+            )
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, settings.queue_size, self.metrics)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vpr-decode")
         self.current: Serving | None = None
@@ -169,8 +171,9 @@ class Runtime:
                 return False
             self.last_error = None
             self._publish(Serving(model, index, self.device))
-            log.info("serving model %s with index %s (%d vectors) on %s",
-                     model.ref, index.ref, index.count, self.device)
+            log.info(
+                "serving model %s with index %s (%d vectors) on %s", model.ref, index.ref, index.count, self.device
+            )
             return True
 
     def _load_pair(self, model_spec: str, index_spec: str) -> tuple[LoadedModel, LoadedIndex]:
@@ -191,8 +194,10 @@ class Runtime:
         s = self.settings
         names = self.store.names()
         if not names:
-            raise NotReady(f"no index in {s.indexes_dir}: build one (vpr index build ... or "
-                           "POST /v1/admin/index/rebuild), then reload")
+            raise NotReady(
+                f"no index in {s.indexes_dir}: build one (vpr index build ... or "
+                "POST /v1/admin/index/rebuild), then reload"
+            )
         if not self.registry.names():
             raise NotReady(f"no model in {s.models_dir}: register one (vpr model init ...), then reload")
         saved = self._saved_choice()
@@ -210,11 +215,14 @@ class Runtime:
         if model_manifest is not None:
             candidates = [n for n in candidates if _compatible(self.store.manifest(n), model_manifest)]
             if not candidates:
-                raise NotReady(f"no index is compatible with model {model_manifest['name']}@"
-                               f"{model_manifest['version']}; indexes: {', '.join(names)}")
+                raise NotReady(
+                    f"no index is compatible with model {model_manifest['name']}@"
+                    f"{model_manifest['version']}; indexes: {', '.join(names)}"
+                )
         if len(candidates) > 1:
-            raise NotReady(f"several indexes ({', '.join(candidates)}): choose one with VPR_INDEX "
-                           "or `vpr serve --index NAME`")
+            raise NotReady(
+                f"several indexes ({', '.join(candidates)}): choose one with VPR_INDEX or `vpr serve --index NAME`"
+            )
         return candidates[0]
 
     def _pick_model(self, index_manifest: dict) -> str:
@@ -234,8 +242,10 @@ class Runtime:
             (students if m.get("role") == "student" else builders).append((key, str(ref)))
         chosen = max(students or builders, default=None)
         if chosen is None:
-            raise NotReady(f"no registered model can query index {index_manifest.get('name')} "
-                           f"(built by {index_manifest.get('model')}); set VPR_MODEL or register its model")
+            raise NotReady(
+                f"no registered model can query index {index_manifest.get('name')} "
+                f"(built by {index_manifest.get('model')}); set VPR_MODEL or register its model"
+            )
         return chosen[1]
 
     def _saved_choice(self) -> dict:
@@ -261,8 +271,10 @@ class Runtime:
         return out
 
     def _save_choice(self, serving: Serving) -> None:
-        atomic_write_json(self.settings.home / SERVING_FILE,
-                          {"model": serving.model.ref.name, "index": serving.index.ref.name, "updated": now_iso()})
+        atomic_write_json(
+            self.settings.home / SERVING_FILE,
+            {"model": serving.model.ref.name, "index": serving.index.ref.name, "updated": now_iso()},
+        )
 
     def warmup(self, model: LoadedModel, index: LoadedIndex) -> None:
         """One forward pass and one search at a typical size before serving, on
@@ -299,8 +311,9 @@ class Runtime:
         with self._swap_lock:
             cur = self.current
             if cur is None and (model is None or index is None):
-                raise NotReady(f"nothing is served yet ({self.status.reason}); give both a model and an index, "
-                               "or reload")
+                raise NotReady(
+                    f"nothing is served yet ({self.status.reason}); give both a model and an index, or reload"
+                )
             model = model or cur.model
             index = index or cur.index
             _check(index, model)
@@ -316,7 +329,10 @@ class Runtime:
             if persist:
                 self._save_choice(new)
             if cur is not None:
-                for kind, a, b in (("model", cur.model_spec, new.model_spec), ("index", cur.index_spec, new.index_spec)):
+                for kind, a, b in (
+                    ("model", cur.model_spec, new.model_spec),
+                    ("index", cur.index_spec, new.index_spec),
+                ):
                     if a != b:
                         self.metrics.swaps.labels(kind).inc()
                         log.info("hot swap: %s %s -> %s", kind, a, b)
@@ -354,4 +370,3 @@ def _compatible(index_manifest: dict, model_manifest: dict) -> bool:
 
 def _check(index: LoadedIndex, model: LoadedModel) -> None:
     check_compatible(index.manifest, model.manifest)
-

@@ -5,6 +5,7 @@ Every knob a deployment may need lives here with a safe default; the CLI
 conservative: a query is a small compressed image, so bodies and pixel
 counts far above that are refused early rather than decoded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -101,12 +102,14 @@ class ServerSettings(HomeSettings):
         return v.lower()
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ServerSettings":
+    def _consistent(self) -> ServerSettings:
         if self.top_k_default > self.top_k_max:
             raise ValueError(f"top_k_default {self.top_k_default} exceeds top_k_max {self.top_k_max}")
         if self.max_batch_files > self.queue_size:
-            raise ValueError(f"max_batch_files {self.max_batch_files} exceeds queue_size {self.queue_size}: "
-                             "such a batch could never be queued")
+            raise ValueError(
+                f"max_batch_files {self.max_batch_files} exceeds queue_size {self.queue_size}: "
+                "such a batch could never be queued"
+            )
         if self.admin_token is not None and self.admin_token_file is not None:
             raise ValueError("set either VPR_ADMIN_TOKEN or VPR_ADMIN_TOKEN_FILE, not both")
         return self

@@ -17,6 +17,7 @@ frame; older unprocessed ones are dropped and counted, so latency stays at
 one forward pass however fast the client sends. An error is confined to its
 connection.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from vpr.model.preprocess import ImageDecodeError, ImageTooLarge
-
 from vpr.server.batcher import BatcherStopped, QueueFull
 from vpr.server.inputs import sniff
 from vpr.server.results import answer_json
@@ -91,10 +91,13 @@ class H264Decoder:
             raise StreamError(INVALID_DATA, "bad_stream", f"H.264 parser failed: {e}") from None
         frames = self._decode(packets)
         if not self.frames_out and self.bytes_in > self.probe_bytes:
-            raise StreamError(INVALID_DATA, "bad_stream",
-                              f"no decodable H.264 frame in the first {self.bytes_in} bytes; send an Annex-B "
-                              "byte stream (start codes 00 00 01), e.g. `ffmpeg -i in.mp4 -c:v copy -bsf:v "
-                              "h264_mp4toannexb -f h264 -`")
+            raise StreamError(
+                INVALID_DATA,
+                "bad_stream",
+                f"no decodable H.264 frame in the first {self.bytes_in} bytes; send an Annex-B "
+                "byte stream (start codes 00 00 01), e.g. `ffmpeg -i in.mp4 -c:v copy -bsf:v "
+                "h264_mp4toannexb -f h264 -`",
+            )
         return frames
 
     def flush(self) -> list[av.VideoFrame]:
@@ -108,12 +111,17 @@ class H264Decoder:
     def _check_head(self) -> None:
         head = self._head
         if head[4:8] == b"ftyp":
-            raise StreamError(INVALID_DATA, "bad_stream", "this is an MP4 file, not an H.264 Annex-B stream; "
-                              "demux it and send the video bitstream (h264_mp4toannexb)")
+            raise StreamError(
+                INVALID_DATA,
+                "bad_stream",
+                "this is an MP4 file, not an H.264 Annex-B stream; "
+                "demux it and send the video bitstream (h264_mp4toannexb)",
+            )
         if len(head) >= 4 and not (head.startswith(b"\x00\x00\x01") or head.startswith(b"\x00\x00\x00\x01")):
             # Annex-B streams start with a start code; anything else is not one.
-            raise StreamError(INVALID_DATA, "bad_stream",
-                              "the stream does not start with an H.264 Annex-B start code (00 00 01)")
+            raise StreamError(
+                INVALID_DATA, "bad_stream", "the stream does not start with an H.264 Annex-B start code (00 00 01)"
+            )
 
     def _decode(self, packets) -> list[av.VideoFrame]:
         frames: list[av.VideoFrame] = []
@@ -125,15 +133,19 @@ class H264Decoder:
                 self.bad_in_a_row += 1
                 log.debug("undecodable H.264 packet: %s", e)
                 if self.bad_in_a_row > self.max_bad:
-                    raise StreamError(INVALID_DATA, "bad_stream",
-                                      f"{self.bad_in_a_row} H.264 packets in a row failed to decode ({e})") from None
+                    raise StreamError(
+                        INVALID_DATA, "bad_stream", f"{self.bad_in_a_row} H.264 packets in a row failed to decode ({e})"
+                    ) from None
         return self._checked(frames)
 
     def _checked(self, frames: list[av.VideoFrame]) -> list[av.VideoFrame]:
         for f in frames:
             if f.width * f.height > self.max_pixels:
-                raise StreamError(TOO_BIG, "frame_too_large",
-                                  f"frame {f.width}x{f.height} exceeds the pixel limit of {self.max_pixels}")
+                raise StreamError(
+                    TOO_BIG,
+                    "frame_too_large",
+                    f"frame {f.width}x{f.height} exceeds the pixel limit of {self.max_pixels}",
+                )
         self.frames_out += len(frames)
         return frames
 
@@ -174,8 +186,11 @@ class StreamSession:
         tasks: list[asyncio.Task] = []
         try:
             if self.runtime.streams > self.settings.stream_max_connections:
-                raise StreamError(TRY_LATER, "too_many_streams",
-                                  f"{self.settings.stream_max_connections} streams are open already; retry later")
+                raise StreamError(
+                    TRY_LATER,
+                    "too_many_streams",
+                    f"{self.settings.stream_max_connections} streams are open already; retry later",
+                )
             await self._handshake()
             tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._process())]
             receiver, processor = tasks
@@ -190,15 +205,17 @@ class StreamSession:
         except StreamError as e:
             self.metrics.stream_errors.labels(e.error).inc()
             log.info("stream closed: %s (%s)", e.detail, e.error)
-            await self._send_quietly({"type": "error", "error": e.error, "detail": e.detail,
-                                      "close_code": e.close_code, **self.counts()})
+            await self._send_quietly(
+                {"type": "error", "error": e.error, "detail": e.detail, "close_code": e.close_code, **self.counts()}
+            )
             await self._close(e.close_code)
         except (WebSocketDisconnect, _Gone):
             pass
         except Exception as e:
             log.exception("stream failed")
-            await self._send_quietly({"type": "error", "error": "internal",
-                                      "detail": f"{type(e).__name__}: {e}", "close_code": INTERNAL})
+            await self._send_quietly(
+                {"type": "error", "error": "internal", "detail": f"{type(e).__name__}: {e}", "close_code": INTERNAL}
+            )
             await self._close(INTERNAL)
         finally:
             for t in tasks:
@@ -213,21 +230,23 @@ class StreamSession:
                 await asyncio.wait(tasks, timeout=5)
 
     def counts(self) -> dict[str, int]:
-        return {"received": self.received, "processed": self.processed, "dropped": self.dropped,
-                "bad_frames": self.bad}
+        return {"received": self.received, "processed": self.processed, "dropped": self.dropped, "bad_frames": self.bad}
 
     # ---- hello ------------------------------------------------------------------
     async def _handshake(self) -> None:
         try:
             msg = await asyncio.wait_for(self.ws.receive(), self.settings.stream_hello_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StreamError(POLICY, "no_hello", f"no hello message within {self.settings.stream_hello_timeout_s:g} s")
         if msg["type"] == "websocket.disconnect":
             raise _Gone()
         text = msg.get("text")
         if text is None:
-            raise StreamError(POLICY, "bad_hello", 'the first message must be JSON text: {"codec": "jpeg"|"h264", '
-                                                   '"top_k": N, "fps": F}')
+            raise StreamError(
+                POLICY,
+                "bad_hello",
+                'the first message must be JSON text: {"codec": "jpeg"|"h264", "top_k": N, "fps": F}',
+            )
         try:
             hello = StreamHello.model_validate(json.loads(text))
         except (ValueError, ValidationError) as e:
@@ -235,7 +254,9 @@ class StreamSession:
         if hello.top_k is not None and hello.top_k > self.settings.top_k_max:
             raise StreamError(POLICY, "bad_hello", f"top_k {hello.top_k} exceeds the maximum {self.settings.top_k_max}")
         if hello.fps is not None and hello.fps > self.settings.stream_max_fps:
-            raise StreamError(POLICY, "bad_hello", f"fps {hello.fps:g} exceeds the maximum {self.settings.stream_max_fps:g}")
+            raise StreamError(
+                POLICY, "bad_hello", f"fps {hello.fps:g} exceeds the maximum {self.settings.stream_max_fps:g}"
+            )
         self.hello = hello
         self.top_k = hello.top_k or self.settings.top_k_default
         if self.runtime.current is None:
@@ -244,9 +265,17 @@ class StreamSession:
             s = self.settings
             self.decoder = H264Decoder(s.max_pixels, s.stream_probe_bytes, s.stream_max_bad_frames)
         cur = self.runtime.current
-        await self._send({"type": "ready", "codec": hello.codec, "top_k": self.top_k, "fps": hello.fps,
-                          "model": cur.model_spec if cur else None, "index": cur.index_spec if cur else None,
-                          "max_message_bytes": self.settings.stream_max_message_bytes})
+        await self._send(
+            {
+                "type": "ready",
+                "codec": hello.codec,
+                "top_k": self.top_k,
+                "fps": hello.fps,
+                "model": cur.model_spec if cur else None,
+                "index": cur.index_spec if cur else None,
+                "max_message_bytes": self.settings.stream_max_message_bytes,
+            }
+        )
 
     # ---- receiving ------------------------------------------------------------------
     async def _receive(self) -> None:
@@ -266,8 +295,9 @@ class StreamSession:
                     return
                 continue
             if len(data) > limit:
-                raise StreamError(TOO_BIG, "message_too_large",
-                                  f"binary message of {len(data)} bytes exceeds the limit of {limit}")
+                raise StreamError(
+                    TOO_BIG, "message_too_large", f"binary message of {len(data)} bytes exceeds the limit of {limit}"
+                )
             if self.decoder is None:
                 self._offer_one(Frame(self.received, time.perf_counter(), data=data))
             else:
@@ -281,8 +311,9 @@ class StreamSession:
         if isinstance(msg, dict) and msg.get("type") == "end":
             self.ended = True
             return
-        raise StreamError(UNSUPPORTED, "bad_message",
-                          'after the hello, send binary frames; the only text message is {"type": "end"}')
+        raise StreamError(
+            UNSUPPORTED, "bad_message", 'after the hello, send binary frames; the only text message is {"type": "end"}'
+        )
 
     def _offer(self, frames: list[av.VideoFrame]) -> None:
         now = time.perf_counter()
@@ -333,21 +364,31 @@ class StreamSession:
                     return
                 try:
                     answer = await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.query_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self._drop("timeout")
                     return
                 self.processed += 1
                 self.metrics.frames_processed.labels(self.codec).inc()
                 fps = self.hello.fps if self.hello else None
-                timings = {"decode": decode_ms, "queue": answer.queue_ms, "embed": answer.embed_ms,
-                           "search": answer.search_ms}
+                timings = {
+                    "decode": decode_ms,
+                    "queue": answer.queue_ms,
+                    "embed": answer.embed_ms,
+                    "search": answer.search_ms,
+                }
                 latency = (time.perf_counter() - frame.received) * 1000
-                await self._send({
-                    "type": "result", "frame": frame.number, "pts": frame.pts,
-                    "time_s": round(frame.number / fps, 6) if fps else None,
-                    **answer_json(answer.hits, serving), "latency_ms": round(latency, 3),
-                    "timings_ms": {k: round(v, 3) for k, v in {**timings, "total": latency}.items()},
-                    **self.counts()})
+                await self._send(
+                    {
+                        "type": "result",
+                        "frame": frame.number,
+                        "pts": frame.pts,
+                        "time_s": round(frame.number / fps, 6) if fps else None,
+                        **answer_json(answer.hits, serving),
+                        "latency_ms": round(latency, 3),
+                        "timings_ms": {k: round(v, 3) for k, v in {**timings, "total": latency}.items()},
+                        **self.counts(),
+                    }
+                )
         except NotReady as e:
             raise StreamError(TRY_LATER, "not_ready", str(e)) from None
         except BatcherStopped as e:
@@ -361,23 +402,25 @@ class StreamSession:
         assert frame.data is not None
         kind = sniff(frame.data)
         if kind != "image/jpeg":  # Pillow's other decoders are never reached (see inputs.check_media)
-            raise ImageDecodeError(f"frame {frame.number}: not a decodable image ({kind or 'not JPEG'} data on a "
-                                   "jpeg stream)")
+            raise ImageDecodeError(
+                f"frame {frame.number}: not a decodable image ({kind or 'not JPEG'} data on a jpeg stream)"
+            )
         return self.runtime.prepare(frame.data, serving, source=f"frame {frame.number}")
 
     async def _bad_frame(self, frame: Frame, detail: str) -> None:
         self.bad += 1
         self.metrics.frames_dropped.labels(self.codec, "undecodable").inc()
         if self.bad > self.settings.stream_max_bad_frames:
-            raise StreamError(INVALID_DATA, "bad_stream",
-                              f"{self.bad} undecodable frames (limit {self.settings.stream_max_bad_frames}); "
-                              f"last: {detail}")
+            raise StreamError(
+                INVALID_DATA,
+                "bad_stream",
+                f"{self.bad} undecodable frames (limit {self.settings.stream_max_bad_frames}); last: {detail}",
+            )
         await self._send({"type": "warning", "error": "bad_frame", "frame": frame.number, "detail": detail})
 
     # ---- sending ----------------------------------------------------------------------
     async def _send(self, payload: dict[str, Any]) -> None:
-        if self.ws.application_state != WebSocketState.CONNECTED or \
-                self.ws.client_state != WebSocketState.CONNECTED:
+        if self.ws.application_state != WebSocketState.CONNECTED or self.ws.client_state != WebSocketState.CONNECTED:
             raise _Gone()
         try:
             await self.ws.send_text(json.dumps(payload))

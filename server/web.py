@@ -5,6 +5,7 @@ thumbnails). The path comes from the served index's own metadata and must
 resolve to a file under the index's recorded root, so a crafted id or a
 tampered metadata row can never read anything else from the disk.
 """
+
 from __future__ import annotations
 
 import mimetypes
@@ -33,14 +34,19 @@ def web_router(runtime: Runtime) -> APIRouter:
 
     @router.get("/", include_in_schema=False)
     def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
-    @router.get("/v1/places/{place_id}/image", tags=["query"], summary="The database image of a place id",
-                response_class=FileResponse,
-                responses={200: {"content": {"image/jpeg": {}, "image/png": {}}},
-                           404: {"description": "no such id in the served index, or its file is gone"},
-                           503: {"description": "not ready"}})
+    @router.get(
+        "/v1/places/{place_id}/image",
+        tags=["query"],
+        summary="The database image of a place id",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"image/jpeg": {}, "image/png": {}}},
+            404: {"description": "no such id in the served index, or its file is gone"},
+            503: {"description": "not ready"},
+        },
+    )
     def place_image(place_id: int = PathParam(ge=0, le=MAX_ID)) -> FileResponse:
         path = place_image_path(runtime, place_id)
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -58,8 +64,7 @@ def place_image_path(runtime: Runtime, place_id: int) -> Path:
             meta = index.meta([place_id]).get(place_id)
             root = Path(index.root)
     except NotReady as e:
-        raise ApiError(503, "not_ready", str(e),
-                       headers={"Retry-After": str(runtime.settings.retry_after_s)}) from None
+        raise ApiError(503, "not_ready", str(e), headers={"Retry-After": str(runtime.settings.retry_after_s)}) from None
     if meta is None or not meta.get("path"):
         raise ApiError(404, "not_found", f"no place with id {place_id} in the served index")
     root = root.resolve()

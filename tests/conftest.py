@@ -1,4 +1,5 @@
 """Shared fixtures: tiny model configs, temporary homes, the optional ../shared."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 (reliability fuzzing, load, crash): raw HTTP and websocket framing where a
 normal client would refuse to misbehave, `vpr serve` subprocesses, and the
 resident memory of a process. No tests here."""
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,9 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import httpx
 import numpy as np
@@ -78,7 +79,7 @@ class _Reader:
     def _fill(self) -> bool:
         try:
             chunk = self.sock.recv(65536)
-        except (ConnectionResetError, TimeoutError, socket.timeout):
+        except (ConnectionResetError, TimeoutError):
             chunk = b""
         if not chunk:
             self.eof = True
@@ -99,8 +100,14 @@ class _Reader:
         return RawResponse(int(lines[0].split()[1]), headers, body)
 
 
-def raw_request(port: int, head: str, body: Iterable[bytes] = (), timeout: float = 30.0,
-                until_close: bool = False, stop_early: bool = True) -> tuple[list[RawResponse], bool]:
+def raw_request(
+    port: int,
+    head: str,
+    body: Iterable[bytes] = (),
+    timeout: float = 30.0,
+    until_close: bool = False,
+    stop_early: bool = True,
+) -> tuple[list[RawResponse], bool]:
     """Send a hand-written request: `head` (request line and headers, no blank
     line) then the `body` pieces, stopping early once the server has answered
     (a server may refuse a body before it has all arrived) unless not
@@ -159,8 +166,12 @@ def ws_connect_raw(port: int, path: str = "/v1/stream", timeout: float = 30.0) -
     """A TCP connection upgraded to a websocket by hand."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(4096)
@@ -174,6 +185,7 @@ def ws_connect_raw(port: int, path: str = "/v1/stream", timeout: float = 30.0) -
 
 def ws_read_frame(sock: socket.socket) -> tuple[int, bytes]:
     """(opcode, payload) of one unfragmented server frame."""
+
     def exactly(n: int) -> bytes:
         out = b""
         while len(out) < n:
@@ -220,22 +232,31 @@ def ws_messages_until_close(ws, timeout: float = 60.0) -> tuple[list[dict], int 
 class ServeProcess:
     """`vpr --home HOME serve` on a loopback port, with its log in a file."""
 
-    def __init__(self, home: Path, log: Path, port: int | None = None, env: dict[str, str] | None = None,
-                 args: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        home: Path,
+        log: Path,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        args: Iterable[str] = (),
+    ) -> None:
         self.home, self.log_path = home, log
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("VPR_")}
-        self.env = {**base, "VPR_DEVICE": "cpu", "VPR_DECODE_THREADS": "2", "VPR_ACCESS_LOG": "false",
-                    **(env or {})}
+        self.env = {**base, "VPR_DEVICE": "cpu", "VPR_DECODE_THREADS": "2", "VPR_ACCESS_LOG": "false", **(env or {})}
         self.args = list(args)
         self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 120.0) -> "ServeProcess":
+    def start(self, ready_timeout: float = 120.0) -> ServeProcess:
         self._log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([*VPR, "--home", str(self.home), "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *self.args], cwd=REPO, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*VPR, "--home", str(self.home), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self.wait_ready(ready_timeout)
         return self
 
@@ -283,7 +304,7 @@ class ServeProcess:
         if log is not None and not log.closed:
             log.close()
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,6 +1,7 @@
 """The benchmark scripts run (they are not timed here): bench/gpu.py in its
 CPU dry-run mode end to end, its FLOP counts and peak table, the load
 generator's loopback-only guard, and bench/server_bench.py's options."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,8 +35,13 @@ def _load(name: str):
 
 def test_gpu_script_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
-    r = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--json", str(out)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["device"].startswith("cpu")
@@ -59,10 +65,21 @@ def test_flops_of_vgg16_netvlad_at_480x640(load):
     gpu = load("gpu")
     config = gpu.MODEL_CONFIG
     counted, analytic = gpu.counted_flops(config, 480, 640), gpu.analytic_flops(config, 480, 640)
-    convs = [(3, 64, 480 * 640), (64, 64, 480 * 640), (64, 128, 240 * 320), (128, 128, 240 * 320),
-             (128, 256, 120 * 160), (256, 256, 120 * 160), (256, 256, 120 * 160),
-             (256, 512, 60 * 80), (512, 512, 60 * 80), (512, 512, 60 * 80),
-             (512, 512, 30 * 40), (512, 512, 30 * 40), (512, 512, 30 * 40)]
+    convs = [
+        (3, 64, 480 * 640),
+        (64, 64, 480 * 640),
+        (64, 128, 240 * 320),
+        (128, 128, 240 * 320),
+        (128, 256, 120 * 160),
+        (256, 256, 120 * 160),
+        (256, 256, 120 * 160),
+        (256, 512, 60 * 80),
+        (512, 512, 60 * 80),
+        (512, 512, 60 * 80),
+        (512, 512, 30 * 40),
+        (512, 512, 30 * 40),
+        (512, 512, 30 * 40),
+    ]
     by_hand = sum(2 * cin * cout * 9 * hw for cin, cout, hw in convs)
     assert by_hand == pytest.approx(187.9e9, rel=1e-3)
     assert analytic == pytest.approx(counted, rel=1e-3)

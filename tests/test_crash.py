@@ -8,6 +8,7 @@ on the same home, the server must come up ready on the previous model and
 index with no manual repair, answer queries exactly as before, report the
 interrupted job as failed, and run a new rebuild to completion.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ import time
 
 import httpx
 
-from vpr.index.store import IndexStore
 from tests.live_support import ServeProcess
 from tests.test_server_support import build_home, place_images
+from vpr.index.store import IndexStore
 
 TOKEN = "crash-test-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -37,8 +38,7 @@ def _poll(client: httpx.Client, job_id: str, until, timeout: float = 120.0) -> d
 
 
 def _query(client: httpx.Client, path) -> dict:
-    r = client.post("/v1/query", content=path.read_bytes(), headers={"content-type": "image/jpeg"},
-                    params={"top_k": 3})
+    r = client.post("/v1/query", content=path.read_bytes(), headers={"content-type": "image/jpeg"}, params={"top_k": 3})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -49,8 +49,10 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
     big.mkdir()
     for p in h.images:
         shutil.copy(p, big / p.name)
-    extra = [p.rename(big / f"extra{i:03d}.jpg")
-             for i, p in enumerate(place_images(tmp_path / "extra", EXTRA_IMAGES, seed=4))]
+    extra = [
+        p.rename(big / f"extra{i:03d}.jpg")
+        for i, p in enumerate(place_images(tmp_path / "extra", EXTRA_IMAGES, seed=4))
+    ]
     env = {"VPR_ADMIN_TOKEN": TOKEN}
     log = tmp_path / "serve.log"
 
@@ -65,8 +67,13 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
             r = c.post("/v1/admin/index/rebuild", json={"folder": str(big), "batch_size": 1})
             assert r.status_code == 202, r.text
             job_id = r.json()["job"]
-            running = _poll(c, job_id, lambda j: j["state"] == "running" and j["progress"]["done"] > 0
-                            or j["state"] in ("succeeded", "failed"))
+            running = _poll(
+                c,
+                job_id,
+                lambda j: (
+                    j["state"] == "running" and j["progress"]["done"] > 0 or j["state"] in ("succeeded", "failed")
+                ),
+            )
             assert running["state"] == "running", running
             first.kill()  # SIGKILL in the middle of describing the images
         assert first.proc.returncode == -signal.SIGKILL

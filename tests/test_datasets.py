@@ -1,4 +1,5 @@
 """Dataset readers, UTM conversion, video+GPS conversion, synthetic routes (issue 3)."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,7 @@ import pytest
 from PIL import Image
 
 from vpr.cli.main import main
-from vpr.data.datasets import (DatasetSource, dataset_source, dvgl_name, open_dataset, parse_dataset_arg,
-                            parse_dvgl_name)
+from vpr.data.datasets import DatasetSource, dataset_source, dvgl_name, open_dataset, parse_dataset_arg, parse_dvgl_name
 from vpr.data.geo import latlon_to_utm, utm_to_latlon, zone_number
 from vpr.data.synthetic import ROUTE_FILE, make_route
 from vpr.data.video_dataset import read_gps_csv, video_to_dataset
@@ -24,6 +24,7 @@ def write_image(path: Path, seed: int = 0, size=(32, 24)) -> Path:
 
 
 # ---- UTM ----------------------------------------------------------------------
+
 
 def test_utm_known_points_and_round_trip():
     # CN Tower, the example of the UTM article: 17T 630084 4833439
@@ -45,6 +46,7 @@ def test_utm_known_points_and_round_trip():
 
 
 # ---- dvgl folders ---------------------------------------------------------------
+
 
 def make_folder_dataset(root: Path) -> None:
     for i, x in enumerate([0.0, 10.0, 20.0, 60.0]):
@@ -108,8 +110,9 @@ def test_folder_reader_refuses_mixed_zones(tmp_path: Path):
 
 
 def test_dvgl_name_round_trip(tmp_path: Path):
-    name = dvgl_name(512345.678, 4012345.2, 11, "S", 33.1, -117.3, pano_id="walk@1", tile="7", heading=-10,
-                     timestamp="1.5")
+    name = dvgl_name(
+        512345.678, 4012345.2, 11, "S", 33.1, -117.3, pano_id="walk@1", tile="7", heading=-10, timestamp="1.5"
+    )
     assert name.count("@") == 15 and name.endswith("@.jpg")
     utm, zone, latlon = parse_dvgl_name(Path(name))
     assert utm == (512345.68, 4012345.2) and zone == "11S" and latlon == (33.1, -117.3)
@@ -118,13 +121,22 @@ def test_dvgl_name_round_trip(tmp_path: Path):
 
 # ---- Pittsburgh .mat --------------------------------------------------------------
 
+
 def write_mat(path: Path, db_names, utm_db, q_names, utm_q, thr=25.0, drop=None):
     from scipy.io import savemat
 
-    s = {"whichSet": "test", "dbImage": np.array(db_names, dtype=object), "utmDb": np.array(utm_db, float).T,
-         "qImage": np.array(q_names, dtype=object), "utmQ": np.array(utm_q, float).T,
-         "numDb": len(db_names), "numQ": len(q_names), "posDistThr": thr, "posDistSqThr": thr**2,
-         "nonTrivPosDistSqThr": 100}
+    s = {
+        "whichSet": "test",
+        "dbImage": np.array(db_names, dtype=object),
+        "utmDb": np.array(utm_db, float).T,
+        "qImage": np.array(q_names, dtype=object),
+        "utmQ": np.array(utm_q, float).T,
+        "numDb": len(db_names),
+        "numQ": len(q_names),
+        "posDistThr": thr,
+        "posDistSqThr": thr**2,
+        "nonTrivPosDistSqThr": 100,
+    }
     if drop:
         del s[drop]
     savemat(str(path), {"dbStruct": s})
@@ -139,8 +151,14 @@ def test_mat_reader(tmp_path: Path):
     for i, n in enumerate(q_names):
         write_image(root / "queries_real" / n, 10 + i)
     utm_db = [[0, 0], [10, 0], [100, 0]]
-    write_mat(root / "pitts_test.mat", db_names, [[585000 + x, 4477000 + y] for x, y in utm_db], q_names,
-              [[585001, 4477000], [585300, 4477000]], thr=12.0)
+    write_mat(
+        root / "pitts_test.mat",
+        db_names,
+        [[585000 + x, 4477000 + y] for x, y in utm_db],
+        q_names,
+        [[585001, 4477000], [585300, 4477000]],
+        thr=12.0,
+    )
     ds = open_dataset("mat", root / "pitts_test.mat")
     assert [i.label for i in ds.database] == ["000/a", "000/b", "001/c"]
     assert ds.queries[0].path == (root / "queries_real" / "000/q1.jpg").resolve()
@@ -171,6 +189,7 @@ def test_mat_reader_bad_input(tmp_path: Path):
     with pytest.raises(ValueError, match=r"junk\.mat: not a readable MATLAB"):
         open_dataset("mat", tmp_path / "junk.mat")
     from scipy.io import savemat
+
     savemat(str(tmp_path / "other.mat"), {"x": np.eye(2)})
     with pytest.raises(ValueError, match="no 'dbStruct' variable"):
         open_dataset("mat", tmp_path / "other.mat")
@@ -179,6 +198,7 @@ def test_mat_reader_bad_input(tmp_path: Path):
 
 
 # ---- traversals ---------------------------------------------------------------------
+
 
 def make_traversals(root: Path, n_db: int = 6, n_q: int = 6) -> None:
     for i in range(n_db):
@@ -190,21 +210,25 @@ def make_traversals(root: Path, n_db: int = 6, n_q: int = 6) -> None:
 def test_traversal_with_ground_truth_csv(tmp_path: Path):
     make_traversals(tmp_path)
     (tmp_path / "ground_truth.csv").write_text(
-        "query_index,positive_reference_indices\n0,0 1\n1,0 1 2\n2,\n3,3\n5,4 5\n")
+        "query_index,positive_reference_indices\n0,0 1\n1,0 1 2\n2,\n3,3\n5,4 5\n"
+    )
     ds = open_dataset("traversal", tmp_path, database="ref", queries="qry")
     assert [p.tolist() for p in ds.positives] == [[0, 1], [0, 1, 2], [], [3], [], [4, 5]]
     assert ds.database[2].label == "Image002" and ds.queries[5].path.name == "Image005.jpg"
     assert ds.summary()["queries_without_positive"] == 2
 
 
-@pytest.mark.parametrize("body, message", [
-    ("query_index,positive_reference_indices\n0,0 9\n", r"line 2: reference index 9 is out of range 0\.\.5"),
-    ("query_index,positive_reference_indices\n0,0\n7,1\n", r"line 3: query index 7 is out of range"),
-    ("query_index,positive_reference_indices\n0,0\n0,1\n", r"line 3: query index 0 appears twice"),
-    ("query_index,positive_reference_indices\nzero,1\n", r"line 2: indices must be integers"),
-    ("query_index,positive_reference_indices\n0,1,2\n", r"line 2: expected 2 columns"),
-    ("q,refs\n0,1\n", r"line 1: expected the header"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("query_index,positive_reference_indices\n0,0 9\n", r"line 2: reference index 9 is out of range 0\.\.5"),
+        ("query_index,positive_reference_indices\n0,0\n7,1\n", r"line 3: query index 7 is out of range"),
+        ("query_index,positive_reference_indices\n0,0\n0,1\n", r"line 3: query index 0 appears twice"),
+        ("query_index,positive_reference_indices\nzero,1\n", r"line 2: indices must be integers"),
+        ("query_index,positive_reference_indices\n0,1,2\n", r"line 2: expected 2 columns"),
+        ("q,refs\n0,1\n", r"line 1: expected the header"),
+    ],
+)
 def test_traversal_ground_truth_errors_name_file_and_line(tmp_path: Path, body, message):
     make_traversals(tmp_path)
     gt = tmp_path / "gt.csv"
@@ -254,6 +278,7 @@ def test_dataset_source_from_command_line_choices(tmp_path: Path):
 
 # ---- video + GPS ----------------------------------------------------------------------
 
+
 def encode_clip(path: Path, frames: int = 30, fps: int = 10, size=(64, 48)) -> None:
     """A short H.264 MP4 of a moving pattern, written with PyAV."""
     import av
@@ -273,8 +298,9 @@ def encode_clip(path: Path, frames: int = 30, fps: int = 10, size=(64, 48)) -> N
             out.mux(packet)
 
 
-def write_gps(path: Path, speed: float = 1.0, duration: float = 3.0, lat0: float = 45.0, lon0: float = 9.0,
-              extra_rows: str = "") -> None:
+def write_gps(
+    path: Path, speed: float = 1.0, duration: float = 3.0, lat0: float = 45.0, lon0: float = 9.0, extra_rows: str = ""
+) -> None:
     """Walking north at `speed` m/s, fixes every 0.1 s (plus a no-fix row)."""
     lines = ["time_s,lat,lon,alt_m,speed2d_mps", "0.000,0,0,0,0"]  # before the first fix
     for k in range(int(duration * 10)):
@@ -322,8 +348,25 @@ def test_video_to_dataset_from_the_cli(tmp_path: Path, capsys):
     video, gps = tmp_path / "walk.mp4", tmp_path / "gps.csv"
     encode_clip(video, frames=20, fps=10)
     write_gps(gps, speed=2.0, duration=2.0)
-    assert main(["dataset", "from-video", str(video), str(gps), str(tmp_path / "ds"), "--spacing", "1",
-                 "--no-progress", "--queries-video", str(video), "--queries-gps", str(gps)]) == 0
+    assert (
+        main(
+            [
+                "dataset",
+                "from-video",
+                str(video),
+                str(gps),
+                str(tmp_path / "ds"),
+                "--spacing",
+                "1",
+                "--no-progress",
+                "--queries-video",
+                str(video),
+                "--queries-gps",
+                str(gps),
+            ]
+        )
+        == 0
+    )
     assert "database and" in capsys.readouterr().out
     ds = open_dataset("folder", tmp_path / "ds", radius=0.5)
     assert len(ds.database) == len(ds.queries) == 4
@@ -331,13 +374,16 @@ def test_video_to_dataset_from_the_cli(tmp_path: Path, capsys):
     assert "--queries-gps needs --queries-video" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, message", [
-    ("time,lat,lon\n0,45,9\n1,45.1,9\n", r"line 1: missing column\(s\) time_s"),
-    ("time_s,lat,lon\n0,45,9\n0,45.1,9\n", r"line 3: time_s 0\.0 does not increase"),
-    ("time_s,lat,lon\n0,45,9\n1,north,9\n", r"line 3: time_s, lat, lon must be numbers"),
-    ("time_s,lat,lon\n0,45,9\n1,89,9\n", r"line 3: lat 89\.0, lon 9\.0 outside"),
-    ("time_s,lat,lon\n0,45,9\n", r"needs at least 2 GPS fixes"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("time,lat,lon\n0,45,9\n1,45.1,9\n", r"line 1: missing column\(s\) time_s"),
+        ("time_s,lat,lon\n0,45,9\n0,45.1,9\n", r"line 3: time_s 0\.0 does not increase"),
+        ("time_s,lat,lon\n0,45,9\n1,north,9\n", r"line 3: time_s, lat, lon must be numbers"),
+        ("time_s,lat,lon\n0,45,9\n1,89,9\n", r"line 3: lat 89\.0, lon 9\.0 outside"),
+        ("time_s,lat,lon\n0,45,9\n", r"needs at least 2 GPS fixes"),
+    ],
+)
 def test_gps_csv_errors(tmp_path: Path, content, message):
     (tmp_path / "g.csv").write_text(content)
     with pytest.raises(ValueError, match=r"g\.csv: " + message):
@@ -364,8 +410,15 @@ def test_video_errors(tmp_path: Path):
 
 def test_gopro_walk(shared_dir: Path, tmp_path: Path):
     src = shared_dir / "videos" / "gopro_walk"
-    r = video_to_dataset(src / "walk.mp4", src / "gps.csv", tmp_path / "gopro", spacing=2.0, split_queries=True,
-                         max_side=160, progress=False)
+    r = video_to_dataset(
+        src / "walk.mp4",
+        src / "gps.csv",
+        tmp_path / "gopro",
+        spacing=2.0,
+        split_queries=True,
+        max_side=160,
+        progress=False,
+    )
     assert r.frames_decoded == 315
     assert 12.0 < r.track_length_m < 16.0  # "the walk covers about 14 m"
     assert r.database == 7 and r.queries == 7
@@ -377,6 +430,7 @@ def test_gopro_walk(shared_dir: Path, tmp_path: Path):
 
 
 # ---- synthetic routes ---------------------------------------------------------------
+
 
 def file_bytes(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.jpg"))}
@@ -408,10 +462,16 @@ def test_synthetic_route_reads_as_a_dataset(tmp_path: Path):
     with Image.open(ds.queries[0].path) as im:
         assert im.size == (64, 48)
     # the query pass really differs from the database pass (viewpoint, lighting)
-    d = np.asarray(Image.open(ds.database[0].path), float).mean() - np.asarray(Image.open(ds.queries[0].path), float).mean()
+    d = (
+        np.asarray(Image.open(ds.database[0].path), float).mean()
+        - np.asarray(Image.open(ds.queries[0].path), float).mean()
+    )
     assert abs(d) > 10
-    for bad, msg in (({"places": 1}, "places must be"), ({"lighting": "noon"}, "lighting must be"),
-                     ({"size": "big"}, "bad size")):
+    for bad, msg in (
+        ({"places": 1}, "places must be"),
+        ({"lighting": "noon"}, "lighting must be"),
+        ({"size": "big"}, "bad size"),
+    ):
         with pytest.raises(ValueError, match=msg):
             make_route(tmp_path / "bad", **bad)
     (tmp_path / "other").mkdir()

@@ -1,4 +1,5 @@
 """Quality specs and the degradation path (issue 3)."""
+
 from __future__ import annotations
 
 import json
@@ -26,17 +27,20 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     return float(10 * np.log10(255**2 / max(np.mean(d * d), 1e-12)))
 
 
-@pytest.mark.parametrize("spec, canonical, expected", [
-    ("orig", "orig", Quality()),
-    ("h180", "h180", Quality(180)),
-    ("  H180-JPEG20 ", "h180-jpeg20", Quality(180, "jpeg", 20)),
-    ("h0240-webp050", "h240-webp50", Quality(240, "webp", 50)),
-    ("h240-h264-qp38", "h240-h264-qp38", Quality(240, "h264", 38)),
-    ("h180-h265-qp40", "h180-h265-qp40", Quality(180, "h265", 40)),
-    ("h120-h264-kbps300", "h120-h264-kbps300", Quality(120, "h264", None, 300)),
-    ("orig-jpeg50", "orig-jpeg50", Quality(None, "jpeg", 50)),
-    ("h60-h264-qp0", "h60-h264-qp0", Quality(60, "h264", 0)),
-])
+@pytest.mark.parametrize(
+    "spec, canonical, expected",
+    [
+        ("orig", "orig", Quality()),
+        ("h180", "h180", Quality(180)),
+        ("  H180-JPEG20 ", "h180-jpeg20", Quality(180, "jpeg", 20)),
+        ("h0240-webp050", "h240-webp50", Quality(240, "webp", 50)),
+        ("h240-h264-qp38", "h240-h264-qp38", Quality(240, "h264", 38)),
+        ("h180-h265-qp40", "h180-h265-qp40", Quality(180, "h265", 40)),
+        ("h120-h264-kbps300", "h120-h264-kbps300", Quality(120, "h264", None, 300)),
+        ("orig-jpeg50", "orig-jpeg50", Quality(None, "jpeg", 50)),
+        ("h60-h264-qp0", "h60-h264-qp0", Quality(60, "h264", 0)),
+    ],
+)
 def test_parse_good_specs(spec, canonical, expected):
     q = parse_quality(spec)
     assert q == expected
@@ -45,15 +49,30 @@ def test_parse_good_specs(spec, canonical, expected):
     assert parse_quality(q) is q
 
 
-@pytest.mark.parametrize("spec, why", [
-    ("", "expected orig or h<N>"), ("h", "expected"), ("180", "expected"), ("x180", "expected"),
-    ("h-180", "expected"), ("orig-", "expected"), ("h180-png20", "expected"), ("h180-h264", "expected"),
-    ("h180-jpeg20-webp20", "expected"), ("h180-h265-kbps100", "expected"),
-    ("h0", "height must be"), ("h7", "height must be"), ("h9000", "height must be"),
-    ("h180-jpeg0", "JPEG quality must be 1..100"), ("h180-jpeg101", "JPEG quality must be 1..100"),
-    ("h180-webp0", "WEBP quality must be 1..100"), ("h180-h264-qp52", "H.264 QP must be 0..51"),
-    ("h180-h265-qp99", "QP must be 0..51"), ("h180-h264-kbps0", "bitrate must be"),
-])
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        ("", "expected orig or h<N>"),
+        ("h", "expected"),
+        ("180", "expected"),
+        ("x180", "expected"),
+        ("h-180", "expected"),
+        ("orig-", "expected"),
+        ("h180-png20", "expected"),
+        ("h180-h264", "expected"),
+        ("h180-jpeg20-webp20", "expected"),
+        ("h180-h265-kbps100", "expected"),
+        ("h0", "height must be"),
+        ("h7", "height must be"),
+        ("h9000", "height must be"),
+        ("h180-jpeg0", "JPEG quality must be 1..100"),
+        ("h180-jpeg101", "JPEG quality must be 1..100"),
+        ("h180-webp0", "WEBP quality must be 1..100"),
+        ("h180-h264-qp52", "H.264 QP must be 0..51"),
+        ("h180-h265-qp99", "QP must be 0..51"),
+        ("h180-h264-kbps0", "bitrate must be"),
+    ],
+)
 def test_parse_bad_specs(spec, why):
     with pytest.raises(ValueError) as e:
         parse_quality(spec)
@@ -79,8 +98,10 @@ def test_missing_hevc_encoder_is_a_clear_error(monkeypatch):
     assert str(parse_quality("h180-h264-qp30")) == "h180-h264-qp30"
 
 
-@pytest.mark.parametrize("spec", ["h120", "h120-jpeg30", "h120-webp30", "h121-h264-qp30", "h120-h265-qp30",
-                                  "h97-h265-qp30", "h120-h264-kbps200"])
+@pytest.mark.parametrize(
+    "spec",
+    ["h120", "h120-jpeg30", "h120-webp30", "h121-h264-qp30", "h120-h265-qp30", "h97-h265-qp30", "h120-h264-kbps200"],
+)
 def test_degraded_image_has_requested_height(spec):
     img = textured(323, 241)  # odd sizes: the video paths must pad and crop
     d = degrade(img, spec)
@@ -130,8 +151,9 @@ def test_target_bitrate_and_image_codecs_order_by_size():
         assert degrade(img, f"h240-{codec}50").bitrate_kbps is None
 
 
-@pytest.mark.parametrize("spec", ["h100-jpeg20", "h100-webp20", "h101-h264-qp35", "h100-h265-qp35",
-                                  "h100-h264-kbps150"])
+@pytest.mark.parametrize(
+    "spec", ["h100-jpeg20", "h100-webp20", "h101-h264-qp35", "h100-h265-qp35", "h100-h264-kbps150"]
+)
 def test_degradation_is_deterministic(spec):
     img = textured(200, 150, seed=3)
     a, b = degrade(img, spec), degrade(img.copy(), spec)

@@ -1,12 +1,13 @@
 """The out-of-the-box demo: built once, found again in seconds, served by `vpr serve --demo`."""
+
 from __future__ import annotations
 
 import time
 
+from vpr.cli.demo import INDEX, STUDENT, TEACHER, ensure_demo, existing_demo
+from vpr.index.ops import store_for
 from vpr.model.config import HomeSettings
 from vpr.model.registry import Registry
-from vpr.index.ops import store_for
-from vpr.cli.demo import INDEX, STUDENT, TEACHER, ensure_demo, existing_demo
 
 
 def test_demo_builds_once_and_is_reused(home, monkeypatch):

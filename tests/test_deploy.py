@@ -1,4 +1,5 @@
 """The Dockerfile and docker-compose.yml carry the essentials (no Docker engine here)."""
+
 from __future__ import annotations
 
 import re

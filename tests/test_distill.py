@@ -1,4 +1,5 @@
 """Distillation training: the split student, caching, smoke run, resume, triplet, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from vpr.cli.main import main as vpr
+from vpr.media.degrade import degrade_image
 from vpr.model.config import HomeSettings
 from vpr.model.network import build_model
 from vpr.model.preprocess import load_image, to_input
 from vpr.model.registry import Registry
 from vpr.train import ddp
-from vpr.media.degrade import degrade_image
 from vpr.train.distill import DistillConfig, Distiller, lr_factor, run_distill
 from vpr.train.distill_cache import TensorCache
 from vpr.train.distill_data import PrefixRunner, split_student, trainable_names
@@ -44,8 +45,17 @@ def images(tmp_path: Path) -> Path:
 
 
 def config(teacher: str, images: Path, home: Path, **kw) -> DistillConfig:
-    base = dict(teacher=teacher, name="student", qualities=QUALITIES, images=images, epochs=2, batch_size=4,
-                lr=1e-3, progress=False, run_dir=home / "runs" / kw.get("name", "student"))
+    base = dict(
+        teacher=teacher,
+        name="student",
+        qualities=QUALITIES,
+        images=images,
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        progress=False,
+        run_dir=home / "runs" / kw.get("name", "student"),
+    )
     return DistillConfig(**{**base, **kw})
 
 
@@ -65,8 +75,14 @@ def test_prefix_then_head_equals_the_full_network(tmp_path, images, trainable):
     student = loaded.net
     prefix, head, cut = split_student(student, trainable_names(student, trainable))
     path = sorted(images.iterdir())[0]
-    runner = PrefixRunner(prefix, cut, loaded.sha256, student.config.preprocess, torch.device("cpu"),
-                          TensorCache(1 << 20, tmp_path / "cache"))
+    runner = PrefixRunner(
+        prefix,
+        cut,
+        loaded.sha256,
+        student.config.preprocess,
+        torch.device("cpu"),
+        TensorCache(1 << 20, tmp_path / "cache"),
+    )
     for q in QUALITIES:
         x = to_input(degrade_image(load_image(path), q), student.config.preprocess).unsqueeze(0)
         with torch.no_grad():
@@ -86,8 +102,9 @@ def test_unknown_trainable_part_is_named(tmp_path):
 
 def test_lr_schedules():
     cfg = DistillConfig(teacher="t", name="s", qualities=["orig"], images=Path("."), lr=1.0)
-    assert [lr_factor(s, 10, 5, cfg) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5 * (1 + np.cos(np.pi / 2)),
-                                                                              0.5 * (1 + np.cos(np.pi * 0.9))])
+    assert [lr_factor(s, 10, 5, cfg) for s in (0, 5, 9)] == pytest.approx(
+        [1.0, 0.5 * (1 + np.cos(np.pi / 2)), 0.5 * (1 + np.cos(np.pi * 0.9))]
+    )
     step = cfg.model_copy(update={"schedule": "step", "step_gamma": 0.5})
     assert [lr_factor(s, 10, 5, step) for s in (0, 4, 5, 9)] == [1.0, 1.0, 0.5, 0.5]
     warm = cfg.model_copy(update={"schedule": "constant", "warmup_steps": 4})
@@ -109,9 +126,34 @@ def test_config_validation_names_the_problem(tmp_path, images):
 def test_cli_smoke_run_lowers_loss_and_registers_a_student(tmp_path, images, capsys):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
-    rc = vpr(["--home", str(home), "train", "distill", "--teacher", teacher, "--images", str(images),
-              "--quality", ",".join(QUALITIES), "--register", "low", "--epochs", "3", "--batch-size", "4",
-              "--lr", "1e-3", "--schedule", "constant", "--activate", "--no-progress", "--log-every", "1"])
+    rc = vpr(
+        [
+            "--home",
+            str(home),
+            "train",
+            "distill",
+            "--teacher",
+            teacher,
+            "--images",
+            str(images),
+            "--quality",
+            ",".join(QUALITIES),
+            "--register",
+            "low",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--schedule",
+            "constant",
+            "--activate",
+            "--no-progress",
+            "--log-every",
+            "1",
+        ]
+    )
     assert rc == 0
     ref = capsys.readouterr().out.strip().splitlines()[-1]
     assert ref == "low@1"
@@ -140,24 +182,55 @@ def test_cli_smoke_run_lowers_loss_and_registers_a_student(tmp_path, images, cap
 def test_cli_reports_bad_input_in_one_line(tmp_path, images, capsys):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
-    args = ["--home", str(home), "train", "distill", "--teacher", teacher, "--images", str(images),
-            "--register", "x", "--no-progress"]
+    args = [
+        "--home",
+        str(home),
+        "train",
+        "distill",
+        "--teacher",
+        teacher,
+        "--images",
+        str(images),
+        "--register",
+        "x",
+        "--no-progress",
+    ]
     assert vpr(args + ["--quality", "orig,h-1"]) == 2
     assert "bad quality spec 'h-1'" in capsys.readouterr().err
     assert vpr(args + ["--quality", "orig", "--loss", "mse+triplet"]) == 2
     assert "triplet loss needs positions" in capsys.readouterr().err
     assert vpr(args + ["--quality", "orig", "--trainable", "conv5"]) == 2
     assert "unknown trainable part" in capsys.readouterr().err
-    assert vpr(["--home", str(home), "train", "distill", "--teacher", "nobody@3", "--images", str(images),
-                "--register", "x", "--quality", "orig", "--no-progress"]) == 2
+    assert (
+        vpr(
+            [
+                "--home",
+                str(home),
+                "train",
+                "distill",
+                "--teacher",
+                "nobody@3",
+                "--images",
+                str(images),
+                "--register",
+                "x",
+                "--quality",
+                "orig",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "nobody@3 not found" in capsys.readouterr().err
 
 
 def test_label_free_validation_split_picks_the_epoch_with_the_lowest_validation_loss(tmp_path, images):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
-    res = run_distill(config(teacher, images, home, name="val", limit=6, val_fraction=0.34, epochs=3,
-                             schedule="constant"), HomeSettings(home=home))
+    res = run_distill(
+        config(teacher, images, home, name="val", limit=6, val_fraction=0.34, epochs=3, schedule="constant"),
+        HomeSettings(home=home),
+    )
     m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
     assert m["details"]["validation"] == "loss"
     assert (m["details"]["train_images"], m["details"]["val_images"], m["details"]["image_count"]) == (4, 2, 6)
@@ -246,10 +319,20 @@ def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
     route = make_route(tmp_path / "route", places=12, size=(96, 72))
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
-    cfg = DistillConfig(teacher=teacher, name="tri", qualities=["orig", "h36"], dataset=f"synthetic:{route}",
-                        loss="mse+triplet", loss_weights={"mse": 1, "triplet": 0.5}, val_fraction=0.25,
-                        epochs=2, batch_size=4, lr=1e-3, progress=False,
-                        triplet=TripletConfig(pos_dist=6, neg_dist=12, negatives=2, refresh_every=1))
+    cfg = DistillConfig(
+        teacher=teacher,
+        name="tri",
+        qualities=["orig", "h36"],
+        dataset=f"synthetic:{route}",
+        loss="mse+triplet",
+        loss_weights={"mse": 1, "triplet": 0.5},
+        val_fraction=0.25,
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        progress=False,
+        triplet=TripletConfig(pos_dist=6, neg_dist=12, negatives=2, refresh_every=1),
+    )
     res = run_distill(cfg, HomeSettings(home=home))
     m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
     assert m["details"]["validation"] == "recall" and m["details"]["val_images"] == 3

@@ -1,4 +1,5 @@
 """Recall@N, the descriptor cache and `vpr eval` (issue 3)."""
+
 from __future__ import annotations
 
 import json
@@ -11,33 +12,37 @@ import torch
 
 import vpr.evaluation.evaluate as ev
 from vpr.cli.main import main
+from vpr.data.datasets import open_dataset
+from vpr.data.synthetic import make_route
+from vpr.describe.cache import DescriptorCache
+from vpr.evaluation.evaluate import describe_images, first_positive_ranks, recall_at_n
 from vpr.model.clusters import init_clusters
 from vpr.model.config import HomeSettings
 from vpr.model.network import build_model
 from vpr.model.preprocess import ImageDecodeError
 from vpr.model.registry import Registry
-from vpr.describe.cache import DescriptorCache
-from vpr.data.datasets import open_dataset
-from vpr.evaluation.evaluate import describe_images, first_positive_ranks, recall_at_n
-from vpr.data.synthetic import make_route
-
 
 # ---- recall on hand-built cases -------------------------------------------------------
+
 
 def unit(*rows: list[float]) -> np.ndarray:
     x = np.array(rows, dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-TINY_CONFIG = {"backbone": {"name": "resnet18", "cut": "layer3"}, "netvlad": {"clusters": 8},
-               "preprocess": {"mode": "imagenet", "max_side": 96}}
+TINY_CONFIG = {
+    "backbone": {"name": "resnet18", "cut": "layer3"},
+    "netvlad": {"clusters": 8},
+    "preprocess": {"mode": "imagenet", "max_side": 96},
+}
 DB = np.eye(4, dtype=np.float32)  # four places, orthogonal descriptors
 
 
 def test_recall_hand_built():
     # similarity order for each query (db ids): q0: 0,1,... q1: 1,2,... q2: 3,2,... q3: 2,... q4: no positive
-    q = unit([1.0, 0.5, 0.2, 0.0], [0.0, 1.0, 0.6, 0.1], [0.0, 0.1, 0.5, 1.0], [0.3, 0.0, 1.0, 0.2],
-             [1.0, 0.0, 0.0, 0.0])
+    q = unit(
+        [1.0, 0.5, 0.2, 0.0], [0.0, 1.0, 0.6, 0.1], [0.0, 0.1, 0.5, 1.0], [0.3, 0.0, 1.0, 0.2], [1.0, 0.0, 0.0, 0.0]
+    )
     positives = [np.array([0]), np.array([2]), np.array([0]), np.array([1, 3]), np.array([], np.int64)]
     ranks = first_positive_ranks(DB, q, positives, k=4)
     assert ranks.tolist() == [0, 1, 3, 2, ev.NO_POSITIVE]
@@ -77,6 +82,7 @@ def test_recall_bad_input():
 
 # ---- tiny models, a small route ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """A home with a tiny teacher (k-means clusters), a student of it and an
@@ -93,8 +99,14 @@ def world(tmp_path_factory) -> dict:
     s_ref = reg.register("stud", build_model(TINY_CONFIG), "student", parent=str(t_ref))
     other = {**TINY_CONFIG, "preprocess": {**TINY_CONFIG["preprocess"], "small_policy": "native"}}
     o_ref = reg.register("other", build_model(other), "teacher")
-    return {"root": root, "route": route, "home": home, "teacher": str(t_ref), "student": str(s_ref),
-            "other": str(o_ref)}
+    return {
+        "root": root,
+        "route": route,
+        "home": home,
+        "teacher": str(t_ref),
+        "student": str(s_ref),
+        "other": str(o_ref),
+    }
 
 
 def test_describe_images_uses_the_cache(world, monkeypatch):
@@ -142,16 +154,39 @@ def test_describe_images_names_a_corrupt_file(world, tmp_path: Path):
 
 def test_cli_eval_report(world, tmp_path: Path, capsys):
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
-    argv = ["--home", str(world["home"].home), "eval", "--dataset", f"synthetic:{world['route']}",
-            "--db-model", world["teacher"], "--query-model", world["teacher"], "--query-model", "stud",
-            "--quality", "orig,h30-jpeg20", "--quality", "h36-h264-qp40", "--json", str(out), "--plot", str(plot),
-            "--no-progress"]
+    argv = [
+        "--home",
+        str(world["home"].home),
+        "eval",
+        "--dataset",
+        f"synthetic:{world['route']}",
+        "--db-model",
+        world["teacher"],
+        "--query-model",
+        world["teacher"],
+        "--query-model",
+        "stud",
+        "--quality",
+        "orig,h30-jpeg20",
+        "--quality",
+        "h36-h264-qp40",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     res = report["results"]
     assert [(r["query_model"], r["quality"]) for r in res] == [
-        (world["teacher"], "orig"), (world["teacher"], "h30-jpeg20"), (world["teacher"], "h36-h264-qp40"),
-        (world["student"], "orig"), (world["student"], "h30-jpeg20"), (world["student"], "h36-h264-qp40")]
+        (world["teacher"], "orig"),
+        (world["teacher"], "h30-jpeg20"),
+        (world["teacher"], "h36-h264-qp40"),
+        (world["student"], "orig"),
+        (world["student"], "h30-jpeg20"),
+        (world["student"], "h36-h264-qp40"),
+    ]
     for r in res:
         assert set(r["recall"]) == {"1", "5", "10", "20"} and r["num_queries"] == 10
         assert all(0.0 <= v <= 1.0 for v in r["recall"].values())
@@ -188,16 +223,47 @@ def test_cli_eval_traversal_and_policy(world, tmp_path: Path, capsys):
         for i, item in enumerate(items):
             shutil.copy(item.path, tmp_path / sub / f"frame{i:03d}.jpg")
     gt = tmp_path / "gt.csv"
-    gt.write_text("query_index,positive_reference_indices\n"
-                  + "".join(f"{i},{' '.join(map(str, p))}\n" for i, p in enumerate(ds.positives)))
+    gt.write_text(
+        "query_index,positive_reference_indices\n"
+        + "".join(f"{i},{' '.join(map(str, p))}\n" for i, p in enumerate(ds.positives))
+    )
     home = ["--home", str(world["home"].home)]
-    common = ["--db-model", world["teacher"], "--query-model", world["teacher"], "--quality", "h30-webp30",
-              "--no-progress"]
+    common = [
+        "--db-model",
+        world["teacher"],
+        "--query-model",
+        world["teacher"],
+        "--quality",
+        "h30-webp30",
+        "--no-progress",
+    ]
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert main(home + ["eval", "--database", str(tmp_path / "ref"), "--queries", str(tmp_path / "qry"),
-                        "--ground-truth", str(gt), "--json", str(a), "--policy", "native"] + common) == 0
-    assert main(home + ["eval", "--dataset", f"synthetic:{world['route']}", "--json", str(b),
-                        "--policy", "native"] + common) == 0
+    assert (
+        main(
+            home
+            + [
+                "eval",
+                "--database",
+                str(tmp_path / "ref"),
+                "--queries",
+                str(tmp_path / "qry"),
+                "--ground-truth",
+                str(gt),
+                "--json",
+                str(a),
+                "--policy",
+                "native",
+            ]
+            + common
+        )
+        == 0
+    )
+    assert (
+        main(
+            home + ["eval", "--dataset", f"synthetic:{world['route']}", "--json", str(b), "--policy", "native"] + common
+        )
+        == 0
+    )
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["dataset"]["kind"] == "traversal" and ra["policy"] == "native" and ra["policy_source"] == "override"
     assert ra["results"][0]["recall"] == rb["results"][0]["recall"]
@@ -205,8 +271,18 @@ def test_cli_eval_traversal_and_policy(world, tmp_path: Path, capsys):
 
     # models with different policies need an explicit one
     capsys.readouterr()
-    mixed = home + ["eval", "--dataset", f"synthetic:{world['route']}", "--db-model", world["teacher"],
-                    "--query-model", world["other"], "--quality", "h30", "--no-progress"]
+    mixed = home + [
+        "eval",
+        "--dataset",
+        f"synthetic:{world['route']}",
+        "--db-model",
+        world["teacher"],
+        "--query-model",
+        world["other"],
+        "--quality",
+        "h30",
+        "--no-progress",
+    ]
     assert main(mixed) == 2
     assert "disagree on the small-image policy" in capsys.readouterr().err
     assert main(mixed + ["--policy", "upsample", "--json", str(tmp_path / "m.json"), "--limit", "4"]) == 0
@@ -216,8 +292,16 @@ def test_cli_eval_traversal_and_policy(world, tmp_path: Path, capsys):
 
 
 def test_cli_eval_bad_input(world, tmp_path: Path, capsys):
-    base = ["--home", str(world["home"].home), "eval", "--dataset", f"synthetic:{world['route']}",
-            "--db-model", world["teacher"], "--no-progress"]
+    base = [
+        "--home",
+        str(world["home"].home),
+        "eval",
+        "--dataset",
+        f"synthetic:{world['route']}",
+        "--db-model",
+        world["teacher"],
+        "--no-progress",
+    ]
     cases = [
         (["--query-model", "nobody@1", "--quality", "orig"], "model nobody@1 not found"),
         (["--query-model", world["teacher"], "--quality", "h30-jpeg0"], "'h30-jpeg0'"),
@@ -227,12 +311,15 @@ def test_cli_eval_bad_input(world, tmp_path: Path, capsys):
     for extra, message in cases:
         assert main(base + extra) == 2, extra
         assert message in capsys.readouterr().err
-    assert main(["--home", str(world["home"].home), "eval", "--db-model", "x", "--query-model", "x",
-                 "--quality", "orig"]) == 2
+    assert (
+        main(["--home", str(world["home"].home), "eval", "--db-model", "x", "--query-model", "x", "--quality", "orig"])
+        == 2
+    )
     assert "--dataset KIND:PATH" in capsys.readouterr().err
 
 
 # ---- the synthetic route is a real retrieval problem ---------------------------------------
+
 
 def route24(root: Path, lighting: str):
     return open_dataset("synthetic", root / lighting, places=24, seed=0, size="96x72", lighting=lighting)
@@ -241,8 +328,9 @@ def route24(root: Path, lighting: str):
 def _recall(net, ds) -> dict[int, float]:
     from vpr.model.extract import extract
 
-    return recall_at_n(extract(net, [i.path for i in ds.database]), extract(net, [i.path for i in ds.queries]),
-                       ds.positives)
+    return recall_at_n(
+        extract(net, [i.path for i in ds.database]), extract(net, [i.path for i in ds.queries]), ds.positives
+    )
 
 
 def test_random_init_model_is_far_from_perfect(tmp_path: Path):
@@ -259,8 +347,9 @@ def test_imagenet_vgg_with_clusters_scores_well(shared_dir: Path, tmp_path: Path
     from vpr.model.weights import load_vgg16_features
 
     ds = route24(tmp_path, "day")
-    net = build_model({"backbone": {"name": "vgg16"}, "netvlad": {"clusters": 8},
-                       "preprocess": {"mode": "caffe", "max_side": 96}})
+    net = build_model(
+        {"backbone": {"name": "vgg16"}, "netvlad": {"clusters": 8}, "preprocess": {"mode": "caffe", "max_side": 96}}
+    )
     load_vgg16_features(net, shared_dir / "weights" / "vgg16_imagenet_caffe_features.safetensors")
     init_clusters(net, [i.path for i in ds.database][::2], samples=2000, seed=0)
     good = _recall(net, ds)

@@ -1,4 +1,5 @@
 """Heatmaps: the per-location decomposition of the NetVLAD descriptor, and `vpr explain`."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vpr.cli.main import main as vpr
+from vpr.evaluation.explain import descriptor_shares, output_names
 from vpr.model.config import HomeSettings
 from vpr.model.network import build_model
 from vpr.model.registry import Registry
-from vpr.evaluation.explain import descriptor_shares, output_names
 
 from .conftest import TINY_CONFIG, random_images
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,8 +79,22 @@ def test_cli_explain_two_models_side_by_side(tmp_path, capsys):
     b = reg.register("stud", tiny_net(1), role="student", parent=str(a))
     imgs = random_images(tmp_path / "imgs", 2, size=(96, 64))
     out = tmp_path / "out"
-    rc = vpr(["--home", str(home), "explain", "--model", str(a), "--model", str(b), *map(str, imgs),
-              "--out", str(out), "--quality", "h48-jpeg30"])
+    rc = vpr(
+        [
+            "--home",
+            str(home),
+            "explain",
+            "--model",
+            str(a),
+            "--model",
+            str(b),
+            *map(str, imgs),
+            "--out",
+            str(out),
+            "--quality",
+            "h48-jpeg30",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(out / "img000-h48-jpeg30.png"), str(out / "img001-h48-jpeg30.png")]
@@ -101,9 +115,37 @@ def test_cli_explain_errors(tmp_path, capsys):
     assert "ghost@1 not found" in capsys.readouterr().err
     reg = Registry(HomeSettings(home=home).models_dir)
     ref = reg.register("teach", tiny_net(), role="teacher")
-    assert vpr(["--home", str(home), "explain", "--model", str(ref), str(img), "--out", str(tmp_path / "o"),
-                "--quality", "h12x"]) == 2
+    assert (
+        vpr(
+            [
+                "--home",
+                str(home),
+                "explain",
+                "--model",
+                str(ref),
+                str(img),
+                "--out",
+                str(tmp_path / "o"),
+                "--quality",
+                "h12x",
+            ]
+        )
+        == 2
+    )
     assert "bad quality spec" in capsys.readouterr().err
-    assert vpr(["--home", str(home), "explain", "--model", str(ref), str(tmp_path / "missing.jpg"),
-                "--out", str(tmp_path / "o")]) == 2
+    assert (
+        vpr(
+            [
+                "--home",
+                str(home),
+                "explain",
+                "--model",
+                str(ref),
+                str(tmp_path / "missing.jpg"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "missing.jpg" in capsys.readouterr().err

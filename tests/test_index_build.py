@@ -1,5 +1,6 @@
 """Building from images with a real (tiny) registry model, resumably, and
 the `vpr index` commands end to end."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from vpr.cli.main import main
 from tests.conftest import TINY_CONFIG, random_images
+from vpr.cli.main import main
 from vpr.index.store import IndexMismatch, IndexStore
 from vpr.model.extract import extract
 from vpr.model.network import build_model
@@ -43,8 +44,9 @@ def test_build_describes_images_and_finds_each_one(world, tmp_path):
     store = IndexStore(tmp_path / "indexes")
     teacher = Registry(home / "models").load("teacher@1")
     calls = []
-    ref = store.build("gp", teacher, sorted(images.glob("*.jpg")), images, batch_size=4,
-                      progress=lambda d, t: calls.append((d, t)))
+    ref = store.build(
+        "gp", teacher, sorted(images.glob("*.jpg")), images, batch_size=4, progress=lambda d, t: calls.append((d, t))
+    )
     assert calls[-1] == (10, 10) and len(calls) >= 3
     index = store.load(ref, model=teacher)
     assert index.manifest["model"] == "teacher@1" and index.manifest["model_sha256"] == teacher.sha256
@@ -139,8 +141,10 @@ def test_cli_build_list_show_search_add_remove_activate(world, tmp_path, capsys)
         assert run(home, "activate", "gp@1") == 0 and "active: gp@1" in capsys.readouterr().out
         assert run(home, "remove", "gp", "--id", "999") == 2
         assert "has no ids [999]" in capsys.readouterr().err
-        assert run(home, "build", "--model", "teacher@1", "--name", "gp2", "--images", images,
-                   "--factory", "IVF64,Flat") == 2
+        assert (
+            run(home, "build", "--model", "teacher@1", "--name", "gp2", "--images", images, "--factory", "IVF64,Flat")
+            == 2
+        )
         assert "needs at least 64 vectors to train, the database has 10" in capsys.readouterr().err
         assert run(home, "build", "--model", "teacher@1", "--name", "gp2", "--dataset", "nocolon") == 2
         assert "expected KIND:PATH" in capsys.readouterr().err
@@ -166,8 +170,10 @@ def test_cli_dataset_items_are_converted_without_index_importing_train(world, tm
 
     def open_dataset(kind, path, **options):
         assert kind == "folder"
-        db = [Item(p, f"place-{p.stem}", (100.0 + i, 200.0), "56J", (-27.5, 153.0))
-              for i, p in enumerate(sorted(Path(path).glob("*.jpg")))]
+        db = [
+            Item(p, f"place-{p.stem}", (100.0 + i, 200.0), "56J", (-27.5, 153.0))
+            for i, p in enumerate(sorted(Path(path).glob("*.jpg")))
+        ]
         return types.SimpleNamespace(name="fake", root=Path(path), database=db, queries=[], positives=[])
 
     fake = types.ModuleType("vpr.data.datasets")

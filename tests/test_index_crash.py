@@ -1,5 +1,6 @@
 """A build killed with SIGKILL halfway leaves the previous version active,
 unchanged and loadable, and the next build succeeds."""
+
 from __future__ import annotations
 
 import os
@@ -43,15 +44,20 @@ BUILDER = textwrap.dedent("""
 def test_sigkill_halfway_through_a_build_leaves_the_active_version_intact(tmp_path: Path):
     store = IndexStore(tmp_path / "indexes")
     db, q, _ = clustered_descriptors(500, 32, n_queries=20, seed=1)
-    store.build_from_descriptors("gp", db, [Entry(tmp_path / f"img{i}.jpg") for i in range(len(db))], tmp_path,
-                                 STAMP)
+    store.build_from_descriptors("gp", db, [Entry(tmp_path / f"img{i}.jpg") for i in range(len(db))], tmp_path, STAMP)
     manifest_bytes = (store.root / "gp" / "1" / "manifest.json").read_bytes()
     files_before = {p.name: p.read_bytes() for p in (store.root / "gp" / "1").iterdir()}
     expected = store.load("gp").search_ids(q, 5)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path), "6000"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(tmp_path), "6000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     deadline = time.monotonic() + 120
     try:
@@ -61,7 +67,9 @@ def test_sigkill_halfway_through_a_build_leaves_the_active_version_intact(tmp_pa
                 break
             if line.startswith("progress"):
                 lines.append(line)
-        assert len(lines) == 3, f"builder never reported progress: {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert len(lines) == 3, (
+            f"builder never reported progress: {proc.stderr.read() if proc.poll() is not None else ''}"
+        )
         # Halfway: a hidden folder is being written, nothing is published yet.
         assert list((store.root / "gp").glob(".tmp-*"))
         proc.send_signal(signal.SIGKILL)
@@ -84,8 +92,9 @@ def test_sigkill_halfway_through_a_build_leaves_the_active_version_intact(tmp_pa
 
     # The next build takes the (released) lock, cleans the debris and publishes.
     db2, _, _ = clustered_descriptors(800, 32, seed=2)
-    ref = store.build_from_descriptors("gp", db2, [Entry(tmp_path / f"img{i}.jpg") for i in range(len(db2))],
-                                       tmp_path, STAMP, factory="HNSW8")
+    ref = store.build_from_descriptors(
+        "gp", db2, [Entry(tmp_path / f"img{i}.jpg") for i in range(len(db2))], tmp_path, STAMP, factory="HNSW8"
+    )
     assert ref.version == 2 and store.active("gp") == ref
     assert not list((store.root / "gp").glob(".tmp-*"))
     assert store.load("gp").count == 800

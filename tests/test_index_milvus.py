@@ -1,4 +1,5 @@
 """The Milvus backend (Milvus Lite, a local file) answers like FAISS Flat."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,6 +38,7 @@ def stores(tmp_path: Path):
         pytest.skip(f"Milvus Lite cannot start here: {e}")
     yield IndexStore(tmp_path / "f"), milvus
     from vpr.index.milvus_backend import close_clients
+
     close_clients()
 
 

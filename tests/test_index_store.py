@@ -1,5 +1,6 @@
 """IndexStore on synthetic descriptors: exact answers, factory specs, search
 parameters, copy-on-write edits, compatibility checks, publication safety."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ import pytest
 from vpr.index import faiss_backend as fb
 from vpr.index.knn import exact_knn
 from vpr.index.meta import Entry
-from vpr.index.store import (ActiveIndex, Hit, IndexMismatch, IndexRef, IndexStore, IndexStoreError, LoadedIndex, ModelStamp,
-                         check_compatible)
+from vpr.index.store import (
+    ActiveIndex,
+    Hit,
+    IndexMismatch,
+    IndexRef,
+    IndexStore,
+    IndexStoreError,
+    LoadedIndex,
+    ModelStamp,
+    check_compatible,
+)
 from vpr.index.synthetic import clustered_descriptors
 
 DIM = 32
@@ -21,9 +31,17 @@ TEACHER = ModelStamp("teacher@1", "a" * 64, DIM)
 
 
 def entries(n: int, root: Path, start: int = 0) -> list[Entry]:
-    return [Entry(root / f"db/img{i:05d}.jpg", f"place{i // 3}", utm=(500000.0 + i, 4000000.0 + 2 * i),
-                  utm_zone="56H", latlon=(-27.0 - i * 1e-5, 153.0), extra={"frame": i})
-            for i in range(start, start + n)]
+    return [
+        Entry(
+            root / f"db/img{i:05d}.jpg",
+            f"place{i // 3}",
+            utm=(500000.0 + i, 4000000.0 + 2 * i),
+            utm_zone="56H",
+            latlon=(-27.0 - i * 1e-5, 153.0),
+            extra={"frame": i},
+        )
+        for i in range(start, start + n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +55,7 @@ def store(tmp_path: Path) -> IndexStore:
     return IndexStore(tmp_path / "indexes")
 
 
-def build(store: IndexStore, db: np.ndarray, root: Path, factory: str = "Flat", name: str = "gp",
-          **kw) -> IndexRef:
+def build(store: IndexStore, db: np.ndarray, root: Path, factory: str = "Flat", name: str = "gp", **kw) -> IndexRef:
     return store.build_from_descriptors(name, db, entries(len(db), root), root, TEACHER, factory=factory, **kw)
 
 
@@ -54,9 +71,16 @@ def test_flat_returns_the_true_neighbours_with_metadata(store, data, tmp_path):
     np.testing.assert_allclose([[h.score for h in row] for row in hits], scores, rtol=1e-5)
     h: Hit = hits[0][0]
     i = h.id
-    assert h.meta == {"path": f"db/img{i:05d}.jpg", "label": f"place{i // 3}", "utm_e": 500000.0 + i,
-                      "utm_n": 4000000.0 + 2 * i, "utm_zone": "56H", "lat": pytest.approx(-27.0 - i * 1e-5),
-                      "lon": 153.0, "extra": {"frame": i}}
+    assert h.meta == {
+        "path": f"db/img{i:05d}.jpg",
+        "label": f"place{i // 3}",
+        "utm_e": 500000.0 + i,
+        "utm_n": 4000000.0 + 2 * i,
+        "utm_zone": "56H",
+        "lat": pytest.approx(-27.0 - i * 1e-5),
+        "lon": 153.0,
+        "extra": {"frame": i},
+    }
     assert index.image_path(h) == tmp_path.resolve() / h.meta["path"]
     # Unnormalised queries give the same answer (the store normalises), 1-D too.
     again = index.search(q[0] * 7.5, 5)[0]
@@ -126,7 +150,7 @@ def test_search_parameters_apply_per_call(store, data, tmp_path):
         try:
             for _ in range(20):
                 assert (index.search_ids(q, 5, {"nprobe": nprobe})[1] == expect).all()
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=a) for a in [(1, low), (64, full)] * 3]
@@ -154,15 +178,24 @@ def test_hnsw_ef_search_matters(store, data, tmp_path):
 
 def test_too_few_vectors_to_train_is_a_clear_error(store, data, tmp_path):
     db, _ = data
-    with pytest.raises(fb.FactoryError, match=r"'IVF1024,Flat' needs at least 1024 vectors to train, the database has 100"):
+    with pytest.raises(
+        fb.FactoryError, match=r"'IVF1024,Flat' needs at least 1024 vectors to train, the database has 100"
+    ):
         build(store, db[:100], tmp_path, factory="IVF1024,Flat")
     with pytest.raises(fb.FactoryError, match="needs at least 256 vectors"):
         build(store, db[:100], tmp_path, factory="IVF4,PQ8")
     assert store.versions("gp") == [] and not list((store.root / "gp").glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("spec,match", [("Nope12", "bad factory spec 'Nope12'"), ("IVF16,PQ5", "bad factory spec"),
-                                        ("IDMap2,Flat", "leave out IDMap"), ("", "empty factory spec")])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("Nope12", "bad factory spec 'Nope12'"),
+        ("IVF16,PQ5", "bad factory spec"),
+        ("IDMap2,Flat", "leave out IDMap"),
+        ("", "empty factory spec"),
+    ],
+)
 def test_bad_factory_spec_names_the_problem(store, data, tmp_path, spec, match):
     with pytest.raises(fb.FactoryError, match=match):
         build(store, data[0][:300], tmp_path, factory=spec)
@@ -193,10 +226,12 @@ def test_add_and_remove_make_new_versions_with_stable_ids(store, data, tmp_path,
         keep = np.setdiff1d(np.arange(n), gone)
         _, gt2 = exact_knn(db[keep], q, 1)
         assert (ids2[:, 0] == keep[gt2[:, 0]]).mean() >= 0.95
-    assert v2.meta([gone[0]]) == {} and v2.meta([int(ids2[0, 0])])[int(ids2[0, 0])]["path"] == \
-        f"db/img{int(ids2[0, 0]):05d}.jpg"
+    assert (
+        v2.meta([gone[0]]) == {}
+        and v2.meta([int(ids2[0, 0])])[int(ids2[0, 0])]["path"] == f"db/img{int(ids2[0, 0]):05d}.jpg"
+    )
     # add: new items get fresh ids after the largest ever used
-    new = db[n:n + 40]
+    new = db[n : n + 40]
     ref3 = store.add_descriptors("gp", new, entries(40, tmp_path, start=n), TEACHER)
     v3 = store.load("gp")
     assert ref3.version == 3 and v3.count == n - len(gone) + 40
@@ -237,8 +272,9 @@ def test_remove_by_path_and_label_and_refusals(store, data, tmp_path):
 
 def test_paths_outside_the_root_are_refused(store, data, tmp_path):
     with pytest.raises(ValueError, match="not under the index root"):
-        store.build_from_descriptors("gp", data[0][:2], [Entry(Path("/elsewhere/a.jpg")), Entry(Path("b.jpg"))],
-                                     tmp_path / "root", TEACHER)
+        store.build_from_descriptors(
+            "gp", data[0][:2], [Entry(Path("/elsewhere/a.jpg")), Entry(Path("b.jpg"))], tmp_path / "root", TEACHER
+        )
 
 
 def test_manifest_records_what_loading_checks(store, data, tmp_path):
@@ -246,8 +282,15 @@ def test_manifest_records_what_loading_checks(store, data, tmp_path):
     ref = build(store, db[:100], tmp_path, factory="HNSW8")
     m = json.loads((store.dir(ref) / "manifest.json").read_text())
     assert {k: m[k] for k in ("name", "version", "model", "model_sha256", "dim", "count", "factory", "root")} == {
-        "name": "gp", "version": 1, "model": "teacher@1", "model_sha256": "a" * 64, "dim": DIM, "count": 100,
-        "factory": "HNSW8", "root": str(tmp_path.resolve())}
+        "name": "gp",
+        "version": 1,
+        "model": "teacher@1",
+        "model_sha256": "a" * 64,
+        "dim": DIM,
+        "count": 100,
+        "factory": "HNSW8",
+        "root": str(tmp_path.resolve()),
+    }
     assert m["created"] and set(m["files"]) == {"index.faiss", "meta.sqlite"}
     assert store.verify("gp")["version"] == 1
     path = store.dir(ref) / "index.faiss"
@@ -267,16 +310,21 @@ def test_model_index_mismatch_is_refused(store, data, tmp_path):
     m = store.manifest("gp")
     teacher = {"name": "teacher", "version": 1, "sha256": "a" * 64, "descriptor_dim": DIM, "parent": None}
     check_compatible(m, teacher)
-    check_compatible(m, {"name": "student", "version": 3, "sha256": "c" * 64, "descriptor_dim": DIM,
-                         "parent": "teacher@1"})
-    with pytest.raises(IndexMismatch, match=r"teacher@1 weights sha256 aaaaaaaaaaaa\.\.\., but the model teacher@1 now has"):
+    check_compatible(
+        m, {"name": "student", "version": 3, "sha256": "c" * 64, "descriptor_dim": DIM, "parent": "teacher@1"}
+    )
+    with pytest.raises(
+        IndexMismatch, match=r"teacher@1 weights sha256 aaaaaaaaaaaa\.\.\., but the model teacher@1 now has"
+    ):
         check_compatible(m, {**teacher, "sha256": "d" * 64})
     with pytest.raises(IndexMismatch, match="neither that model nor a student of it .its parent is teacher@2"):
-        check_compatible(m, {"name": "student", "version": 1, "sha256": "c" * 64, "descriptor_dim": DIM,
-                             "parent": "teacher@2"})
+        check_compatible(
+            m, {"name": "student", "version": 1, "sha256": "c" * 64, "descriptor_dim": DIM, "parent": "teacher@2"}
+        )
     with pytest.raises(IndexMismatch, match="holds 32-d descriptors but model student@1 produces 64-d"):
-        check_compatible(m, {"name": "student", "version": 1, "sha256": "c" * 64, "descriptor_dim": 64,
-                             "parent": "teacher@1"})
+        check_compatible(
+            m, {"name": "student", "version": 1, "sha256": "c" * 64, "descriptor_dim": 64, "parent": "teacher@1"}
+        )
     with pytest.raises(IndexMismatch):
         store.load("gp", model={**teacher, "version": 2})
     assert store.load("gp", model=teacher).count == 50
@@ -344,7 +392,7 @@ def test_concurrent_searches_during_activate_all_succeed(store, data, tmp_path):
                 assert len(hits) == 8 and all(len(h) == 3 for h in hits)
                 assert all(h.meta["path"].startswith("db/img") for row in hits for h in row)
                 done[0] += 1
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=reader) for _ in range(4)]
@@ -353,7 +401,7 @@ def test_concurrent_searches_during_activate_all_succeed(store, data, tmp_path):
     try:
         for i, spec in enumerate(["HNSW8", "IVF8,Flat", "Flat"]):
             old = current["index"]
-            ref = build(store, db[:700 + 100 * i], tmp_path, factory=spec)
+            ref = build(store, db[: 700 + 100 * i], tmp_path, factory=spec)
             current["index"] = store.load(ref)
             store.activate("gp@1")  # flip the pointer back and forth under the readers
             store.activate(ref)
@@ -373,8 +421,8 @@ def test_concurrent_writers_both_land(store, data, tmp_path):
 
     def add(start: int) -> None:
         try:
-            store.add_descriptors("gp", db[start:start + 10], entries(10, tmp_path, start=start), TEACHER)
-        except BaseException as e:  # noqa: BLE001
+            store.add_descriptors("gp", db[start : start + 10], entries(10, tmp_path, start=start), TEACHER)
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=add, args=(s,)) for s in (200, 300, 400)]
@@ -389,7 +437,7 @@ def test_concurrent_writers_both_land(store, data, tmp_path):
 def test_prune_keeps_the_active_version(store, data, tmp_path):
     db, _ = data
     for i in range(4):
-        build(store, db[:50 + i], tmp_path)
+        build(store, db[: 50 + i], tmp_path)
     store.activate("gp@1")
     removed = store.prune("gp", keep=2)
     assert removed == [IndexRef("gp", 2)] and store.versions("gp") == [1, 3, 4]
@@ -398,8 +446,9 @@ def test_prune_keeps_the_active_version(store, data, tmp_path):
 def test_active_index_follows_the_pointer(store, data, tmp_path):
     db, q = data
     build(store, db[:100], tmp_path)
-    served = ActiveIndex(store, "gp", model={"name": "teacher", "version": 1, "sha256": "a" * 64,
-                                             "descriptor_dim": DIM})
+    served = ActiveIndex(
+        store, "gp", model={"name": "teacher", "version": 1, "sha256": "a" * 64, "descriptor_dim": DIM}
+    )
     first = served.current
     assert served.refresh() is False
     build(store, db[:150], tmp_path)

@@ -10,6 +10,7 @@ Retry-After, frames dropped on the stream). Zero other failures are
 allowed, and every answer names a consistent (model, index) pair: the pair
 that was being served when it was answered, never going back in time.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,19 +27,19 @@ import torch
 from torch import nn
 from websockets.sync.client import connect
 
-from vpr.server.app import create_app
-from vpr.server.batcher import MicroBatcher, QueueFull
-from vpr.server.background import BackgroundServer
-from vpr.server.settings import ServerSettings
 from tests.live_support import ws_messages_until_close
 from tests.test_server_support import build_home, place_images
+from vpr.server.app import create_app
+from vpr.server.background import BackgroundServer
+from vpr.server.batcher import MicroBatcher, QueueFull
+from vpr.server.settings import ServerSettings
 
 TOKEN = "load-test-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLIENTS = 8
-EXTRA_IMAGES = 250      # the rebuilt index: the 8 places plus these
-TIME_LIMIT_S = 120      # the whole test stops by itself after this
-AFTER_S = 1.5           # queries keep going this long after the rebuild
+EXTRA_IMAGES = 250  # the rebuilt index: the 8 places plus these
+TIME_LIMIT_S = 120  # the whole test stops by itself after this
+AFTER_S = 1.5  # queries keep going this long after the rebuild
 
 
 @dataclass
@@ -46,11 +47,11 @@ class Outcome:
     client: int
     t0: float
     t1: float
-    status: int | None        # None: no HTTP answer at all
+    status: int | None  # None: no HTTP answer at all
     model: str | None = None
     index: str | None = None
-    top: str | None = None    # path of the best match
-    sent: str | None = None   # name of the image sent
+    top: str | None = None  # path of the best match
+    sent: str | None = None  # name of the image sent
     problem: str | None = None
 
 
@@ -74,8 +75,9 @@ class Querier(threading.Thread):
                 i += 1
                 t0 = time.monotonic()
                 try:
-                    r = http.post("/v1/query", content=data, headers={"content-type": "image/jpeg"},
-                                  params={"top_k": 1})
+                    r = http.post(
+                        "/v1/query", content=data, headers={"content-type": "image/jpeg"}, params={"top_k": 1}
+                    )
                 except httpx.HTTPError as e:
                     self.out.append(Outcome(self.n, t0, time.monotonic(), None, problem=repr(e)))
                     continue
@@ -151,8 +153,18 @@ def test_queries_survive_a_rebuild_and_a_model_swap(tmp_path):
         shutil.copy(p, db2 / p.name)
     for i, p in enumerate(place_images(tmp_path / "extra", EXTRA_IMAGES, seed=9)):
         p.rename(db2 / f"extra{i:03d}.jpg")
-    settings = ServerSettings(home=h.home, model="student", device="cpu", admin_token=TOKEN, decode_threads=2,
-                              max_batch_size=4, max_wait_ms=2, queue_size=3, max_batch_files=3, access_log=False)
+    settings = ServerSettings(
+        home=h.home,
+        model="student",
+        device="cpu",
+        admin_token=TOKEN,
+        decode_threads=2,
+        max_batch_size=4,
+        max_wait_ms=2,
+        queue_size=3,
+        max_batch_files=3,
+        access_log=False,
+    )
     app = create_app(settings)
     metrics = app.state.metrics.registry
     stop = threading.Event()
@@ -170,8 +182,14 @@ def test_queries_survive_a_rebuild_and_a_model_swap(tmp_path):
             r = admin.post("/v1/admin/index/rebuild", json={"folder": str(db2), "batch_size": 2})
             assert r.status_code == 202, r.text
             job_id = r.json()["job"]
-            _wait(lambda: (j := admin.get(f"/v1/admin/jobs/{job_id}").json())["state"] == "running"
-                  and j["progress"]["done"] > 0, 60, "the rebuild to make progress")
+            _wait(
+                lambda: (
+                    (j := admin.get(f"/v1/admin/jobs/{job_id}").json())["state"] == "running"
+                    and j["progress"]["done"] > 0
+                ),
+                60,
+                "the rebuild to make progress",
+            )
 
             t_act0 = time.monotonic()
             r = admin.post("/v1/admin/models/activate", json={"model": h.student2})
@@ -180,21 +198,30 @@ def test_queries_survive_a_rebuild_and_a_model_swap(tmp_path):
             mid = admin.get(f"/v1/admin/jobs/{job_id}").json()
             assert mid["state"] == "running", mid  # the swap happened in the middle of the rebuild
 
-            job = _wait(lambda: (j := admin.get(f"/v1/admin/jobs/{job_id}").json())["state"]
-                        in ("succeeded", "failed") and j, TIME_LIMIT_S, "the rebuild to finish", 0.1)
+            job = _wait(
+                lambda: (j := admin.get(f"/v1/admin/jobs/{job_id}").json())["state"] in ("succeeded", "failed") and j,
+                TIME_LIMIT_S,
+                "the rebuild to finish",
+                0.1,
+            )
             t_done = time.monotonic()
             assert job["state"] == "succeeded", job
             assert job["result"]["index"] == "places@2" and job["result"]["count"] == 8 + EXTRA_IMAGES
-            _wait(lambda: all(c.ok_count(index="places@2") >= 2 for c in clients), 60,
-                  "every client answered by the new index")
+            _wait(
+                lambda: all(c.ok_count(index="places@2") >= 2 for c in clients),
+                60,
+                "every client answered by the new index",
+            )
             time.sleep(AFTER_S)
         finally:
             stop.set()
             for c in [*clients, streamer]:
                 c.join(90)
         rejected = metrics.get_sample_value("vpr_queue_rejected_total", {"source": "http"}) or 0
-        batches = (metrics.get_sample_value("vpr_model_batch_size_count") or 0,
-                   metrics.get_sample_value("vpr_model_batch_size_sum") or 0)
+        batches = (
+            metrics.get_sample_value("vpr_model_batch_size_count") or 0,
+            metrics.get_sample_value("vpr_model_batch_size_sum") or 0,
+        )
 
     outcomes = [o for c in clients for o in c.out]
     ok = [o for o in outcomes if o.status == 200]
@@ -202,9 +229,11 @@ def test_queries_survive_a_rebuild_and_a_model_swap(tmp_path):
     failed = [o for o in outcomes if o.problem is not None]
     elapsed = max(o.t1 for o in outcomes) - min(o.t0 for o in outcomes)
     pairs = {(o.model, o.index) for o in ok}
-    print(f"\nload: {len(outcomes)} queries in {elapsed:.1f} s from {CLIENTS} clients: {len(ok)} answered, "
-          f"{len(overloaded)} documented 503s, {len(failed)} failures; rebuild {t_done - t_rebuild:.1f} s; "
-          f"model batches: {batches[0]:.0f}, mean size {batches[1] / max(batches[0], 1):.2f}; pairs {sorted(pairs)}")
+    print(
+        f"\nload: {len(outcomes)} queries in {elapsed:.1f} s from {CLIENTS} clients: {len(ok)} answered, "
+        f"{len(overloaded)} documented 503s, {len(failed)} failures; rebuild {t_done - t_rebuild:.1f} s; "
+        f"model batches: {batches[0]:.0f}, mean size {batches[1] / max(batches[0], 1):.2f}; pairs {sorted(pairs)}"
+    )
 
     assert not failed, failed[:5]
     assert len(overloaded) == rejected  # every refusal the server counted reached a client as a 503
@@ -243,6 +272,7 @@ def test_queries_survive_a_rebuild_and_a_model_swap(tmp_path):
 def test_internal_work_waits_for_room_in_a_full_queue():
     """A hot swap's warm-up goes through the model queue; under load it must
     wait for room (`wait_s`) rather than fail like a client query (503)."""
+
     class Gated(nn.Module):
         def __init__(self) -> None:
             super().__init__()

@@ -1,4 +1,5 @@
 """Distillation losses: definitions, hand-computed values, parsing, and where gradients go."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,15 @@ import torch.nn.functional as F
 
 from vpr.model.network import build_model
 from vpr.train.distill_data import split_student, trainable_names
-from vpr.train.losses import (LOSS_NAMES, channel_correlation, ickd_loss, mse_loss, parse_loss, parse_loss_weights,
-                          triplet_loss)
+from vpr.train.losses import (
+    LOSS_NAMES,
+    channel_correlation,
+    ickd_loss,
+    mse_loss,
+    parse_loss,
+    parse_loss_weights,
+    triplet_loss,
+)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +51,7 @@ def test_ickd_ignores_spatial_size_when_channel_statistics_agree():
     teacher = torch.randn(2, 8, 6, 3)
     base = ickd_loss(student, teacher).item()
     assert base > 1e-3
-    tiled = student.repeat(1, 1, 2, 3)                                  # 8 x 15: same local features, 6x as many
+    tiled = student.repeat(1, 1, 2, 3)  # 8 x 15: same local features, 6x as many
     upsampled = F.interpolate(student, scale_factor=3, mode="nearest")  # 12 x 15
     for bigger in (tiled, upsampled):
         assert bigger.shape[-2:] != student.shape[-2:]
@@ -70,7 +78,7 @@ def test_ickd_hand_computed_value():
 def test_ickd_averages_over_the_batch_and_checks_channels():
     torch.manual_seed(2)
     a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 2, 2)
-    per = [ickd_loss(a[i:i + 1], b[i:i + 1]).item() for i in range(2)]
+    per = [ickd_loss(a[i : i + 1], b[i : i + 1]).item() for i in range(2)]
     assert ickd_loss(a, b).item() == pytest.approx(sum(per) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="channels"):
         ickd_loss(a, torch.randn(2, 5, 3, 3))
@@ -81,7 +89,7 @@ def test_ickd_averages_over_the_batch_and_checks_channels():
 # ---- triplet -------------------------------------------------------------------------
 def test_triplet_hand_computed_and_masked():
     a = torch.tensor([[1.0, 0.0]])
-    p = torch.tensor([[0.8, 0.6]])            # ||a - p||^2 = 0.04 + 0.36 = 0.4
+    p = torch.tensor([[0.8, 0.6]])  # ||a - p||^2 = 0.04 + 0.36 = 0.4
     n = torch.tensor([[[0.6, 0.8], [1.0, 0.0]]])  # 0.8 and 0.0
     # margin 0.5: max(0, 0.5 + 0.4 - 0.8) = 0.1 and max(0, 0.5 + 0.4 - 0) = 0.9 -> mean 0.5
     assert triplet_loss(a, p, n, margin=0.5).item() == pytest.approx(0.5)
@@ -94,11 +102,19 @@ def test_triplet_hand_computed_and_masked():
 
 
 # ---- parsing ---------------------------------------------------------------------------
-@pytest.mark.parametrize("spec,canonical", [
-    ("mse", "mse"), ("ickd", "ickd"), ("triplet", "triplet"), ("mse+ickd", "mse+ickd"),
-    ("ickd+mse", "mse+ickd"), ("mse+triplet", "mse+triplet"), ("triplet+ickd", "ickd+triplet"),
-    (" MSE + ickd + triplet ", "mse+ickd+triplet"),
-])
+@pytest.mark.parametrize(
+    "spec,canonical",
+    [
+        ("mse", "mse"),
+        ("ickd", "ickd"),
+        ("triplet", "triplet"),
+        ("mse+ickd", "mse+ickd"),
+        ("ickd+mse", "mse+ickd"),
+        ("mse+triplet", "mse+triplet"),
+        ("triplet+ickd", "ickd+triplet"),
+        (" MSE + ickd + triplet ", "mse+ickd+triplet"),
+    ],
+)
 def test_parse_loss_sets(spec, canonical):
     losses = parse_loss(spec)
     assert str(losses) == canonical
@@ -106,10 +122,16 @@ def test_parse_loss_sets(spec, canonical):
     assert all(losses.weight(t) == 1.0 for t in losses.terms)
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("", "expected terms"), ("mse+", "expected terms"), ("mse+foo", "unknown loss term"),
-    ("mse+mse", "repeats"), ("l2", "unknown"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("", "expected terms"),
+        ("mse+", "expected terms"),
+        ("mse+foo", "unknown loss term"),
+        ("mse+mse", "repeats"),
+        ("l2", "unknown"),
+    ],
+)
 def test_parse_loss_rejects(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_loss(spec)
@@ -123,22 +145,48 @@ def test_loss_weights():
     losses = parse_loss("mse+ickd", "mse=2,ickd=0.5")
     total = losses.combine({"mse": torch.tensor(1.0), "ickd": torch.tensor(4.0)})
     assert total.item() == pytest.approx(4.0)
-    for bad, match in [("1,2,3", "3 numbers for 2 terms"), ("triplet=1", "not in the loss"),
-                       ("mse=-1", ">= 0"), ("mse=x", "not a number"), ("mse=0,ickd=0", "all zero"),
-                       ("mse=1,2", "not both"), ("mse=inf", "finite")]:
+    for bad, match in [
+        ("1,2,3", "3 numbers for 2 terms"),
+        ("triplet=1", "not in the loss"),
+        ("mse=-1", ">= 0"),
+        ("mse=x", "not a number"),
+        ("mse=0,ickd=0", "all zero"),
+        ("mse=1,2", "not both"),
+        ("mse=inf", "finite"),
+    ]:
         with pytest.raises(ValueError, match=match):
             parse_loss("mse+ickd", bad)
 
 
 # ---- gradients reach only the trainable layers ---------------------------------------------
-@pytest.mark.parametrize("config,trainable,expect_prefixes", [
-    ({"backbone": {"name": "resnet18", "cut": "layer3"}, "netvlad": {"clusters": 4},
-      "preprocess": {"mode": "imagenet", "max_side": 64}}, None, ("backbone.body.layer3.", "netvlad.")),
-    ({"backbone": {"name": "resnet18", "cut": "layer3"}, "netvlad": {"clusters": 4},
-      "preprocess": {"mode": "imagenet", "max_side": 64}}, ["netvlad"], ("netvlad.",)),
-    ({"backbone": {"name": "vgg16"}, "netvlad": {"clusters": 4}, "preprocess": {"max_side": 32}},
-     None, tuple(f"backbone.features.{i}." for i in (24, 26, 28)) + ("netvlad.",)),
-])
+@pytest.mark.parametrize(
+    "config,trainable,expect_prefixes",
+    [
+        (
+            {
+                "backbone": {"name": "resnet18", "cut": "layer3"},
+                "netvlad": {"clusters": 4},
+                "preprocess": {"mode": "imagenet", "max_side": 64},
+            },
+            None,
+            ("backbone.body.layer3.", "netvlad."),
+        ),
+        (
+            {
+                "backbone": {"name": "resnet18", "cut": "layer3"},
+                "netvlad": {"clusters": 4},
+                "preprocess": {"mode": "imagenet", "max_side": 64},
+            },
+            ["netvlad"],
+            ("netvlad.",),
+        ),
+        (
+            {"backbone": {"name": "vgg16"}, "netvlad": {"clusters": 4}, "preprocess": {"max_side": 32}},
+            None,
+            tuple(f"backbone.features.{i}." for i in (24, 26, 28)) + ("netvlad.",),
+        ),
+    ],
+)
 def test_gradients_flow_only_into_trainable_layers(config, trainable, expect_prefixes):
     torch.manual_seed(3)
     teacher = build_model(config).eval()

@@ -1,4 +1,5 @@
 """Model family: NetVLAD, backbones, preprocessing, PCA, weight sources."""
+
 from __future__ import annotations
 
 import io
@@ -21,7 +22,9 @@ from vpr.model.weights import WeightsError, import_pytorch_netvlad, load_vgg16_f
 SHARED_VGG_SHA256 = "e8d2dac8abab6144deb6c627fcf0e5712de9d9df17260ef61a6df167511e03c3"
 
 
-def reference_vlad(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None, centroids: torch.Tensor) -> torch.Tensor:
+def reference_vlad(
+    x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor | None, centroids: torch.Tensor
+) -> torch.Tensor:
     """Loop-based NetVLAD written from the paper's definition, for comparison."""
     b, d, h, w = x.shape
     k = centroids.shape[0]
@@ -31,7 +34,7 @@ def reference_vlad(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor |
         xi = xi / xi.norm(dim=1, keepdim=True).clamp_min(1e-12)
         logits = xi @ conv_w.reshape(k, d).T + (conv_b if conv_b is not None else 0)
         a = torch.softmax(logits, dim=1)  # (N, K)
-        v = torch.stack([(a[:, c:c + 1] * (xi - centroids[c])).sum(0) for c in range(k)])
+        v = torch.stack([(a[:, c : c + 1] * (xi - centroids[c])).sum(0) for c in range(k)])
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         v = v.flatten()
         out.append(v / v.norm())
@@ -80,8 +83,14 @@ def test_kmeans_recovers_clusters_and_init_assigns_nearest():
 def test_backbones_and_trainable_blocks():
     vgg = build_backbone(BackboneConfig(name="vgg16"))
     trainable = {n for n, p in vgg.named_parameters() if p.requires_grad}
-    assert trainable == {"features.24.weight", "features.24.bias", "features.26.weight",
-                         "features.26.bias", "features.28.weight", "features.28.bias"}
+    assert trainable == {
+        "features.24.weight",
+        "features.24.bias",
+        "features.26.weight",
+        "features.26.bias",
+        "features.28.weight",
+        "features.28.bias",
+    }
     out = vgg(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 512, 4, 4)
     assert (out < 0).any(), "conv5_3 is taken before its ReLU"
@@ -102,8 +111,11 @@ def test_preprocess_caffe_and_imagenet_and_policy():
     assert x.shape == (3, 32, 64)
     assert torch.allclose(x[:, 0, 0], torch.tensor([30 - 103.939, 20 - 116.779, 10 - 123.68]))
     y = to_input(img, PreprocessConfig(mode="imagenet", max_side=64))
-    assert torch.allclose(y[:, 0, 0], torch.tensor([(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224,
-                                                    (30 / 255 - 0.406) / 0.225]), atol=1e-5)
+    assert torch.allclose(
+        y[:, 0, 0],
+        torch.tensor([(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]),
+        atol=1e-5,
+    )
     assert target_size(960, 540, PreprocessConfig(max_side=640)) == (640, 360)
     assert target_size(320, 180, PreprocessConfig(max_side=640, small_policy="upsample")) == (640, 360)
     assert target_size(320, 180, PreprocessConfig(max_side=640, small_policy="native")) == (320, 180)
@@ -141,10 +153,12 @@ def test_pca_whitening_reduces_and_whitens():
 def test_shared_vgg16_weights_load_strict(shared_dir):
     path = shared_dir / "weights" / "vgg16_imagenet_caffe_features.safetensors"
     from vpr.model.fileio import sha256_file
+
     assert sha256_file(path) == SHARED_VGG_SHA256
     net = build_model({"preprocess": {"mode": "caffe", "max_side": 64}})
     load_vgg16_features(net, path)
     from safetensors.torch import load_file
+
     ref = load_file(str(path))
     assert torch.equal(net.backbone.features[28].weight, ref["28.weight"])
 

@@ -1,4 +1,5 @@
 """Registry round trip through the `vpr` CLI, tamper detection, concurrent activation."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,27 @@ def vpr(home, *args) -> int:
 
 @pytest.fixture
 def teacher(home, image_folder, capsys):
-    rc = vpr(home, "model", "init", "--name", "tiny", "--backbone", "resnet18", "--weights", "none",
-             "--preprocess", "imagenet", "--max-side", "96", "--cluster-images", str(image_folder),
-             "--clusters", "8", "--samples", "400")
+    rc = vpr(
+        home,
+        "model",
+        "init",
+        "--name",
+        "tiny",
+        "--backbone",
+        "resnet18",
+        "--weights",
+        "none",
+        "--preprocess",
+        "imagenet",
+        "--max-side",
+        "96",
+        "--cluster-images",
+        str(image_folder),
+        "--clusters",
+        "8",
+        "--samples",
+        "400",
+    )
     assert rc == 0
     ref = capsys.readouterr().out.strip().splitlines()[-1]
     assert ref == "tiny@1"
@@ -36,9 +55,33 @@ def test_round_trip_init_list_activate_load_embed(home, image_folder, teacher, c
     assert str(reg.active("tiny")) == "tiny@1"
 
     # a second version, then list / activate / show
-    assert vpr(home, "model", "init", "--name", "tiny", "--backbone", "resnet18", "--weights", "none",
-               "--preprocess", "imagenet", "--max-side", "96", "--cluster-images", str(image_folder),
-               "--clusters", "8", "--samples", "400", "--seed", "1", "--no-activate") == 0
+    assert (
+        vpr(
+            home,
+            "model",
+            "init",
+            "--name",
+            "tiny",
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "none",
+            "--preprocess",
+            "imagenet",
+            "--max-side",
+            "96",
+            "--cluster-images",
+            str(image_folder),
+            "--clusters",
+            "8",
+            "--samples",
+            "400",
+            "--seed",
+            "1",
+            "--no-activate",
+        )
+        == 0
+    )
     capsys.readouterr()
     assert vpr(home, "model", "list", "--json") == 0
     rows = json.loads(capsys.readouterr().out)
@@ -75,15 +118,28 @@ def test_tampered_weights_are_refused(home, teacher, capsys):
 def test_unknown_model_and_bad_spec(home, teacher, capsys):
     assert vpr(home, "model", "show", "tiny@9") == 2
     assert "tiny@9 not found" in capsys.readouterr().err
-    assert vpr(home, "model", "init", "--name", "x", "--weights", "/nonexistent.safetensors",
-               "--cluster-images", "/nonexistent") == 2
+    assert (
+        vpr(
+            home,
+            "model",
+            "init",
+            "--name",
+            "x",
+            "--weights",
+            "/nonexistent.safetensors",
+            "--cluster-images",
+            "/nonexistent",
+        )
+        == 2
+    )
     assert "/nonexistent" in capsys.readouterr().err
 
 
 def test_concurrent_activate_leaves_a_valid_pointer(home, teacher, image_folder):
     reg = Registry(home / "models")
-    from vpr.model.network import build_model
     from tests.conftest import TINY_CONFIG
+    from vpr.model.network import build_model
+
     for _ in range(3):
         reg.register("tiny", build_model(TINY_CONFIG), role="teacher")
     errors = []

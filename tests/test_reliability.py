@@ -10,6 +10,7 @@ the documented 4xx (or websocket close code); afterwards the server still
 answers a normal query exactly as before and its memory has not grown
 beyond a bound (see `test_still_correct_and_memory_bounded`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,21 +33,31 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from tests.live_support import (
+    abort,
+    chunked,
+    peak_rss_bytes,
+    raw_request,
+    reset_peak_rss,
+    rss_bytes,
+    ws_connect_raw,
+    ws_frame,
+    ws_messages_until_close,
+    ws_read_frame,
+)
+from tests.test_server_support import Home, build_home, encode_h264, frames_of
 from vpr.server.app import create_app
 from vpr.server.background import BackgroundServer
 from vpr.server.inputs import BodyLimitMiddleware, BodyTooLarge
 from vpr.server.settings import ServerSettings
-from tests.live_support import (abort, chunked, peak_rss_bytes, raw_request, reset_peak_rss, rss_bytes, ws_connect_raw,
-                                ws_frame, ws_messages_until_close, ws_read_frame)
-from tests.test_server_support import Home, build_home, encode_h264, frames_of
 
 TOKEN = "reliability-admin-token-0123456789abcdef"
 KB = 1024
-LIMIT = 256 * KB          # max_body_bytes of the served app
-BATCH_LIMIT = 512 * KB    # max_batch_body_bytes
+LIMIT = 256 * KB  # max_body_bytes of the served app
+BATCH_LIMIT = 512 * KB  # max_batch_body_bytes
 MAX_PIXELS = 100_000
-PROBE = 64 * KB           # stream_probe_bytes: an H.264 stream with no frame in this many bytes is refused
-WS_MAX = 128 * KB         # stream_max_message_bytes
+PROBE = 64 * KB  # stream_probe_bytes: an H.264 stream with no frame in this many bytes is refused
+WS_MAX = 128 * KB  # stream_max_message_bytes
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Trailing bytes after the last pixel data (JPEG EOI, PNG IDAT CRC + IEND...):
 # an image cut only there still decodes whole, which is a correct answer.
@@ -54,8 +65,9 @@ TRAILER = 32
 # Leading bytes of formats that are not accepted (they answer 415, not 400).
 OTHER_MAGIC = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
-FUZZ = settings(deadline=None, derandomize=True, database=None, max_examples=100,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    deadline=None, derandomize=True, database=None, max_examples=100, suppress_health_check=list(HealthCheck)
+)
 
 
 @dataclass(repr=False)
@@ -65,8 +77,8 @@ class Live:
     http: httpx.Client
     app: object
     encoded: dict[tuple[str, int], bytes]
-    h264: bytes                      # 16 frames: frame f shows place f // 2
-    baseline: dict                   # the normal query's answer before any fuzzing
+    h264: bytes  # 16 frames: frame f shows place f // 2
+    baseline: dict  # the normal query's answer before any fuzzing
     bombs: list[tuple[bytes, str]] = field(default_factory=list)  # real bombs, a few KB each
     rss_warm: int = 0
 
@@ -90,10 +102,22 @@ def encode(path: Path, fmt: str) -> bytes:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     h = build_home(tmp_path_factory.mktemp("fuzz"))
-    settings_ = ServerSettings(home=h.home, model="student", device="cpu", admin_token=TOKEN, decode_threads=2,
-                               max_body_bytes=LIMIT, max_batch_body_bytes=BATCH_LIMIT, max_batch_files=4,
-                               max_pixels=MAX_PIXELS, stream_probe_bytes=PROBE, stream_max_message_bytes=WS_MAX,
-                               stream_max_bad_frames=2, stream_hello_timeout_s=5, access_log=False)
+    settings_ = ServerSettings(
+        home=h.home,
+        model="student",
+        device="cpu",
+        admin_token=TOKEN,
+        decode_threads=2,
+        max_body_bytes=LIMIT,
+        max_batch_body_bytes=BATCH_LIMIT,
+        max_batch_files=4,
+        max_pixels=MAX_PIXELS,
+        stream_probe_bytes=PROBE,
+        stream_max_message_bytes=WS_MAX,
+        stream_max_bad_frames=2,
+        stream_hello_timeout_s=5,
+        access_log=False,
+    )
     app = create_app(settings_)
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         deadline = time.monotonic() + 60
@@ -176,8 +200,10 @@ def wait_streams_closed(live: Live, timeout: float = 10.0) -> None:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares a huge canvas (a bomb's header)."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -185,7 +211,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def jpeg_with_size(jpeg: bytes, width: int, height: int) -> bytes:
     """A real JPEG whose frame header (SOF0) claims another size."""
     at = jpeg.index(b"\xff\xc0")
-    return jpeg[:at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9:]
+    return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
 
 
 def real_bomb(fmt: str, side: int) -> bytes:
@@ -211,9 +237,12 @@ def test_truncated_images(live, fmt, i, multipart, data):
 
 
 @FUZZ
-@given(prefix=st.sampled_from([b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x10\x00\x00\x00WEBPVP8 "]),
-       rest=st.binary(min_size=0, max_size=4096), ctype=st.sampled_from(sorted(FORMATS.values())),
-       multipart=st.booleans())
+@given(
+    prefix=st.sampled_from([b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF\x10\x00\x00\x00WEBPVP8 "]),
+    rest=st.binary(min_size=0, max_size=4096),
+    ctype=st.sampled_from(sorted(FORMATS.values())),
+    multipart=st.booleans(),
+)
 def test_random_bytes(live, prefix, rest, ctype, multipart):
     data = prefix + rest
     if not data or data.startswith(OTHER_MAGIC):
@@ -247,8 +276,11 @@ def test_formats_without_a_signature_never_reach_the_decoder(live):
 
 
 @FUZZ
-@given(fmt=st.sampled_from(sorted(FORMATS)), i=st.integers(0, 7),
-       flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=8))
+@given(
+    fmt=st.sampled_from(sorted(FORMATS)),
+    i=st.integers(0, 7),
+    flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=8),
+)
 def test_mutated_images(live, fmt, i, flips):
     data = bytearray(live.encoded[(fmt, i)])
     for pos, value in flips:
@@ -309,30 +341,41 @@ def _head(path: str, ctype: str, extra: str) -> str:
 
 
 @FUZZ
-@given(mode=st.sampled_from(["truthful", "overstated", "understated", "chunked", "multipart", "batch"]),
-       over=st.integers(1, 3 * LIMIT), piece=st.integers(1 * KB, 64 * KB))
+@given(
+    mode=st.sampled_from(["truthful", "overstated", "understated", "chunked", "multipart", "batch"]),
+    over=st.integers(1, 3 * LIMIT),
+    piece=st.integers(1 * KB, 64 * KB),
+)
 def test_huge_bodies(live, mode, over, piece):
     body = b"\xff\xd8\xff" + bytes(LIMIT + over - 3)
-    pieces = [body[i:i + piece] for i in range(0, len(body), piece)]
+    pieces = [body[i : i + piece] for i in range(0, len(body), piece)]
     if mode in ("multipart", "batch"):
         req = httpx.Request("POST", "http://x/", files={"file": ("big.jpg", body + bytes(BATCH_LIMIT), "image/jpeg")})
         data = req.read()
-        pieces = [data[i:i + piece] for i in range(0, len(data), piece)]
+        pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
         path = "/v1/query" if mode == "multipart" else "/v1/query/batch"
-        responses, _ = raw_request(live.port, _head(path, req.headers["content-type"],
-                                                    f"Content-Length: {len(data)}"), pieces)
+        responses, _ = raw_request(
+            live.port, _head(path, req.headers["content-type"], f"Content-Length: {len(data)}"), pieces
+        )
     elif mode == "truthful":
         responses, _ = raw_request(live.port, _head("/v1/query", "image/jpeg", f"Content-Length: {len(body)}"), pieces)
     elif mode == "overstated":  # declares more than it sends: refused on the declaration
-        responses, _ = raw_request(live.port, _head("/v1/query", "image/jpeg", f"Content-Length: {LIMIT + over * 997}"),
-                                   pieces[:1])
+        responses, _ = raw_request(
+            live.port, _head("/v1/query", "image/jpeg", f"Content-Length: {LIMIT + over * 997}"), pieces[:1]
+        )
     elif mode == "chunked":  # no Content-Length at all: counted as it arrives
-        responses, _ = raw_request(live.port, _head("/v1/query", "image/jpeg", "Transfer-Encoding: chunked"),
-                                   chunked(pieces))
+        responses, _ = raw_request(
+            live.port, _head("/v1/query", "image/jpeg", "Transfer-Encoding: chunked"), chunked(pieces)
+        )
     else:  # understated: HTTP/1.1 framing ends the body at the declared length; the rest is garbage
         declared = min(over, LIMIT // 2)
-        responses, closed = raw_request(live.port, _head("/v1/query", "image/jpeg", f"Content-Length: {declared}"),
-                                        pieces, until_close=True, stop_early=False)
+        responses, closed = raw_request(
+            live.port,
+            _head("/v1/query", "image/jpeg", f"Content-Length: {declared}"),
+            pieces,
+            until_close=True,
+            stop_early=False,
+        )
         assert responses and all(r.status == 400 for r in responses), responses
         assert closed  # the server hangs up on a connection that sent garbage
         return
@@ -343,8 +386,10 @@ def test_huge_bodies(live, mode, over, piece):
 
 
 @FUZZ
-@given(declared=st.one_of(st.none(), st.integers(0, LIMIT)), sizes=st.lists(st.integers(0, 96 * KB), min_size=1,
-                                                                             max_size=12))
+@given(
+    declared=st.one_of(st.none(), st.integers(0, LIMIT)),
+    sizes=st.lists(st.integers(0, 96 * KB), min_size=1, max_size=12),
+)
 def test_body_limit_counts_bytes_received(declared, sizes):
     """At the ASGI level (behind a proxy, or HTTP/2) nothing frames the body
     by its declared length: the limit applies to the bytes that arrive."""
@@ -359,8 +404,9 @@ def test_body_limit_counts_bytes_received(declared, sizes):
             if not msg.get("more_body"):
                 return
 
-    messages = [{"type": "http.request", "body": bytes(n), "more_body": i < len(sizes) - 1}
-                for i, n in enumerate(sizes)]
+    messages = [
+        {"type": "http.request", "body": bytes(n), "more_body": i < len(sizes) - 1} for i, n in enumerate(sizes)
+    ]
 
     async def receive():
         return messages.pop(0)
@@ -393,16 +439,36 @@ OTHER_FORMATS = {k: _other_format(k) for k in ("GIF", "BMP", "TIFF")}
 
 
 @FUZZ
-@given(ctype=st.one_of(st.sampled_from(["text/plain", "application/json", "application/octet-stream", "image/gif",
-                                        "image/bmp", "image/tiff", "image/avif", "video/mp4", "image", "*/*",
-                                        "image/jpeg2000", "application/x-www-form-urlencoded"]),
-                       st.from_regex(r"[a-z]{1,10}/[a-z0-9.+-]{1,16}", fullmatch=True),
-                       st.from_regex(r"[ -~]{0,40}", fullmatch=True)),
-       where=st.sampled_from(["raw", "part", "batch-raw", "batch-part"]))
+@given(
+    ctype=st.one_of(
+        st.sampled_from(
+            [
+                "text/plain",
+                "application/json",
+                "application/octet-stream",
+                "image/gif",
+                "image/bmp",
+                "image/tiff",
+                "image/avif",
+                "video/mp4",
+                "image",
+                "*/*",
+                "image/jpeg2000",
+                "application/x-www-form-urlencoded",
+            ]
+        ),
+        st.from_regex(r"[a-z]{1,10}/[a-z0-9.+-]{1,16}", fullmatch=True),
+        st.from_regex(r"[ -~]{0,40}", fullmatch=True),
+    ),
+    where=st.sampled_from(["raw", "part", "batch-raw", "batch-part"]),
+)
 def test_wrong_content_types(live, ctype, where):
     base = ctype.split(";", 1)[0].strip().lower()
-    if base in ACCEPTED or base.startswith("multipart/") or (where.endswith("part") and base in ("",
-                                                                                                 "application/octet-stream")):
+    if (
+        base in ACCEPTED
+        or base.startswith("multipart/")
+        or (where.endswith("part") and base in ("", "application/octet-stream"))
+    ):
         return  # accepted (a part sent as octet-stream is sniffed)
     jpeg = live.encoded[("JPEG", 1)]
     path = "/v1/query" if not where.startswith("batch") else "/v1/query/batch"
@@ -418,19 +484,31 @@ def test_other_image_formats_are_415_whatever_the_header_says(live, kind):
     for ctype in ("image/jpeg", "image/png", "image/webp"):
         for multipart in (False, True):
             assert_error(post_image(live, OTHER_FORMATS[kind], ctype, multipart), 415, "unsupported_media_type")
-        assert_error(live.http.post("/v1/query", files={"f": ("x", OTHER_FORMATS[kind], "application/octet-stream")}),
-                     415, "unsupported_media_type")
+        assert_error(
+            live.http.post("/v1/query", files={"f": ("x", OTHER_FORMATS[kind], "application/octet-stream")}),
+            415,
+            "unsupported_media_type",
+        )
 
 
 def _multipart(files: list[tuple[str, bytes, str]], boundary: str = "fuzzboundary1234") -> tuple[bytes, str]:
-    parts = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"; filename="{n}"\r\n'
-                     f"Content-Type: {t}\r\n\r\n".encode() + d + b"\r\n" for i, (n, d, t) in enumerate(files))
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"; filename="{n}"\r\n'
+        f"Content-Type: {t}\r\n\r\n".encode()
+        + d
+        + b"\r\n"
+        for i, (n, d, t) in enumerate(files)
+    )
     return parts + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 @FUZZ
-@given(kind=st.sampled_from(["truncated", "garbage", "no_boundary", "wrong_boundary", "bad_headers", "no_file",
-                             "two_files", "empty_file"]), data=st.data())
+@given(
+    kind=st.sampled_from(
+        ["truncated", "garbage", "no_boundary", "wrong_boundary", "bad_headers", "no_file", "two_files", "empty_file"]
+    ),
+    data=st.data(),
+)
 def test_malformed_multipart(live, kind, data):
     jpeg = live.encoded[("JPEG", 2)]
     body, ctype = _multipart([("q.jpg", jpeg, "image/jpeg")])
@@ -456,8 +534,9 @@ def test_malformed_multipart(live, kind, data):
         junk = data.draw(st.binary(min_size=1, max_size=300).filter(lambda b: b"\r\n\r\n" not in b))
         body = b"--fuzzboundary1234\r\n" + junk + b"\r\n\r\n" + jpeg + b"\r\n--fuzzboundary1234--\r\n"
     elif kind == "no_file":
-        body = (b'--fuzzboundary1234\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n3\r\n'
-                b"--fuzzboundary1234--\r\n")
+        body = (
+            b'--fuzzboundary1234\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n3\r\n--fuzzboundary1234--\r\n'
+        )
     elif kind == "two_files":
         body, ctype = _multipart([("a.jpg", jpeg, "image/jpeg"), ("b.jpg", jpeg, "image/jpeg")])
     else:
@@ -478,7 +557,7 @@ def test_garbage_h264_streams(live, payload, start_code, piece):
     if start_code:
         payload = b"\x00\x00\x00\x01" + payload
     with stream_hello(live, "h264") as ws:
-        pieces = [payload[i:i + piece] for i in range(0, len(payload), piece)]
+        pieces = [payload[i : i + piece] for i in range(0, len(payload), piece)]
         send_until_closed(ws, pieces + [bytes(16 * KB)] * (PROBE // (16 * KB) + 2))  # then zeros past the probe
         msgs, code = ws_messages_until_close(ws)
     assert code == 1007, (code, msgs[-2:])
@@ -491,7 +570,7 @@ def test_garbage_h264_streams(live, payload, start_code, piece):
 def test_truncated_h264_streams(live, frac, piece, end):
     stream = live.h264[: int(len(live.h264) * frac)]
     with stream_hello(live, "h264") as ws:
-        send_until_closed(ws, [stream[i:i + piece] for i in range(0, len(stream), piece)])
+        send_until_closed(ws, [stream[i : i + piece] for i in range(0, len(stream), piece)])
         if not end:  # the client just goes away
             ws.close()
             wait_streams_closed(live)
@@ -510,8 +589,10 @@ def test_truncated_h264_streams(live, frac, piece, end):
 
 
 @settings(FUZZ, max_examples=30)
-@given(frames=st.lists(st.one_of(st.integers(0, 7), st.binary(min_size=1, max_size=600)), min_size=1, max_size=8),
-       truncate=st.booleans())
+@given(
+    frames=st.lists(st.one_of(st.integers(0, 7), st.binary(min_size=1, max_size=600)), min_size=1, max_size=8),
+    truncate=st.booleans(),
+)
 def test_bad_jpeg_frames(live, frames, truncate):
     bad = 0
     with stream_hello(live, "jpeg") as ws:
@@ -543,8 +624,13 @@ def test_bad_jpeg_frames(live, frames, truncate):
 
 
 @settings(FUZZ, max_examples=40)
-@given(stage=st.sampled_from(["hello", "header", "payload"]), codec=st.sampled_from(["h264", "jpeg"]),
-       size=st.integers(200, WS_MAX), frac=st.floats(0.0, 0.99), reset=st.booleans())
+@given(
+    stage=st.sampled_from(["hello", "header", "payload"]),
+    codec=st.sampled_from(["h264", "jpeg"]),
+    size=st.integers(200, WS_MAX),
+    frac=st.floats(0.0, 0.99),
+    reset=st.booleans(),
+)
 def test_websocket_dropped_mid_frame(live, stage, codec, size, frac, reset):
     sock = ws_connect_raw(live.port)
     try:
@@ -578,28 +664,46 @@ def test_streams_work_after_the_fuzzing(live):
 
 # ---- admin ------------------------------------------------------------------------------------------------
 def _near_misses(token: str) -> list[str]:
-    return [token[:-1], token + "x", token.upper(), " " + token[1:], token[::-1], token[:16], "x" + token[1:],
-            token.replace("a", "b"), "", "null", "Bearer " + token]
+    return [
+        token[:-1],
+        token + "x",
+        token.upper(),
+        " " + token[1:],
+        token[::-1],
+        token[:16],
+        "x" + token[1:],
+        token.replace("a", "b"),
+        "",
+        "null",
+        "Bearer " + token,
+    ]
 
 
 @FUZZ
-@given(token=st.one_of(st.sampled_from(_near_misses(TOKEN)), st.from_regex(r"[!-~]{1,80}", fullmatch=True)),
-       how=st.sampled_from(["bearer", "BEARER", "x-api-key", "basic", "token-scheme", "both-wrong"]),
-       route=st.sampled_from(["models", "activate", "rebuild", "jobs", "reload", "index-activate"]))
+@given(
+    token=st.one_of(st.sampled_from(_near_misses(TOKEN)), st.from_regex(r"[!-~]{1,80}", fullmatch=True)),
+    how=st.sampled_from(["bearer", "BEARER", "x-api-key", "basic", "token-scheme", "both-wrong"]),
+    route=st.sampled_from(["models", "activate", "rebuild", "jobs", "reload", "index-activate"]),
+)
 def test_admin_wrong_tokens(live, token, how, route):
     if token.strip() == TOKEN:
         return
-    headers = {"bearer": {"Authorization": f"Bearer {token}"}, "BEARER": {"Authorization": f"BEARER {token}"},
-               "x-api-key": {"X-API-Key": token}, "basic": {"Authorization": f"Basic {TOKEN}"},
-               "token-scheme": {"Authorization": f"Token {TOKEN}"},
-               "both-wrong": {"Authorization": f"Bearer {token}", "X-API-Key": token}}[how]
+    headers = {
+        "bearer": {"Authorization": f"Bearer {token}"},
+        "BEARER": {"Authorization": f"BEARER {token}"},
+        "x-api-key": {"X-API-Key": token},
+        "basic": {"Authorization": f"Basic {TOKEN}"},
+        "token-scheme": {"Authorization": f"Token {TOKEN}"},
+        "both-wrong": {"Authorization": f"Bearer {token}", "X-API-Key": token},
+    }[how]
     headers = {k: v.strip() for k, v in headers.items()}  # HTTP forbids surrounding whitespace
     jobs_before = len(list((live.h.home / "jobs").glob("*.json"))) if (live.h.home / "jobs").exists() else 0
     method, path, body = {
         "models": ("GET", "/v1/admin/models", None),
         "activate": ("POST", "/v1/admin/models/activate", {"model": live.h.student2}),
         "rebuild": ("POST", "/v1/admin/index/rebuild", {"folder": str(live.h.db)}),
-        "jobs": ("GET", "/v1/admin/jobs", None), "reload": ("POST", "/v1/admin/reload", None),
+        "jobs": ("GET", "/v1/admin/jobs", None),
+        "reload": ("POST", "/v1/admin/reload", None),
         "index-activate": ("POST", "/v1/admin/index/activate", {"index": live.h.index}),
     }[route]
     r = live.http.request(method, path, headers=headers, json=body)
@@ -629,8 +733,9 @@ def churn(live: Live, rounds: int) -> int:
             sent += len(junk)
         for _ in range(10):
             big = [bytes(32 * KB)] * (LIMIT // (32 * KB) + 2)
-            responses, _ = raw_request(live.port, _head("/v1/query", "image/jpeg", "Transfer-Encoding: chunked"),
-                                       chunked(big))
+            responses, _ = raw_request(
+                live.port, _head("/v1/query", "image/jpeg", "Transfer-Encoding: chunked"), chunked(big)
+            )
             assert responses[0].status == 413
             sent += LIMIT
         for data, ctype in live.bombs:
@@ -681,8 +786,10 @@ def test_still_correct_and_memory_bounded(live):
     assert sent > 180 * 1024 * 1024
     after = settled_rss()
     grown, more_objects = after - live.rss_warm, len(gc.get_objects()) - objects
-    print(f"RSS after warm-up {live.rss_warm / 2**20:.1f} MiB, after fuzzing {after / 2**20:.1f} MiB "
-          f"(+{grown / 2**20:.1f}); {sent / 2**20:.0f} MiB sent in the last rounds; objects +{more_objects}")
+    print(
+        f"RSS after warm-up {live.rss_warm / 2**20:.1f} MiB, after fuzzing {after / 2**20:.1f} MiB "
+        f"(+{grown / 2**20:.1f}); {sent / 2**20:.0f} MiB sent in the last rounds; objects +{more_objects}"
+    )
     assert grown < 96 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB after fuzzing"
     assert more_objects < 5000
     assert_still_serving(live)

@@ -1,5 +1,6 @@
 """HTTP query routes, probes, metrics and every bad input, against the real app
 on a tiny registered model and index (see test_server_support)."""
+
 from __future__ import annotations
 
 import io
@@ -13,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.test_server_support import build_home, image_bytes, wait_ready
 from vpr.server.app import create_app
 from vpr.server.batcher import QueueFull
 from vpr.server.settings import ServerSettings
-from tests.test_server_support import build_home, image_bytes, wait_ready
 
 TOKEN = "test-admin-token-0123456789"
 JPEG = {"content-type": "image/jpeg"}
@@ -25,9 +26,17 @@ JPEG = {"content-type": "image/jpeg"}
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     h = build_home(tmp_path_factory.mktemp("server"))
-    settings = ServerSettings(home=h.home, model="student", device="cpu", max_body_bytes=256 * 1024,
-                              max_batch_body_bytes=1 << 20, max_batch_files=4, max_pixels=100_000,
-                              decode_threads=2, top_k_max=20)
+    settings = ServerSettings(
+        home=h.home,
+        model="student",
+        device="cpu",
+        max_body_bytes=256 * 1024,
+        max_batch_body_bytes=1 << 20,
+        max_batch_files=4,
+        max_pixels=100_000,
+        decode_threads=2,
+        top_k_max=20,
+    )
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client, h
@@ -100,14 +109,17 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("ctype,data", [
-    ("text/plain", b"hello"),
-    ("application/octet-stream", b"\xff\xd8\xff\xe0"),
-    (None, b"\xff\xd8\xff\xe0"),
-    ("image/gif", _gif()),
-    ("image/jpeg", _gif()),  # the bytes are a GIF whatever the header says
-    ("application/json", b'{"image": 1}'),
-])
+@pytest.mark.parametrize(
+    "ctype,data",
+    [
+        ("text/plain", b"hello"),
+        ("application/octet-stream", b"\xff\xd8\xff\xe0"),
+        (None, b"\xff\xd8\xff\xe0"),
+        ("image/gif", _gif()),
+        ("image/jpeg", _gif()),  # the bytes are a GIF whatever the header says
+        ("application/json", b'{"image": 1}'),
+    ],
+)
 def test_unsupported_media_type_is_415(served, ctype, data):
     client, _ = served
     headers = {"content-type": ctype} if ctype else {}
@@ -125,9 +137,13 @@ def test_unsupported_part_type_is_415(served):
 def test_corrupt_truncated_and_empty_images_are_400(served):
     client, h = served
     jpeg = h.images[0].read_bytes()
-    for data, ctype in [(jpeg[: len(jpeg) // 2], "image/jpeg"), (jpeg[:40], "image/jpeg"),
-                        (np.random.default_rng(0).bytes(3000), "image/png"),
-                        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "image/png"), (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp")]:
+    for data, ctype in [
+        (jpeg[: len(jpeg) // 2], "image/jpeg"),
+        (jpeg[:40], "image/jpeg"),
+        (np.random.default_rng(0).bytes(3000), "image/png"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "image/png"),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp"),
+    ]:
         r = client.post("/v1/query", content=data, headers={"content-type": ctype})
         assert r.status_code == 400, (ctype, r.text)
         assert r.json()["error"] == "bad_image" and "not a decodable image" in r.json()["detail"]
@@ -137,10 +153,15 @@ def test_corrupt_truncated_and_empty_images_are_400(served):
 
 def test_multipart_problems_are_400(served):
     client, h = served
-    two = [("a", ("a.jpg", h.images[0].read_bytes(), "image/jpeg")), ("b", ("b.jpg", h.images[1].read_bytes(), "image/jpeg"))]
+    two = [
+        ("a", ("a.jpg", h.images[0].read_bytes(), "image/jpeg")),
+        ("b", ("b.jpg", h.images[1].read_bytes(), "image/jpeg")),
+    ]
     r = client.post("/v1/query", files=two)
     assert r.status_code == 400 and "exactly one" in r.json()["detail"]
-    r = client.post("/v1/query", content=b"--xyz\r\nnot really\r\n", headers={"content-type": "multipart/form-data; boundary=xyz"})
+    r = client.post(
+        "/v1/query", content=b"--xyz\r\nnot really\r\n", headers={"content-type": "multipart/form-data; boundary=xyz"}
+    )
     assert r.status_code == 400
     r = client.post("/v1/query", content=b"whatever", headers={"content-type": "multipart/form-data"})
     assert r.status_code == 400 and "boundary" in r.json()["detail"].lower()
@@ -166,8 +187,10 @@ def test_body_over_limit_is_413_declared_or_not(served):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A small PNG that declares a huge canvas (a decompression bomb's header)."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -299,9 +322,9 @@ def test_settings_env_overrides_and_token_file(tmp_path, monkeypatch):
 def test_micro_batching_and_the_bounded_queue(served):
     """Items that wait while the model is busy run as one batch; a full queue
     refuses at once; stopping fails what is still queued."""
+    from tests.test_server_support import gated
     from vpr.server.batcher import BatcherStopped, MicroBatcher
     from vpr.server.runtime import Serving
-    from tests.test_server_support import gated
 
     client, h = served
     rt = client.app.state.runtime
@@ -348,8 +371,9 @@ def test_serving_selection(served, tmp_path):
     assert Runtime(ServerSettings(home=home, device="cpu", model=h.teacher)).select() == (h.teacher, "places")
     # a second index: ambiguous unless the model narrows it down or one is named
     m = rt.registry.manifest(h.other)
-    IndexStore(home / "indexes").build_from_descriptors("others", np.eye(2, m["descriptor_dim"], dtype=np.float32),
-                                                        h.images[:2], h.db, m)
+    IndexStore(home / "indexes").build_from_descriptors(
+        "others", np.eye(2, m["descriptor_dim"], dtype=np.float32), h.images[:2], h.db, m
+    )
     with pytest.raises(NotReady, match="several indexes"):
         rt.select()
     assert Runtime(ServerSettings(home=home, device="cpu", model=h.other)).select() == (h.other, "others")

@@ -1,6 +1,7 @@
 """Admin routes: token checks, model hot swaps (also with requests in flight),
 background index rebuilds that swap the served index while queries go on,
 roll-backs, jobs persisted on disk."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,12 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.test_server_support import build_home, gated, place_images, wait_ready
 from vpr.model.registry import Registry
 from vpr.server.app import create_app
 from vpr.server.jobs import JobManager
 from vpr.server.runtime import Runtime, Serving
 from vpr.server.settings import ServerSettings
-from tests.test_server_support import build_home, gated, place_images, wait_ready
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -29,10 +30,12 @@ def served(tmp_path_factory):
     h = build_home(root)
     stale = uuid.uuid4().hex  # a job a killed server left running
     (h.home / "jobs").mkdir(parents=True)
-    (h.home / "jobs" / f"{stale}.json").write_text(json.dumps({"id": stale, "kind": "index.rebuild",
-                                                                 "state": "running"}))
-    settings = ServerSettings(home=h.home, model="student", device="cpu", admin_token=TOKEN, warmup=False,
-                              decode_threads=2)
+    (h.home / "jobs" / f"{stale}.json").write_text(
+        json.dumps({"id": stale, "kind": "index.rebuild", "state": "running"})
+    )
+    settings = ServerSettings(
+        home=h.home, model="student", device="cpu", admin_token=TOKEN, warmup=False, decode_threads=2
+    )
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client, h, root, stale
@@ -51,8 +54,9 @@ class Querier(threading.Thread):
         while not self.halt.is_set():
             r = self.client.post("/v1/query", content=self.data, headers=JPEG, params={"top_k": 1})
             b = r.json()
-            self.seen.append((r.status_code, b.get("model"), b.get("index"),
-                              b["results"][0]["id"] if r.status_code == 200 else None))
+            self.seen.append(
+                (r.status_code, b.get("model"), b.get("index"), b["results"][0]["id"] if r.status_code == 200 else None)
+            )
             time.sleep(self.pause)
 
     def wait_for(self, n: int, timeout: float = 30) -> None:
@@ -68,9 +72,14 @@ class Querier(threading.Thread):
 
 def test_admin_needs_the_right_token(served):
     client, _, _, _ = served
-    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"X-API-Key": "wrong"},
-                    {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"},
-                    {"Authorization": "Bearer "}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"X-API-Key": "wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": "Bearer "},
+    ):
         r = client.get("/v1/admin/models", headers=headers)
         assert r.status_code == 401, headers
         assert r.json()["error"] == "unauthorized" and r.headers["www-authenticate"].startswith("Bearer")
@@ -115,8 +124,9 @@ def test_in_flight_request_finishes_on_the_old_model(served):
     model, net = gated(orig.model)
     rt._publish(Serving(model, orig.index, rt.device))
     answer: dict = {}
-    t = threading.Thread(target=lambda: answer.update(r=client.post(
-        "/v1/query", content=h.images[3].read_bytes(), headers=JPEG)))
+    t = threading.Thread(
+        target=lambda: answer.update(r=client.post("/v1/query", content=h.images[3].read_bytes(), headers=JPEG))
+    )
     t.start()
     try:
         assert net.entered.wait(10)  # the request is inside the old model's forward pass
@@ -199,8 +209,9 @@ def test_failed_rebuilds_leave_the_served_index(served):
     client, h, root, _ = served
     before = client.get("/readyz").json()["index"]
     # built by an unrelated model: published but not activated
-    r = client.post("/v1/admin/index/rebuild", headers=AUTH,
-                    json={"folder": str(root / "db"), "model": h.other, "name": "places"})
+    r = client.post(
+        "/v1/admin/index/rebuild", headers=AUTH, json={"folder": str(root / "db"), "model": h.other, "name": "places"}
+    )
     assert r.status_code == 202
     job = _wait(client, r.json()["job"])
     assert job["state"] == "failed" and "did not activate" in job["error"], job
@@ -208,10 +219,13 @@ def test_failed_rebuilds_leave_the_served_index(served):
     job = _wait(client, r.json()["job"])
     assert job["state"] == "failed" and "Bogus9" in job["error"]
     assert client.get("/readyz").json()["index"] == before
-    for body, code in [({"folder": str(root / "missing")}, 422), ({}, 422),
-                       ({"folder": str(root / "db"), "dataset": {"kind": "folder", "path": str(root)}}, 422),
-                       ({"folder": str(root / "db"), "model": "nosuch"}, 404),
-                       ({"folder": str(root / "db"), "name": "../evil"}, 422)]:
+    for body, code in [
+        ({"folder": str(root / "missing")}, 422),
+        ({}, 422),
+        ({"folder": str(root / "db"), "dataset": {"kind": "folder", "path": str(root)}}, 422),
+        ({"folder": str(root / "db"), "model": "nosuch"}, 404),
+        ({"folder": str(root / "db"), "name": "../evil"}, 422),
+    ]:
         r = client.post("/v1/admin/index/rebuild", headers=AUTH, json=body)
         assert r.status_code == code, (body, r.text)
 
@@ -234,8 +248,9 @@ def test_index_roll_back_with_a_search_in_flight_and_reload(served):
     model, net = gated(orig.model)
     rt._publish(Serving(model, orig.index, rt.device))
     answer: dict = {}
-    t = threading.Thread(target=lambda: answer.update(r=client.post(
-        "/v1/query", content=h.images[1].read_bytes(), headers=JPEG)))
+    t = threading.Thread(
+        target=lambda: answer.update(r=client.post("/v1/query", content=h.images[1].read_bytes(), headers=JPEG))
+    )
     t.start()
     try:
         assert net.entered.wait(10)

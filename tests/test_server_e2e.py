@@ -2,6 +2,7 @@
 `vpr query` and `vpr stream` (one as a subprocess like a user types it; the
 others through the same `cli.main.main` in this process, which saves a torch
 import per call), then stopped with SIGTERM."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,9 @@ import time
 import httpx
 import pytest
 
-from vpr.cli.main import main
 from tests.conftest import REPO
 from tests.test_server_support import build_home, encode_mp4, frames_of
+from vpr.cli.main import main
 
 
 def free_port() -> int:
@@ -51,9 +52,13 @@ def server(tmp_path_factory):
     env.pop("VPR_ADMIN_TOKEN", None)
     env.pop("VPR_ADMIN_TOKEN_FILE", None)
     log = open(root / "serve.log", "w")
-    proc = subprocess.Popen([*VPR, "--home", str(h.home), "serve", "--host",
-                             "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*VPR, "--home", str(h.home), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -1,6 +1,7 @@
 """WS /v1/stream: JPEG frames, H.264 Annex-B encoded here with PyAV, the
 real GoPro walk (when ../shared is present), newest-frame-only dropping, and
 every way a stream can be bad (each closes only its own connection)."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,27 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.test_server_support import build_home, encode_h264, encode_mp4, frames_of, gated, wait_ready
 from vpr.server.app import create_app
 from vpr.server.client import h264_chunks, video_fps
 from vpr.server.runtime import Serving
 from vpr.server.settings import ServerSettings
-from tests.test_server_support import build_home, encode_h264, encode_mp4, frames_of, gated, wait_ready
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     h = build_home(root)
-    settings = ServerSettings(home=h.home, model="student", device="cpu", decode_threads=2,
-                              stream_max_bad_frames=2, stream_probe_bytes=512 * 1024,
-                              stream_max_message_bytes=256 * 1024, stream_hello_timeout_s=1)
+    settings = ServerSettings(
+        home=h.home,
+        model="student",
+        device="cpu",
+        decode_threads=2,
+        stream_max_bad_frames=2,
+        stream_probe_bytes=512 * 1024,
+        stream_max_message_bytes=256 * 1024,
+        stream_hello_timeout_s=1,
+    )
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client, h, root
@@ -66,8 +74,7 @@ def test_jpeg_frames(served):
             assert set(msg["timings_ms"]) == {"decode", "queue", "embed", "search", "total"}
         ws.send_text(json.dumps({"type": "end"}))
         msgs, code = read_all(ws)
-    assert code == 1000 and msgs[-1] == {"type": "end", "received": 4, "processed": 4, "dropped": 0,
-                                         "bad_frames": 0}
+    assert code == 1000 and msgs[-1] == {"type": "end", "received": 4, "processed": 4, "dropped": 0, "bad_frames": 0}
 
 
 def test_h264_stream_in_arbitrary_chunks(served):
@@ -79,7 +86,7 @@ def test_h264_stream_in_arbitrary_chunks(served):
         pos = 0
         while pos < len(stream):
             n = int(rng.integers(1, 3000))
-            ws.send_bytes(stream[pos:pos + n])
+            ws.send_bytes(stream[pos : pos + n])
             pos += n
         ws.send_text(json.dumps({"type": "end"}))
         msgs, code = read_all(ws)
@@ -103,8 +110,13 @@ def test_newest_frame_only_while_busy(served):
     orig = rt.current
     model, net = gated(orig.model)
     rt._publish(Serving(model, orig.index, rt.device))
-    received = lambda: rt.metrics.registry.get_sample_value("vpr_stream_frames_received_total",  # noqa: E731
-                                                             {"codec": "jpeg"}) or 0
+    received = lambda: (
+        rt.metrics.registry.get_sample_value(
+            "vpr_stream_frames_received_total",
+            {"codec": "jpeg"},
+        )
+        or 0
+    )
     try:
         with client.websocket_connect("/v1/stream") as ws:
             start(ws, codec="jpeg", top_k=1)
@@ -148,19 +160,24 @@ def _still_works(client, h) -> None:
         assert msg["type"] == "result" and msg["results"][0]["id"] == 6
 
 
-@pytest.mark.parametrize("payload,needle", [
-    (np.random.default_rng(0).bytes(5000), "start code"),
-    (b"\x00\x00\x00\x18ftypmp42" + bytes(200), "MP4"),
-    (b"\x00\x00\x00\x01" + bytes(40_000), "no decodable H.264 frame"),
-    (b"".join(b"\x00\x00\x00\x01" + bytes([0x65]) + np.random.default_rng(i).bytes(700) for i in range(60)),
-     "failed to decode"),
-])
+@pytest.mark.parametrize(
+    "payload,needle",
+    [
+        (np.random.default_rng(0).bytes(5000), "start code"),
+        (b"\x00\x00\x00\x18ftypmp42" + bytes(200), "MP4"),
+        (b"\x00\x00\x00\x01" + bytes(40_000), "no decodable H.264 frame"),
+        (
+            b"".join(b"\x00\x00\x00\x01" + bytes([0x65]) + np.random.default_rng(i).bytes(700) for i in range(60)),
+            "failed to decode",
+        ),
+    ],
+)
 def test_garbage_h264_closes_with_an_error_and_the_next_stream_works(served, payload, needle):
     client, h, _ = served
     with client.websocket_connect("/v1/stream") as ws:
         start(ws, codec="h264")
         for i in range(0, len(payload), 4096):
-            ws.send_bytes(payload[i:i + 4096])
+            ws.send_bytes(payload[i : i + 4096])
         for _ in range(10):  # the probe limit is 512 KiB: keep feeding zeros until refused
             ws.send_bytes(bytes(64 * 1024))
         err = _expect_error(ws, "bad_stream", 1007)
@@ -184,15 +201,18 @@ def test_bad_jpeg_frames_warn_then_close(served):
     _still_works(client, h)
 
 
-@pytest.mark.parametrize("first,needle", [
-    (b"\xff\xd8\xff", "JSON text"),
-    ("not json", "bad hello"),
-    ({"codec": "vp9"}, "codec"),
-    ({"codec": "jpeg", "top_k": 0}, "top_k"),
-    ({"codec": "jpeg", "top_k": 101}, "exceeds the maximum"),
-    ({"codec": "jpeg", "fps": -1}, "fps"),
-    ({"codec": "jpeg", "colour": "red"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "first,needle",
+    [
+        (b"\xff\xd8\xff", "JSON text"),
+        ("not json", "bad hello"),
+        ({"codec": "vp9"}, "codec"),
+        ({"codec": "jpeg", "top_k": 0}, "top_k"),
+        ({"codec": "jpeg", "top_k": 101}, "exceeds the maximum"),
+        ({"codec": "jpeg", "fps": -1}, "fps"),
+        ({"codec": "jpeg", "colour": "red"}, "colour"),
+    ],
+)
 def test_bad_hello_is_a_policy_violation(served, first, needle):
     client, _, _ = served
     with client.websocket_connect("/v1/stream") as ws:

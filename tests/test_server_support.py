@@ -6,6 +6,7 @@ own weights, so that a database image queried as itself comes back first
 with score 1; one slightly perturbed, for hot swaps), an unrelated model (to
 be refused), and an index of distinct textured images with positions.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,11 +23,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests.conftest import TINY_CONFIG
 from vpr.index.meta import Entry
 from vpr.index.store import IndexStore
 from vpr.model.network import build_model
 from vpr.model.registry import LoadedModel, Registry
-from tests.conftest import TINY_CONFIG
 
 SIZE = (96, 72)  # W, H: even, for H.264's 4:2:0
 
@@ -35,11 +36,11 @@ SIZE = (96, 72)  # W, H: even, for H.264's 4:2:0
 class Home:
     home: Path
     db: Path
-    images: list[Path]          # id i = images[i]
+    images: list[Path]  # id i = images[i]
     teacher: str
-    student: str                # teacher weights, role student
-    student2: str               # perturbed weights
-    other: str                  # an unrelated teacher: incompatible with the index
+    student: str  # teacher weights, role student
+    student2: str  # perturbed weights
+    other: str  # an unrelated teacher: incompatible with the index
     index: str
 
 
@@ -57,8 +58,16 @@ def place_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = SI
 
 
 def entries_for(images: list[Path]) -> list[Entry]:
-    return [Entry(p, label=f"place {i}", utm=(500_000.0 + 10 * i, 4_000_000.0 + 5 * i), utm_zone="56H",
-                  latlon=(-27.47 + i * 1e-4, 153.02 + i * 1e-4)) for i, p in enumerate(images)]
+    return [
+        Entry(
+            p,
+            label=f"place {i}",
+            utm=(500_000.0 + 10 * i, 4_000_000.0 + 5 * i),
+            utm_zone="56H",
+            latlon=(-27.47 + i * 1e-4, 153.02 + i * 1e-4),
+        )
+        for i, p in enumerate(images)
+    ]
 
 
 def build_home(root: Path, n_images: int = 8) -> Home:

@@ -7,6 +7,7 @@ the reason when chromium, chromedriver or selenium are missing
 (`.ci/install-browser.sh` installs them); the image route behind the
 thumbnails is also checked without a browser.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,24 +15,33 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import TINY_CONFIG
 from vpr.index.meta import Entry
 from vpr.index.store import IndexStore
 from vpr.model.network import build_model
 from vpr.model.registry import Registry
-from tests.conftest import TINY_CONFIG
 
-CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1280,900", "--autoplay-policy=no-user-gesture-required")
+CHROME_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,900",
+    "--autoplay-policy=no-user-gesture-required",
+)
 N_PLACES = 8
 IMG_SIZE = (96, 72)
 WAIT_S = 30
@@ -42,7 +52,7 @@ WAIT_S = 30
 class Served:
     url: str
     home: Path
-    images: list[Path]   # database images, id i = images[i]
+    images: list[Path]  # database images, id i = images[i]
     model: str
     index: str
 
@@ -67,8 +77,10 @@ def _build_home(home: Path) -> tuple[list[Path], str, str]:
     reg = Registry(home / "models")
     ref = reg.register("webteacher", build_model(TINY_CONFIG), role="teacher")
     loaded = reg.load(ref, "cpu")
-    entries = [Entry(p, label=f"place {i}", utm=(500_000 + 12.5 * i, 4_000_000 + (i % 3) * 20.0 + i),
-                     utm_zone="56H") for i, p in enumerate(images)]
+    entries = [
+        Entry(p, label=f"place {i}", utm=(500_000 + 12.5 * i, 4_000_000 + (i % 3) * 20.0 + i), utm_zone="56H")
+        for i, p in enumerate(images)
+    ]
     iref = IndexStore(home / "indexes").build("webdemo", loaded, entries, root=images[0].parent)
     return images, str(ref), str(iref)
 
@@ -125,16 +137,18 @@ def _wait_ready(url: str, timeout: float = 90.0) -> None:
 # ---- the browser -------------------------------------------------------------------------
 def _browser_binaries() -> tuple[str, str]:
     chrome = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    driver = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists()
-                                              else None)
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+    )
     if chrome is None or driver is None:
-        pytest.skip("headless browser test needs Debian's chromium and chromium-driver "
-                    "(run .ci/install-browser.sh as root)")
+        pytest.skip(
+            "headless browser test needs Debian's chromium and chromium-driver (run .ci/install-browser.sh as root)"
+        )
     return chrome, driver
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator["object"]:
+def browser() -> Iterator[object]:
     chrome, driver_path = _browser_binaries()
     try:
         from selenium import webdriver
@@ -171,12 +185,14 @@ def _until(drv, js_condition: str, what: str, timeout: float = WAIT_S):
 
     try:
         return WebDriverWait(drv, timeout, poll_frequency=0.1).until(
-            lambda d: d.execute_script(f"return ({js_condition});"))
+            lambda d: d.execute_script(f"return ({js_condition});")
+        )
     except TimeoutException:
         state = drv.execute_script(
             "return {error: document.getElementById('error').textContent,"
             " stream: document.getElementById('stream-status').textContent,"
-            " results: document.getElementById('results').children.length};")
+            " results: document.getElementById('results').children.length};"
+        )
         raise AssertionError(f"timed out after {timeout} s waiting for {what}; page state: {state}") from None
 
 
@@ -199,8 +215,10 @@ return [...document.querySelectorAll('#results .result')].map(li => {
           src: img.getAttribute('src'), complete: img.complete, width: img.naturalWidth,
           height: img.naturalHeight};
 });"""
-THUMBS_LOADED_JS = ("[...document.querySelectorAll('#results img.thumb')].length > 0 && "
-                    "[...document.querySelectorAll('#results img.thumb')].every(i => i.complete)")
+THUMBS_LOADED_JS = (
+    "[...document.querySelectorAll('#results img.thumb')].length > 0 && "
+    "[...document.querySelectorAll('#results img.thumb')].every(i => i.complete)"
+)
 
 
 # ---- tests -------------------------------------------------------------------------------
@@ -240,8 +258,12 @@ def test_place_image_path_stays_under_the_index_root(tmp_path):
     root.mkdir()
     (root / "ok.jpg").write_bytes(b"x")
     (tmp_path / "secret.txt").write_text("private")
-    rows = {0: {"path": "ok.jpg"}, 1: {"path": "../secret.txt"}, 2: {"path": str(tmp_path / "secret.txt")},
-            3: {"path": "gone.jpg"}}
+    rows = {
+        0: {"path": "ok.jpg"},
+        1: {"path": "../secret.txt"},
+        2: {"path": str(tmp_path / "secret.txt")},
+        3: {"path": "gone.jpg"},
+    }
     index = SimpleNamespace(root=root, meta=lambda ids: {i: rows[i] for i in ids if i in rows})
     runtime = SimpleNamespace(lease=lambda: contextlib.nullcontext(SimpleNamespace(index=index)))
     assert place_image_path(runtime, 0) == (root / "ok.jpg").resolve()
@@ -275,12 +297,14 @@ def test_image_query_shows_thumbnails_scores_positions_and_timings(page, served,
         assert f"E {500_000 + 12.5 * i:.1f}" in c["pos"], c
 
     circles = page.execute_script(
-        "return [...document.querySelectorAll('#plot circle')].map(c => c.getAttribute('class'));")
+        "return [...document.querySelectorAll('#plot circle')].map(c => c.getAttribute('class'));"
+    )
     assert len(circles) == 4 and circles.count("pt top1") == 1
 
     timings = page.execute_script(
         "return Object.fromEntries([...document.querySelectorAll('#timings td')]"
-        ".map(td => [td.dataset.key, td.textContent]));")
+        ".map(td => [td.dataset.key, td.textContent]));"
+    )
     for key in ("decode", "embed", "search", "total"):
         assert timings[key].endswith(" ms") and float(timings[key].split()[0]) >= 0, timings
     assert page.find_element("id", "model-version").text == served.model
@@ -350,12 +374,15 @@ def test_video_streams_frames_and_shows_results(page, served, tmp_path):
     _until(page, THUMBS_LOADED_JS, "the thumbnails to load")
     cards = page.execute_script(CARDS_JS)
     assert len(cards) == 5 and all(c["width"] > 0 for c in cards), cards  # the page's default top_k
-    _until(page, "document.getElementById('stream-status').textContent.startsWith('done')", "the stream's end",
-           timeout=WAIT_S)
+    _until(
+        page,
+        "document.getElementById('stream-status').textContent.startsWith('done')",
+        "the stream's end",
+        timeout=WAIT_S,
+    )
     status = page.find_element("id", "stream-status").text
     answered = int(status.split()[1])
     assert answered >= 2, status
-    assert page.find_element("id", "error").get_attribute("hidden") is not None, \
-        page.find_element("id", "error").text
+    assert page.find_element("id", "error").get_attribute("hidden") is not None, page.find_element("id", "error").text
     assert page.find_element("id", "stream-start").is_enabled()
     page.save_screenshot("/tmp/vpr_webpage_stream.png")

@@ -7,6 +7,7 @@ process group: NCCL when it has a GPU, gloo on CPU. Without those variables
 are no-ops, so the training loop never branches on "distributed or not".
 `launch_local` starts N CPU processes the same way torchrun would (tests).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import datetime as _dt
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,8 +107,9 @@ def all_mean(values: dict[str, float], ctx: DistContext) -> dict[str, float]:
     if not ctx.distributed or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=ctx.device if ctx.backend == "nccl" else "cpu")
+    t = torch.tensor(
+        [float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device if ctx.backend == "nccl" else "cpu"
+    )
     dist.all_reduce(t)
     return {k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist())}
 
@@ -127,8 +130,16 @@ def free_port() -> int:
 
 
 def _child(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     fn(*args)
 
@@ -138,5 +149,6 @@ def launch_local(world_size: int, fn: Callable[..., Any], *args: Any) -> None:
     environment (gloo). `fn` must be importable (a module-level function)."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_child, args=(world_size, free_port(), fn, args), nprocs=world_size,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _child, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True, start_method="spawn"
+    )

@@ -27,6 +27,7 @@ Under `torchrun` the trainable head is wrapped in DistributedDataParallel
 (`train.ddp`): each process takes its share of every epoch's shuffled images
 and gradients are averaged; on CPU the same path runs with gloo.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,11 +50,17 @@ from vpr.model.config import HomeSettings
 from vpr.model.extract import autocast_for, cpu_name
 from vpr.model.network import VPRNet
 from vpr.model.registry import ModelRef, Registry, check_name
-
 from vpr.train import ddp
 from vpr.train.distill_cache import FileIdentity, TensorCache
-from vpr.train.distill_data import (PrefixRunner, TeacherTargets, collect_images, has_positions, split_student,
-                           trainable_names, validation_split)
+from vpr.train.distill_data import (
+    PrefixRunner,
+    TeacherTargets,
+    collect_images,
+    has_positions,
+    split_student,
+    trainable_names,
+    validation_split,
+)
 from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
 from vpr.train.mining import NegativeMiner, TripletConfig
 from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
@@ -71,17 +78,17 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     teacher: str
-    name: str                                  # the student's registry name
+    name: str  # the student's registry name
     qualities: list[str]
-    images: Path | None = None                 # a folder of images: label-free
-    dataset: str | None = None                 # KIND:PATH of a dataset with positions (its database images train)
+    images: Path | None = None  # a folder of images: label-free
+    dataset: str | None = None  # KIND:PATH of a dataset with positions (its database images train)
     dataset_options: dict[str, Any] = {}
-    limit: int | None = Field(None, ge=1)      # use this many images, evenly spread (cheap runs)
+    limit: int | None = Field(None, ge=1)  # use this many images, evenly spread (cheap runs)
     loss: str = DEFAULT_LOSS
     loss_weights: dict[str, float] | None = None
-    trainable: list[str] | None = None         # backbone blocks + netvlad/pca; None: backbone default + netvlad
+    trainable: list[str] | None = None  # backbone blocks + netvlad/pca; None: backbone default + netvlad
     epochs: int = Field(5, ge=1)
-    batch_size: int = Field(8, ge=1)           # per process
+    batch_size: int = Field(8, ge=1)  # per process
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)  # max global gradient norm; None: off
@@ -90,14 +97,14 @@ class DistillConfig(BaseModel):
     step_gamma: float = Field(0.5, gt=0, le=1)  # "step": lr factor per epoch
     seed: int = 0
     val_fraction: float | None = Field(None, ge=0, lt=1)  # None: 0.1 with positions, 0 without
-    val_radius: float = Field(25.0, gt=0)      # validation positives (metres)
+    val_radius: float = Field(25.0, gt=0)  # validation positives (metres)
     triplet: TripletConfig = TripletConfig()
     prefix_cache: Literal["disk", "memory", "off"] = "disk"
-    cache_dir: Path | None = None              # default <home>/cache/distill
+    cache_dir: Path | None = None  # default <home>/cache/distill
     cache_memory_mb: int = Field(2048, ge=0)
-    run_dir: Path | None = None                # default <home>/runs/<register>
+    run_dir: Path | None = None  # default <home>/runs/<register>
     activate: bool = False
-    device: str | None = None                  # cpu | cuda | cuda:N; None: CUDA if available
+    device: str | None = None  # cpu | cuda | cuda:N; None: CUDA if available
     log_every: int = Field(10, ge=1)
     progress: bool = True
 
@@ -109,7 +116,7 @@ class DistillConfig(BaseModel):
         return [str(q) for q in parse_qualities(v)]
 
     @model_validator(mode="after")
-    def _check(self) -> "DistillConfig":
+    def _check(self) -> DistillConfig:
         if (self.images is None) == (self.dataset is None):
             raise ValueError("give exactly one source of training images: images (a folder) or dataset (KIND:PATH)")
         losses = parse_loss(self.loss, self.loss_weights)  # validates names and weights
@@ -122,8 +129,17 @@ class DistillConfig(BaseModel):
 
 
 # Fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"epochs", "activate", "prefix_cache", "cache_dir", "cache_memory_mb", "device",
-                     "log_every", "progress", "run_dir"}
+RESUMABLE_CHANGES = {
+    "epochs",
+    "activate",
+    "prefix_cache",
+    "cache_dir",
+    "cache_memory_mb",
+    "device",
+    "log_every",
+    "progress",
+    "run_dir",
+}
 
 
 # ---- learning rate -------------------------------------------------------------------------
@@ -155,8 +171,6 @@ def group_by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
     for k, t in enumerate(tensors):
         groups.setdefault(tuple(t.shape), []).append(k)
     return list(groups.values())
-
-
 
 
 class Distiller:
@@ -192,26 +206,43 @@ class Distiller:
         budget = cfg.cache_memory_mb << 20
         identity = FileIdentity()
         paths = [i.path for i in self.images]
-        self.targets = TeacherTargets(self.teacher, paths, self.device,
-                                      TensorCache(budget if disk else 1 << 62, folder / "teacher" if disk else None),
-                                      identity, cfg.batch_size, cfg.progress)
+        self.targets = TeacherTargets(
+            self.teacher,
+            paths,
+            self.device,
+            TensorCache(budget if disk else 1 << 62, folder / "teacher" if disk else None),
+            identity,
+            cfg.batch_size,
+            cfg.progress,
+        )
         prefix_cache = None if cfg.prefix_cache == "off" else TensorCache(budget, folder / "prefix" if disk else None)
-        self.inputs = PrefixRunner(self.prefix, self.cut, self.teacher.sha256, self.student.config.preprocess,
-                                   self.device, prefix_cache, identity)
+        self.inputs = PrefixRunner(
+            self.prefix,
+            self.cut,
+            self.teacher.sha256,
+            self.student.config.preprocess,
+            self.device,
+            prefix_cache,
+            identity,
+        )
 
     def student_input(self, i: int, quality: str) -> torch.Tensor:
         return self.inputs(self.images[i].path, quality)
 
     def cache_stats(self) -> dict[str, Any]:
-        return {"teacher": self.targets.cache.stats(),
-                "prefix": self.inputs.cache.stats() if self.inputs.cache else "off"}
+        return {
+            "teacher": self.targets.cache.stats(),
+            "prefix": self.inputs.cache.stats() if self.inputs.cache else "off",
+        }
 
     def _setup_split(self) -> None:
         cfg = self.cfg
         positions = has_positions(self.images)
         if "triplet" in self.losses and not positions:
-            raise ValueError("the triplet loss needs positions: train from a dataset with UTM positions "
-                             "(--dataset KIND:PATH), or drop 'triplet' from the loss")
+            raise ValueError(
+                "the triplet loss needs positions: train from a dataset with UTM positions "
+                "(--dataset KIND:PATH), or drop 'triplet' from the loss"
+            )
         fraction = cfg.val_fraction if cfg.val_fraction is not None else (0.1 if positions else 0.0)
         self.train_ids, self.val_ids = validation_split(self.images, fraction, cfg.seed)
         self.val_mode = "none" if not len(self.val_ids) else ("recall" if positions else "loss")
@@ -223,8 +254,12 @@ class Distiller:
             pos = positives_within(utm[self.train_ids], utm[self.val_ids], cfg.val_radius)
             keep = [k for k, p in enumerate(pos) if len(p)]
             if len(keep) < len(self.val_ids):
-                log.warning("validation: %d of %d held-out images have no training image within %.1f m; dropped",
-                            len(self.val_ids) - len(keep), len(self.val_ids), cfg.val_radius)
+                log.warning(
+                    "validation: %d of %d held-out images have no training image within %.1f m; dropped",
+                    len(self.val_ids) - len(keep),
+                    len(self.val_ids),
+                    cfg.val_radius,
+                )
             self.val_ids = self.val_ids[keep]
             self.val_positives = [pos[k] for k in keep]
             if not len(self.val_ids):
@@ -233,8 +268,10 @@ class Distiller:
     # -- setup / resume
     def _prepare(self, resume: bool) -> None:
         if self.files.exists() and not resume:
-            raise ValueError(f"{self.files.dir}: holds a previous run ({self.files.state_path.name}); "
-                             "pass --resume to continue it, or --run-dir to start elsewhere")
+            raise ValueError(
+                f"{self.files.dir}: holds a previous run ({self.files.state_path.name}); "
+                "pass --resume to continue it, or --run-dir to start elsewhere"
+            )
         if resume:
             self._resume()
         self.targets.prepare(self.ctx)
@@ -249,20 +286,26 @@ class Distiller:
     def _resume(self) -> None:
         old = self.files.read_state()
         new = self.state.config
-        changed = sorted(k for k in set(old.config) | set(new)
-                         if k not in RESUMABLE_CHANGES and old.config.get(k) != new.get(k))
+        changed = sorted(
+            k for k in set(old.config) | set(new) if k not in RESUMABLE_CHANGES and old.config.get(k) != new.get(k)
+        )
         if changed:
             diffs = "; ".join(f"{k}: {old.config.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            raise ValueError(f"{self.files.state_path}: --resume with different settings ({diffs}); "
-                             "use the original ones or a new --run-dir")
+            raise ValueError(
+                f"{self.files.state_path}: --resume with different settings ({diffs}); "
+                "use the original ones or a new --run-dir"
+            )
         if old.config.get("epochs") != new.get("epochs"):
-            log.warning("resuming with %s epochs instead of %s; the lr schedule stretches accordingly",
-                        new.get("epochs"), old.config.get("epochs"))
+            log.warning(
+                "resuming with %s epochs instead of %s; the lr schedule stretches accordingly",
+                new.get("epochs"),
+                old.config.get("epochs"),
+            )
         old.config = new
         self.state = old
         if old.checkpoint:
             tensors = self.files.read_tensors(old.checkpoint, old.checkpoint_sha256)
-            student = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+            student = {k[len("student.") :]: v for k, v in tensors.items() if k.startswith("student.")}
             self.student.load_state_dict(student, strict=True)
             load_optimizer(self.opt, tensors, old.optimizer_groups)
             self._resume_tensors = tensors
@@ -280,8 +323,9 @@ class Distiller:
         if "triplet" in self.losses:
             pos, neg, mask = self.miner.select(ids, desc, step)
             t = self.targets.desc
-            parts["triplet"] = triplet_loss(desc, t[pos].to(self.device), t[neg].to(self.device),
-                                            self.cfg.triplet.margin, mask.to(self.device))
+            parts["triplet"] = triplet_loss(
+                desc, t[pos].to(self.device), t[neg].to(self.device), self.cfg.triplet.margin, mask.to(self.device)
+            )
         return parts
 
     def train_step(self, ids: list[int], qualities: list[str], step: int) -> dict[str, float]:
@@ -326,17 +370,21 @@ class Distiller:
         order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
         pad = (-len(order)) % self.ctx.world_size
         order = np.concatenate([order, order[:pad]])
-        mine = order[self.ctx.rank::self.ctx.world_size]
+        mine = order[self.ctx.rank :: self.ctx.world_size]
         return [int(i) for i in mine], {int(i): qualities[draws[i]] for i in mine}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         ids, quality = self.epoch_plan(epoch)
         bs = self.cfg.batch_size
         sums: dict[str, float] = defaultdict(float)
-        bar = tqdm(total=len(ids), desc=f"epoch {epoch}/{self.cfg.epochs}", unit="img",
-                   disable=not (self.cfg.progress and self.ctx.is_main))
+        bar = tqdm(
+            total=len(ids),
+            desc=f"epoch {epoch}/{self.cfg.epochs}",
+            unit="img",
+            disable=not (self.cfg.progress and self.ctx.is_main),
+        )
         for b in range(0, len(ids), bs):
-            batch = ids[b:b + bs]
+            batch = ids[b : b + bs]
             out = self.train_step(batch, [quality[i] for i in batch], self.state.step)
             self.state.step += 1
             for k, v in out.items():
@@ -345,9 +393,16 @@ class Distiller:
             bar.update(len(batch))
             bar.set_postfix({k: f"{sums[k] / n_steps:.4g}" for k in ["loss", *self.losses.terms]})
             if self.ctx.is_main and (self.state.step % self.cfg.log_every == 0 or b + bs >= len(ids)):
-                self.files.append_metrics({"kind": "step", "epoch": epoch, "step": self.state.step,
-                                           "loss": out["loss"], "lr": out["lr"],
-                                           "terms": {t: out[t] for t in self.losses.terms}})
+                self.files.append_metrics(
+                    {
+                        "kind": "step",
+                        "epoch": epoch,
+                        "step": self.state.step,
+                        "loss": out["loss"],
+                        "lr": out["lr"],
+                        "terms": {t: out[t] for t in self.losses.terms},
+                    }
+                )
         bar.close()
         means = {k: v / self.steps_per_epoch for k, v in sums.items() if k != "lr"}
         return ddp.all_mean(means, self.ctx)
@@ -360,7 +415,7 @@ class Distiller:
         maps: list[torch.Tensor | None] = [None] * len(ids)
         for members in group_by_shape(inputs):
             for start in range(0, len(members), self.cfg.batch_size):
-                part = members[start:start + self.cfg.batch_size]
+                part = members[start : start + self.cfg.batch_size]
                 with autocast_for(self.device):
                     d, f = self.head(torch.stack([inputs[k] for k in part]).to(self.device))
                 for k, dd, ff in zip(part, d.float().cpu(), f.float().cpu()):
@@ -391,8 +446,9 @@ class Distiller:
             if "mse" in self.losses:
                 parts["mse"] = mse_loss(desc, self.targets.desc[ids])
             if "ickd" in self.losses:
-                parts["ickd"] = torch.stack([ickd_loss(m.unsqueeze(0), self.targets.grams([i]))
-                                             for i, m in zip(ids, maps)]).mean()
+                parts["ickd"] = torch.stack(
+                    [ickd_loss(m.unsqueeze(0), self.targets.grams([i])) for i, m in zip(ids, maps)]
+                ).mean()
             value = float(self.losses.combine(parts))
             out["per_quality"][q] = {"val_loss": value, **{k: float(v) for k, v in parts.items()}}
             total.append(value)
@@ -429,15 +485,30 @@ class Distiller:
         if self.state.registered and self.state.epoch >= cfg.epochs:
             log.info("%s: this run already finished and registered %s", self.files.dir, self.state.registered)
             name, _, ver = self.state.registered.partition("@")
-            return DistillResult(ModelRef(name, int(ver)), self.files.dir, self.state.best["epoch"],
-                                 self.state.history, self.state.best.get("metrics", {}))
+            return DistillResult(
+                ModelRef(name, int(ver)),
+                self.files.dir,
+                self.state.best["epoch"],
+                self.state.history,
+                self.state.best.get("metrics", {}),
+            )
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        log.info("distilling %s -> %s: %d train / %d val images, qualities %s, loss %s, trainable %s "
-                 "(prefix of %d layers frozen and %s), %d epochs x %d steps x %d processes",
-                 self.teacher.ref, cfg.name, len(self.train_ids), len(self.val_ids), ",".join(cfg.qualities),
-                 self.losses.describe(), ",".join(self.trainable), self.cut,
-                 "cached" if self.inputs.cache else "recomputed", cfg.epochs, self.steps_per_epoch,
-                 self.ctx.world_size)
+        log.info(
+            "distilling %s -> %s: %d train / %d val images, qualities %s, loss %s, trainable %s "
+            "(prefix of %d layers frozen and %s), %d epochs x %d steps x %d processes",
+            self.teacher.ref,
+            cfg.name,
+            len(self.train_ids),
+            len(self.val_ids),
+            ",".join(cfg.qualities),
+            self.losses.describe(),
+            ",".join(self.trainable),
+            self.cut,
+            "cached" if self.inputs.cache else "recomputed",
+            cfg.epochs,
+            self.steps_per_epoch,
+            self.ctx.world_size,
+        )
         if self.state.epoch == 0 and self.val_mode != "none":
             self._log_baseline()
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
@@ -446,8 +517,15 @@ class Distiller:
             val = self.validate() if self.ctx.is_main else None
             seconds = time.time() - started
             self.state.train_seconds += seconds
-            record = {"kind": "epoch", "epoch": epoch, "step": self.state.step, **train, "val": val,
-                      "seconds": round(seconds, 2), "cache": self.cache_stats()}
+            record = {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": self.state.step,
+                **train,
+                "val": val,
+                "seconds": round(seconds, 2),
+                "cache": self.cache_stats(),
+            }
             score = self.score(train, val)
             improved = self.state.best is None or tuple(score) > tuple(self.state.best["score"])
             if improved:
@@ -455,12 +533,18 @@ class Distiller:
             if self.ctx.is_main:
                 self.files.append_metrics(record)
                 prefix = record["cache"]["prefix"]
-                log.info("epoch %d: loss %.5f %s%s (%.0f s; prefix cache %s)%s", epoch, train["loss"],
-                         " ".join(f"{t} {train[t]:.5f}" for t in self.losses.terms),
-                         f" val {json.dumps({k: v for k, v in val.items() if k != 'per_quality'})}" if val else "",
-                         seconds, prefix if prefix == "off" else
-                         f"{prefix['memory_hits'] + prefix['disk_hits']} hits, {prefix['misses']} computed",
-                         " *best*" if improved else "")
+                log.info(
+                    "epoch %d: loss %.5f %s%s (%.0f s; prefix cache %s)%s",
+                    epoch,
+                    train["loss"],
+                    " ".join(f"{t} {train[t]:.5f}" for t in self.losses.terms),
+                    f" val {json.dumps({k: v for k, v in val.items() if k != 'per_quality'})}" if val else "",
+                    seconds,
+                    prefix
+                    if prefix == "off"
+                    else f"{prefix['memory_hits'] + prefix['disk_hits']} hits, {prefix['misses']} computed",
+                    " *best*" if improved else "",
+                )
             self.save_checkpoint(epoch, record, improved)
             ddp.barrier(self.ctx)
         return self._finish()
@@ -485,39 +569,68 @@ class Distiller:
         if self.ctx.is_main:
             weights = self.files.read_tensors("best.safetensors", self.state.best_sha256)
             self.student.load_state_dict(weights, strict=True)
-            ref = self.registry.register(self.cfg.name, self.student.cpu(), role="student",
-                                         parent=str(self.teacher.ref), details=self._details(),
-                                         metrics={"best_epoch": best.get("epoch"), **best.get("metrics", {})})
+            ref = self.registry.register(
+                self.cfg.name,
+                self.student.cpu(),
+                role="student",
+                parent=str(self.teacher.ref),
+                details=self._details(),
+                metrics={"best_epoch": best.get("epoch"), **best.get("metrics", {})},
+            )
             if self.cfg.activate:
                 self.registry.activate(ref)
             self.state.registered = str(ref)
             self.files.write_state(self.state)
             plot = self.files.plot(f"{self.teacher.ref} -> {ref} ({self.losses})")
-            log.info("registered %s (best epoch %s); run files in %s%s", ref, best.get("epoch"), self.files.dir,
-                     f", plot {plot}" if plot else "")
+            log.info(
+                "registered %s (best epoch %s); run files in %s%s",
+                ref,
+                best.get("epoch"),
+                self.files.dir,
+                f", plot {plot}" if plot else "",
+            )
         registered, best = ddp.broadcast((str(ref) if ref else None, best), self.ctx)
         name, _, ver = registered.partition("@")
-        return DistillResult(ModelRef(name, int(ver)), self.files.dir, best.get("epoch", 0),
-                             self.state.history, best.get("metrics", {}))
+        return DistillResult(
+            ModelRef(name, int(ver)), self.files.dir, best.get("epoch", 0), self.state.history, best.get("metrics", {})
+        )
 
     def _details(self) -> dict[str, Any]:
         cfg = self.cfg
         return {
             "source": "distill",
-            "teacher": str(self.teacher.ref), "teacher_sha256": self.teacher.sha256,
-            **self.source, "train_images": len(self.train_ids), "val_images": len(self.val_ids),
-            "validation": self.val_mode, "qualities": list(cfg.qualities),
-            "losses": self.losses.describe(), "trainable": self.trainable,
-            "epochs": cfg.epochs, "best_epoch": (self.state.best or {}).get("epoch"),
-            "batch_size": cfg.batch_size, "world_size": self.ctx.world_size,
-            "optimizer": {"name": "adam", "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                          "grad_clip": cfg.grad_clip, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
-                          **({"step_gamma": cfg.step_gamma} if cfg.schedule == "step" else {})},
+            "teacher": str(self.teacher.ref),
+            "teacher_sha256": self.teacher.sha256,
+            **self.source,
+            "train_images": len(self.train_ids),
+            "val_images": len(self.val_ids),
+            "validation": self.val_mode,
+            "qualities": list(cfg.qualities),
+            "losses": self.losses.describe(),
+            "trainable": self.trainable,
+            "epochs": cfg.epochs,
+            "best_epoch": (self.state.best or {}).get("epoch"),
+            "batch_size": cfg.batch_size,
+            "world_size": self.ctx.world_size,
+            "optimizer": {
+                "name": "adam",
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "grad_clip": cfg.grad_clip,
+                "schedule": cfg.schedule,
+                "warmup_steps": cfg.warmup_steps,
+                **({"step_gamma": cfg.step_gamma} if cfg.schedule == "step" else {}),
+            },
             **({"triplet": cfg.triplet.model_dump()} if "triplet" in self.losses else {}),
-            "seed": cfg.seed, "steps": self.state.step,
+            "seed": cfg.seed,
+            "steps": self.state.step,
             "train_seconds": round(self.state.train_seconds, 1),
-            "device": str(self.device), "cpu": cpu_name(), "torch": torch.__version__,
-            "history": [{k: r.get(k) for k in ("epoch", "loss", *self.losses.terms, "val")} for r in self.state.history],
+            "device": str(self.device),
+            "cpu": cpu_name(),
+            "torch": torch.__version__,
+            "history": [
+                {k: r.get(k) for k in ("epoch", "loss", *self.losses.terms, "val")} for r in self.state.history
+            ],
             "run_dir": str(self.files.dir.resolve()),
         }
 

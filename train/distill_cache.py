@@ -13,6 +13,7 @@ loss weights, and resumed runs, reuse them). Keys are strings that name
 everything the tensors depend on; files appear by rename (never half
 written) and are read with safetensors (never unpickled). A corrupt or unreadable file is recomputed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,8 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load as st_load
@@ -60,7 +61,7 @@ class TensorCache:
     def __init__(self, max_bytes: int, folder: Path | None = None) -> None:
         self.max_bytes = max(0, int(max_bytes))
         self.folder = Path(folder) if folder is not None else None
-        self._mem: "OrderedDict[str, Entry]" = OrderedDict()
+        self._mem: OrderedDict[str, Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.disk_hits = self.misses = 0
@@ -126,8 +127,13 @@ class TensorCache:
         return entry
 
     def stats(self) -> dict[str, int]:
-        return {"memory_hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses,
-                "memory_entries": len(self._mem), "memory_bytes": self._bytes}
+        return {
+            "memory_hits": self.hits,
+            "disk_hits": self.disk_hits,
+            "misses": self.misses,
+            "memory_entries": len(self._mem),
+            "memory_bytes": self._bytes,
+        }
 
 
 class FileIdentity:

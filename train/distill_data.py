@@ -7,6 +7,7 @@ output for an (image, quality) pair never changes, and neither do the
 teacher's targets for an image. Both are computed once (see
 `train.distill_cache`); each step then runs only `StudentHead`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,6 @@ from vpr.model.extract import autocast_for, extract
 from vpr.model.network import VPRNet
 from vpr.model.preprocess import list_images, load_image, to_input
 from vpr.model.registry import LoadedModel
-
 from vpr.train import ddp
 from vpr.train.distill_cache import FileIdentity, TensorCache
 from vpr.train.losses import channel_correlation
@@ -159,8 +159,16 @@ class PrefixRunner:
     cut, the preprocessing, the image's content, the quality, the degradation
     code version and the device kind. Equal to computing it every time."""
 
-    def __init__(self, prefix: nn.Module, cut: int, weights_sha256: str, preprocess: PreprocessConfig,
-                 device: torch.device, cache: TensorCache | None, identity: FileIdentity | None = None) -> None:
+    def __init__(
+        self,
+        prefix: nn.Module,
+        cut: int,
+        weights_sha256: str,
+        preprocess: PreprocessConfig,
+        device: torch.device,
+        cache: TensorCache | None,
+        identity: FileIdentity | None = None,
+    ) -> None:
         self.prefix, self.cut, self.sha = prefix, cut, weights_sha256
         self.preprocess, self.device, self.cache = preprocess, torch.device(device), cache
         self.identity = identity or FileIdentity()
@@ -169,8 +177,10 @@ class PrefixRunner:
     def key(self, path: Path, quality: str) -> str:
         from vpr.media.degrade import DEGRADE_VERSION
 
-        return (f"prefix|v{CACHE_VERSION}|{self.sha}|cut={self.cut}|{self.preprocess_key}|{self.identity(path)}"
-                f"|{quality}|degrade-v{DEGRADE_VERSION}|{device_tag(self.device)}")
+        return (
+            f"prefix|v{CACHE_VERSION}|{self.sha}|cut={self.cut}|{self.preprocess_key}|{self.identity(path)}"
+            f"|{quality}|degrade-v{DEGRADE_VERSION}|{device_tag(self.device)}"
+        )
 
     def __call__(self, path: Path, quality: str) -> torch.Tensor:
         if self.cache is None:
@@ -190,22 +200,32 @@ class PrefixRunner:
 class TeacherTargets:
     """Per training image, the teacher's descriptor and channel correlation of the original."""
 
-    def __init__(self, teacher: LoadedModel, paths: list[Path], device: torch.device, cache: TensorCache,
-                 identity: FileIdentity | None = None, batch_size: int = 8, progress: bool = True) -> None:
+    def __init__(
+        self,
+        teacher: LoadedModel,
+        paths: list[Path],
+        device: torch.device,
+        cache: TensorCache,
+        identity: FileIdentity | None = None,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> None:
         self.teacher, self.paths, self.device, self.cache = teacher, [Path(p) for p in paths], device, cache
         self.identity = identity or FileIdentity()
         self.batch_size, self.progress = batch_size, progress
         self.desc = torch.zeros(0)  # (N, D) once prepared
 
     def key(self, i: int) -> str:
-        return (f"teacher-targets|v{CACHE_VERSION}|{self.teacher.sha256}|{self.identity(self.paths[i])}"
-                f"|{device_tag(self.device)}")
+        return (
+            f"teacher-targets|v{CACHE_VERSION}|{self.teacher.sha256}|{self.identity(self.paths[i])}"
+            f"|{device_tag(self.device)}"
+        )
 
     def prepare(self, ctx: ddp.DistContext) -> None:
         """Compute what is missing (processes split the work when the cache is on
         disk and read each other's results), then build the descriptor table."""
         ids = np.arange(len(self.paths))
-        self._fill(ids[ctx.rank::ctx.world_size] if self.cache.folder else ids, ctx.is_main)
+        self._fill(ids[ctx.rank :: ctx.world_size] if self.cache.folder else ids, ctx.is_main)
         ddp.barrier(ctx)
         self.desc = torch.stack([self.get(i)["desc"] for i in range(len(self.paths))])
 
@@ -214,9 +234,14 @@ class TeacherTargets:
         log.info("teacher targets: %d of %d images to compute", len(missing), len(ids))
         bar = tqdm(total=len(missing), desc="teacher", unit="img", disable=not (self.progress and show))
         for start in range(0, len(missing), 32):
-            part = missing[start:start + 32]
-            descs, feats = extract(self.teacher.net, [self.paths[i] for i in part], batch_size=self.batch_size,
-                                   device=self.device, return_features=True)
+            part = missing[start : start + 32]
+            descs, feats = extract(
+                self.teacher.net,
+                [self.paths[i] for i in part],
+                batch_size=self.batch_size,
+                device=self.device,
+                return_features=True,
+            )
             for i, d, f in zip(part, descs, feats):
                 self.cache.put(self.key(i), {"desc": torch.from_numpy(d), "gram": channel_correlation(f[None])[0]})
             bar.update(len(part))

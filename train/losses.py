@@ -14,6 +14,7 @@
 A loss set is written `mse+ickd` and parsed by `parse_loss`, the one place
 that knows the names; weights by `parse_loss_weights`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -77,13 +78,20 @@ def ickd_loss(student_map: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     gs = channel_correlation(student_map)
     gt = teacher.float() if teacher.dim() == 3 else channel_correlation(teacher)
     if gs.shape != gt.shape:
-        raise ValueError(f"ickd: student has {gs.shape[1]} channels x batch {gs.shape[0]}, "
-                         f"teacher {gt.shape[1]} x {gt.shape[0]}; they must match")
+        raise ValueError(
+            f"ickd: student has {gs.shape[1]} channels x batch {gs.shape[0]}, "
+            f"teacher {gt.shape[1]} x {gt.shape[0]}; they must match"
+        )
     return (gs - gt).pow(2).sum(dim=2).mean(dim=1).mean()
 
 
-def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                 margin: float = 0.1, neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+def triplet_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    margin: float = 0.1,
+    neg_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Triplet ranking loss with squared Euclidean distances:
 
         l(q) = mean_j max(0, m + ||q - p||^2 - ||q - n_j||^2)
@@ -94,8 +102,10 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.
     The margin m is in squared-distance units (NetVLAD uses 0.1).
     """
     if anchor.shape != positive.shape or negatives.dim() != 3 or negatives.shape[0] != anchor.shape[0]:
-        raise ValueError(f"triplet: anchor {tuple(anchor.shape)}, positive {tuple(positive.shape)}, "
-                         f"negatives {tuple(negatives.shape)} do not fit (B, D), (B, D), (B, M, D)")
+        raise ValueError(
+            f"triplet: anchor {tuple(anchor.shape)}, positive {tuple(positive.shape)}, "
+            f"negatives {tuple(negatives.shape)} do not fit (B, D), (B, D), (B, M, D)"
+        )
     a = anchor.float()
     d_pos = (a - positive.float()).pow(2).sum(dim=1, keepdim=True)  # (B, 1)
     d_neg = (a.unsqueeze(1) - negatives.float()).pow(2).sum(dim=2)  # (B, M)
@@ -171,8 +181,10 @@ def parse_loss_weights(text: str | None, terms: tuple[str, ...]) -> dict[str, fl
             out[name.strip().lower()] = _number(value, p)
     elif not any("=" in p for p in parts):
         if len(parts) != len(terms):
-            raise ValueError(f"--loss-weights {text!r}: {len(parts)} numbers for {len(terms)} terms "
-                             f"({'+'.join(terms)}); or write name=value pairs")
+            raise ValueError(
+                f"--loss-weights {text!r}: {len(parts)} numbers for {len(terms)} terms "
+                f"({'+'.join(terms)}); or write name=value pairs"
+            )
         out = {t: _number(p, p) for t, p in zip(terms, parts)}
     else:
         raise ValueError(f"--loss-weights {text!r}: use either name=value pairs or bare numbers, not both")

@@ -1,4 +1,5 @@
 """Positives and hard negatives for the weakly supervised triplet loss."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ class TripletConfig(BaseModel):
     refresh_every: int = Field(100, ge=1, description="steps between refreshes of the hard-negative cache")
 
     @model_validator(mode="after")
-    def _order(self) -> "TripletConfig":
+    def _order(self) -> TripletConfig:
         if self.neg_dist < self.pos_dist:
             raise ValueError(f"triplet neg_dist ({self.neg_dist}) must be >= pos_dist ({self.pos_dist})")
         return self
@@ -38,8 +39,9 @@ class NegativeMiner:
     = teacher descriptors of originals, i.e. what the served index holds.
     """
 
-    def __init__(self, utm: np.ndarray, teacher_desc: torch.Tensor, train_ids: np.ndarray,
-                 cfg: TripletConfig, seed: int) -> None:
+    def __init__(
+        self, utm: np.ndarray, teacher_desc: torch.Tensor, train_ids: np.ndarray, cfg: TripletConfig, seed: int
+    ) -> None:
         self.cfg, self.seed = cfg, seed
         self.utm = np.asarray(utm, dtype=np.float64)
         self.teacher = teacher_desc
@@ -85,7 +87,9 @@ class NegativeMiner:
     def observe(self, ids: list[int], desc: torch.Tensor) -> None:
         self.latest[ids] = desc.detach().float().cpu()
 
-    def select(self, ids: list[int], anchor: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def select(
+        self, ids: list[int], anchor: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(positive ids (B,), negative ids (B, M), mask (B, M)) for anchors `ids`."""
         rng = np.random.default_rng([self.seed, 29, step])
         m = self.cfg.negatives
@@ -101,13 +105,16 @@ class NegativeMiner:
             cand = torch.from_numpy(np.unique(np.concatenate([cached, rand])))
             sims = self.teacher[cand] @ a[row]
             take = cand[sims.topk(min(m, len(cand))).indices]
-            neg[row, :len(take)] = take
-            mask[row, :len(take)] = True
+            neg[row, : len(take)] = take
+            mask[row, : len(take)] = True
         return self.positive[ids], neg, mask
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"miner.latest": self.latest, "miner.hard": self.hard,
-                "miner.last_refresh": torch.tensor(-1 if self.last_refresh is None else self.last_refresh)}
+        return {
+            "miner.latest": self.latest,
+            "miner.hard": self.hard,
+            "miner.last_refresh": torch.tensor(-1 if self.last_refresh is None else self.last_refresh),
+        }
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if "miner.latest" in tensors:
@@ -115,5 +122,3 @@ class NegativeMiner:
             self.hard = tensors["miner.hard"].clone()
             last = int(tensors["miner.last_refresh"])
             self.last_refresh = None if last < 0 else last
-
-

@@ -13,6 +13,7 @@ Each file is written to a temporary sibling and renamed; `state.json` is
 written last and names the checkpoint it belongs to, so a run killed at any
 point resumes from a consistent epoch.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,8 @@ PLOT_FILE = "training.png"
 @dataclass
 class RunState:
     config: dict[str, Any]
-    epoch: int = 0                      # completed epochs
-    step: int = 0                       # optimizer steps done
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps done
     best: dict[str, Any] | None = None  # {"epoch", "score", "metrics"}
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: str | None = None
@@ -55,7 +56,7 @@ class RunState:
         return {"format": STATE_FORMAT, **self.__dict__}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: Path) -> "RunState":
+    def from_json(cls, data: dict[str, Any], where: Path) -> RunState:
         if data.get("format") != STATE_FORMAT:
             raise ValueError(f"{where}: unsupported run state format {data.get('format')!r} (expected {STATE_FORMAT})")
         known = set(cls.__dataclass_fields__)
@@ -167,16 +168,24 @@ class RunFiles:
         ax = axes[1]
         ax.plot([r["epoch"] for r in epochs], [r["loss"] for r in epochs], "o-", label="train")
         if any("val_loss" in (r.get("val") or {}) for r in epochs):
-            ax.plot([r["epoch"] for r in epochs if r.get("val")],
-                    [r["val"]["val_loss"] for r in epochs if r.get("val")], "s-", label="validation")
+            ax.plot(
+                [r["epoch"] for r in epochs if r.get("val")],
+                [r["val"]["val_loss"] for r in epochs if r.get("val")],
+                "s-",
+                label="validation",
+            )
         ax.set(xlabel="epoch", ylabel="loss", title="epoch mean loss")
         ax.legend()
         if has_val:
             ax = axes[2]
             keys = sorted({k for r in epochs for k in (r.get("val") or {}) if k.startswith("recall@")})
             for k in keys:
-                ax.plot([r["epoch"] for r in epochs if r.get("val")],
-                        [r["val"].get(k, float("nan")) for r in epochs if r.get("val")], "o-", label=k)
+                ax.plot(
+                    [r["epoch"] for r in epochs if r.get("val")],
+                    [r["val"].get(k, float("nan")) for r in epochs if r.get("val")],
+                    "o-",
+                    label=k,
+                )
             ax.set(xlabel="epoch", ylabel="recall (mean over qualities)", title="validation")
             if keys:
                 ax.legend()
