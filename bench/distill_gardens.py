@@ -50,12 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vpr.data.datasets import PlaceDataset, open_dataset
 from vpr.evaluation.evaluate import evaluate, recall_at_n
 from vpr.media.degrade import degrade_image, parse_qualities
-from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import cpu_name, extract
 from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from vpr.model.preprocess import load_image, to_input
 from vpr.model.registry import LoadedModel, Registry, RegistryError
 from vpr.model.teacher import init_teacher
+from vpr.settings import HomeSettings
 from vpr.train.distill import DistillConfig, run_distill
 from vpr.train.distill_cache import FileIdentity, TensorCache
 from vpr.train.distill_data import PrefixRunner, StudentHead

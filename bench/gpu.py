@@ -311,7 +311,7 @@ def end_to_end(
 ) -> dict:
     from vpr.server.app import create_app
     from vpr.server.background import BackgroundServer
-    from vpr.server.settings import ServerSettings
+    from vpr.settings import ServerSettings
 
     clients = [int(c) for c in args.clients.split(",")]
     work = Path(tempfile.mkdtemp(prefix="vpr-gpu-bench-"))

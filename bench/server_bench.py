@@ -50,11 +50,12 @@ import httpx
 import torch
 from httpload import percentiles, run_clients
 
-from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import cpu_name, embed_tensors
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import list_images, load_image, to_input
 from vpr.model.registry import Registry
+from vpr.settings import HomeSettings
 
 log = logging.getLogger("server_bench")
 REPO = Path(__file__).resolve().parents[1]

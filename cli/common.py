@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vpr.model.config import HomeSettings
+from vpr.settings import HomeSettings
 
 
 class CLIError(Exception):

@@ -10,7 +10,6 @@ and uses a randomly initialised backbone.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +17,12 @@ from vpr.data.datasets import open_dataset
 from vpr.data.synthetic import make_route
 from vpr.index.ops import build_index, store_for
 from vpr.index.store import IndexStoreError
-from vpr.model.config import BackboneConfig, HomeSettings, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import default_device
 from vpr.model.registry import Registry, RegistryError
 from vpr.model.teacher import init_teacher
 from vpr.model.weights import torchvision_cache_file
+from vpr.settings import DemoSettings, HomeSettings
 from vpr.train.distill import DistillConfig, run_distill
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def find_weights(home: HomeSettings) -> tuple[str, str]:
     Looked for, in order: $VPR_DEMO_WEIGHTS, $VPR_HOME/weights/<VGG_FILE>, the
     `shared/weights` folder beside this checkout, torchvision's local cache."""
     candidates = [
-        os.environ.get("VPR_DEMO_WEIGHTS"),
+        DemoSettings().weights,
         home.home / "weights" / VGG_FILE,
         Path(__file__).resolve().parents[2] / "shared" / "weights" / VGG_FILE,
     ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from vpr.cli.common import CLIError, home_from
 from vpr.index import ops
-from vpr.index.config import IndexSettings
+from vpr.settings import IndexSettings
 
 
 def _settings(args: argparse.Namespace) -> IndexSettings:

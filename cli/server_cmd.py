@@ -10,7 +10,7 @@ from vpr.cli.common import CLIError, home_from, positive_float, positive_int
 
 def main_serve(args: argparse.Namespace) -> int:
     from vpr.server.app import serve
-    from vpr.server.settings import ServerSettings
+    from vpr.settings import ServerSettings
 
     overrides = {
         k: v

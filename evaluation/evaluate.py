@@ -37,11 +37,12 @@ from vpr.data.datasets import DatasetSource, PlaceDataset
 from vpr.describe.cache import CacheHit, DescriptorCache, model_key
 from vpr.index.knn import exact_knn
 from vpr.media.degrade import Quality, codec_info, degrade, parse_qualities, parse_quality
-from vpr.model.config import HomeSettings, PreprocessConfig
+from vpr.model.config import PreprocessConfig
 from vpr.model.extract import default_device, extract
 from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from vpr.model.preprocess import ImageDecodeError, load_image, target_size, to_input
 from vpr.model.registry import LoadedModel, Registry
+from vpr.settings import HomeSettings
 
 log = logging.getLogger(__name__)
 

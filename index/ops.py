@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from vpr.index.config import IndexSettings
 from vpr.index.meta import Entry
 from vpr.index.store import Hit, IndexRef, IndexStore
-from vpr.model.config import HomeSettings
 from vpr.model.preprocess import list_images
+from vpr.settings import HomeSettings, IndexSettings
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ import numpy as np
 from vpr.index import faiss_backend as fb
 from vpr.index import meta as meta_db
 from vpr.index.backends import Backend, FaissBackend, Searcher
-from vpr.index.config import IndexSettings
 from vpr.index.meta import Entry, MetaReader
 from vpr.model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
+from vpr.settings import IndexSettings
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,9 @@ choices with messages that list what is allowed.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BACKBONES = ("vgg16", "resnet18", "resnet50")
 
@@ -74,27 +72,3 @@ class ModelConfig(BaseModel):
     preprocess: PreprocessConfig = PreprocessConfig()
     # Output dimension of the optional PCA-whitening projection; None = raw NetVLAD.
     pca_dim: int | None = Field(None, ge=1)
-
-
-class HomeSettings(BaseSettings):
-    """Where state lives. `VPR_HOME` overrides; CLI `--home` overrides both."""
-
-    model_config = SettingsConfigDict(env_prefix="VPR_", extra="ignore")
-
-    home: Path = Path("var")
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def indexes_dir(self) -> Path:
-        return self.home / "indexes"
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.home / "jobs"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.home / "cache"

@@ -33,8 +33,8 @@ from vpr.server.jobs import JobManager
 from vpr.server.metrics import Metrics, MetricsMiddleware
 from vpr.server.results import BatchResponse, ErrorResponse, QueryResponse, Readiness, answer_json, rounded
 from vpr.server.runtime import NotReady, Runtime, Serving
-from vpr.server.settings import ServerSettings
 from vpr.server.stream import StreamSession
+from vpr.settings import ServerSettings
 
 try:  # the web page (issue 7) lives in its own module
     from vpr.server.web import install_web

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,9 +25,10 @@ from typing import Any
 
 import httpx
 
+from vpr.settings import ClientSettings
+
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 CHUNK = 64 * 1024  # H.264 bytes per websocket message (the server reassembles any cut)
 
@@ -42,7 +42,7 @@ class ServerError(Exception):
 
 
 def default_url() -> str:
-    return os.environ.get("VPR_URL", DEFAULT_URL)
+    return ClientSettings().url
 
 
 def content_type_for(path: Path, data: bytes) -> str:

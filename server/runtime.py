@@ -31,7 +31,7 @@ from vpr.model.preprocess import decode_image, target_size, to_input
 from vpr.model.registry import LoadedModel, Registry, RegistryError, now_iso
 from vpr.server.batcher import MicroBatcher
 from vpr.server.metrics import Metrics
-from vpr.server.settings import ServerSettings
+from vpr.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

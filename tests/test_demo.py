@@ -6,8 +6,8 @@ import time
 
 from vpr.cli.demo import INDEX, STUDENT, TEACHER, ensure_demo, existing_demo
 from vpr.index.ops import store_for
-from vpr.model.config import HomeSettings
 from vpr.model.registry import Registry
+from vpr.settings import HomeSettings
 
 
 def test_demo_builds_once_and_is_reused(home, monkeypatch):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from vpr.cli.main import main as vpr
 from vpr.media.degrade import degrade_image
-from vpr.model.config import HomeSettings
 from vpr.model.network import build_model
 from vpr.model.preprocess import load_image, to_input
 from vpr.model.registry import Registry
+from vpr.settings import HomeSettings
 from vpr.train import ddp
 from vpr.train.distill import DistillConfig, Distiller, lr_factor, run_distill
 from vpr.train.distill_cache import TensorCache

@@ -17,10 +17,10 @@ from vpr.data.synthetic import make_route
 from vpr.describe.cache import DescriptorCache
 from vpr.evaluation.evaluate import describe_images, first_positive_ranks, recall_at_n
 from vpr.model.clusters import init_clusters
-from vpr.model.config import HomeSettings
 from vpr.model.network import build_model
 from vpr.model.preprocess import ImageDecodeError
 from vpr.model.registry import Registry
+from vpr.settings import HomeSettings
 
 # ---- recall on hand-built cases -------------------------------------------------------
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from vpr.cli.main import main as vpr
 from vpr.evaluation.explain import descriptor_shares, output_names
-from vpr.model.config import HomeSettings
 from vpr.model.network import build_model
 from vpr.model.registry import Registry
+from vpr.settings import HomeSettings
 
 from .conftest import TINY_CONFIG, random_images
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from vpr.index import faiss_backend as fb
-from vpr.index.config import IndexSettings
 from vpr.index.meta import Entry
 from vpr.index.store import IndexStore, ModelStamp
 from vpr.index.synthetic import clustered_descriptors
+from vpr.settings import IndexSettings
 
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (optional extra 'milvus')")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (optional extra 'milvus')")

@@ -32,7 +32,7 @@ from tests.test_server_support import build_home, place_images
 from vpr.server.app import create_app
 from vpr.server.background import BackgroundServer
 from vpr.server.batcher import MicroBatcher, QueueFull
-from vpr.server.settings import ServerSettings
+from vpr.settings import ServerSettings
 
 TOKEN = "load-test-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

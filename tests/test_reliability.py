@@ -49,7 +49,7 @@ from tests.test_server_support import Home, build_home, encode_h264, frames_of
 from vpr.server.app import create_app
 from vpr.server.background import BackgroundServer
 from vpr.server.inputs import BodyLimitMiddleware, BodyTooLarge
-from vpr.server.settings import ServerSettings
+from vpr.settings import ServerSettings
 
 TOKEN = "reliability-admin-token-0123456789abcdef"
 KB = 1024

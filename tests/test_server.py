@@ -17,7 +17,7 @@ from PIL import Image
 from tests.test_server_support import build_home, image_bytes, wait_ready
 from vpr.server.app import create_app
 from vpr.server.batcher import QueueFull
-from vpr.server.settings import ServerSettings
+from vpr.settings import ServerSettings
 
 TOKEN = "test-admin-token-0123456789"
 JPEG = {"content-type": "image/jpeg"}

@@ -17,7 +17,7 @@ from vpr.model.registry import Registry
 from vpr.server.app import create_app
 from vpr.server.jobs import JobManager
 from vpr.server.runtime import Runtime, Serving
-from vpr.server.settings import ServerSettings
+from vpr.settings import ServerSettings
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

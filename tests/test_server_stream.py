@@ -15,7 +15,7 @@ from tests.test_server_support import build_home, encode_h264, encode_mp4, frame
 from vpr.server.app import create_app
 from vpr.server.client import h264_chunks, video_fps
 from vpr.server.runtime import Serving
-from vpr.server.settings import ServerSettings
+from vpr.settings import ServerSettings
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
     import uvicorn
 
     from vpr.server.app import create_app
-    from vpr.server.settings import ServerSettings
+    from vpr.settings import ServerSettings
 
     home = tmp_path_factory.mktemp("web") / "home"
     images, model_spec, index_spec = _build_home(home)

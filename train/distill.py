@@ -46,10 +46,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
-from vpr.model.config import HomeSettings
 from vpr.model.extract import autocast_for, cpu_name
 from vpr.model.network import VPRNet
 from vpr.model.registry import ModelRef, Registry, check_name
+from vpr.settings import HomeSettings
 from vpr.train import ddp
 from vpr.train.distill_cache import FileIdentity, TensorCache
 from vpr.train.distill_data import (

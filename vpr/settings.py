@@ -1,9 +1,18 @@
-"""Server configuration: one pydantic-settings model, `VPR_*` environment overrides.
+"""One settings tree: every `VPR_*` environment variable is declared here.
 
-Every knob a deployment may need lives here with a safe default; the CLI
-(`vpr serve --...`) only overrides a few of them. Limits are deliberately
-conservative: a query is a small compressed image, so bodies and pixel
-counts far above that are refused early rather than decoded.
+Sections, each a pydantic-settings model read from its own prefix:
+
+- `HomeSettings`    `VPR_HOME`: where all state lives (models, indexes, jobs, caches)
+- `IndexSettings`   `VPR_INDEX_*`: vector backend (FAISS or Milvus) and build knobs
+- `ServerSettings`  `VPR_*`: what `vpr serve` serves, limits, batching, streams, admin
+- `ClientSettings`  `VPR_URL`: the server the `vpr query` / `vpr stream` clients talk to
+- `DemoSettings`    `VPR_DEMO_*`: the out-of-the-box demo of `vpr serve --demo`
+
+`Settings.load()` reads them all at once; a package receives the section it
+needs. CLI flags override fields (`model_copy(update=...)` or constructor
+keywords); the CLI takes its defaults from these models instead of restating
+them. This module imports nothing of ours, so every package may use it.
+The README's configuration table lists every variable (a test checks it).
 """
 
 from __future__ import annotations
@@ -11,13 +20,68 @@ from __future__ import annotations
 import logging
 import stat
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
-
-from vpr.model.config import HomeSettings
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
+
+
+class HomeSettings(BaseSettings):
+    """Where state lives. `VPR_HOME` overrides; CLI `--home` overrides both."""
+
+    model_config = SettingsConfigDict(env_prefix="VPR_", extra="ignore")
+
+    home: Path = Path("var")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.home / "indexes"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+class IndexSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VPR_INDEX_", extra="forbid")
+
+    backend: Literal["faiss", "milvus"] = "faiss"
+    # Milvus: "http://host:19530" (cluster / standalone), "https://..." (Zilliz
+    # Cloud), or a local file path ending in .db (Milvus Lite). Unset with the
+    # milvus backend: Milvus Lite in <indexes_dir>/milvus.db.
+    milvus_uri: str | None = None
+    milvus_token: SecretStr | None = None  # "user:password" or an API key
+    milvus_db: str | None = None  # database name on a cluster
+    # Images described per resumable chunk file while building.
+    chunk_size: int = Field(256, ge=1, le=1_000_000)
+    # Vectors sampled to train IVF / PQ / PCA (FAISS subsamples further per k-means).
+    max_train: int = Field(500_000, ge=1)
+    # Memory-map IVF inverted lists on load instead of reading them (big indexes).
+    mmap: bool = False
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if not (v.startswith(("http://", "https://", "tcp://", "unix:")) or v.endswith(".db")):
+            raise ValueError(
+                f"milvus_uri {v!r}: expected http(s)://host:port for a server "
+                "or a local file path ending in .db for Milvus Lite"
+            )
+        return v
+
 
 MiB = 1 << 20
 
@@ -143,3 +207,53 @@ def _checked(token: str, source: str) -> str:
     if len(token) < 16:
         log.warning("%s: admin token has only %d characters; use 32+ random ones", source, len(token))
     return token
+
+
+class ClientSettings(BaseSettings):
+    """The `vpr query` / `vpr stream` clients. Env: `VPR_URL`."""
+
+    model_config = SettingsConfigDict(env_prefix="VPR_", extra="ignore")
+
+    url: str = "http://127.0.0.1:8000"
+
+
+class DemoSettings(BaseSettings):
+    """`vpr serve --demo`. Env: `VPR_DEMO_WEIGHTS`."""
+
+    model_config = SettingsConfigDict(env_prefix="VPR_DEMO_", extra="ignore")
+
+    # VGG16 conv weights (.safetensors, caffe preprocessing) for the demo teacher;
+    # None: look in $VPR_HOME/weights, ../shared/weights, torchvision's cache.
+    weights: Path | None = None
+
+
+class Settings(BaseModel):
+    """The whole tree, read from the environment at once."""
+
+    home: HomeSettings
+    index: IndexSettings
+    server: ServerSettings
+    client: ClientSettings
+    demo: DemoSettings
+
+    @classmethod
+    def load(cls) -> Settings:
+        return cls(
+            home=HomeSettings(),
+            index=IndexSettings(),
+            server=ServerSettings(),
+            client=ClientSettings(),
+            demo=DemoSettings(),
+        )
+
+
+SECTIONS: tuple[type[BaseSettings], ...] = (HomeSettings, IndexSettings, ServerSettings, ClientSettings, DemoSettings)
+
+
+def env_variables() -> list[str]:
+    """Every `VPR_*` variable the tree reads, sorted (the README documents each)."""
+    names = set()
+    for section in SECTIONS:
+        prefix = section.model_config.get("env_prefix", "")
+        names.update(f"{prefix}{field}".upper() for field in section.model_fields)
+    return sorted(names)
