@@ -1,10 +1,11 @@
 # Two entry points for a fresh machine: `make serve` and `make test`.
+# While working: `make test-fast` (the suite without the tests marked slow) and `make lint`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test install bench clean
+.PHONY: serve test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -20,6 +21,15 @@ serve: $(STAMP)
 test: $(STAMP)
 	@bash .ci/install-browser.sh || echo "note: Chromium not installed; the browser tests will be skipped"
 	$(BIN)/python -m pytest -q
+
+# The fast tier: everything but `@pytest.mark.slow` (those still run in `make test`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var

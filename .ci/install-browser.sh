@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what tests/test_webpage.py needs on a fresh Debian machine (run as root):
+# Install what tests/server/test_webpage.py needs on a fresh Debian machine (run as root):
 # Debian's headless Chromium and its matching chromedriver. The Python driver
 # (selenium) comes with the project's dev extras (pip install -e '.[dev]').
 # Idempotent and quiet: does nothing when both binaries are already present.

@@ -10,17 +10,15 @@ Gardens Point Walking (../shared/datasets/gardens_point_walking):
 - queries: `day_right` and `night_right` at every --eval-qualities, described
   by the teacher and by the student under the same small-image policy;
   positives from `ground_truth.csv` (+-2 frames); recall through
-  `train.evaluate.recall_at_n`.
+  `evaluation.evaluate.recall_at_n`.
 
-Evaluation modes:
-- `full`: `train.evaluate.evaluate` (every query through the whole network,
-  descriptor cache keyed by model version);
-- `fast` (default): the student's frozen layers are the teacher's, so each
-  (query, quality) runs the shared frozen prefix once (cached on disk, shared
-  with training and between runs) and then the teacher's and the student's
-  top layers. Same numbers up to float rounding (tests/test_distill.py checks
-  prefix+head == full network); the report also records a spot check
-  against the full network on a few queries.
+Evaluation: `evaluation.evaluate.evaluate` per query set, i.e. THE
+description path (`describe.describe`: every query through each whole
+network, one decode-and-degrade pass shared by teacher and student) with
+THE descriptor cache in the bench's home, so the database and unchanged
+models are described once across sets and runs. `--eval fast` is kept as an
+alias of `full` (it used to run the frozen prefix shared by teacher and
+student once per query; that second description loop is gone).
 
 Reports recalls, training wall/CPU time, the CPU and the load; writes JSON
 and a PNG (recall@1 per quality, teacher vs student).
@@ -42,24 +40,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vpr.data.datasets import PlaceDataset, open_dataset
-from vpr.evaluation.evaluate import evaluate, recall_at_n
-from vpr.media.degrade import degrade_image, parse_qualities
+from vpr.describe.cache import DescriptorCache
+from vpr.evaluation.evaluate import evaluate
+from vpr.media.degrade import parse_qualities
 from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
-from vpr.model.extract import cpu_name, extract
+from vpr.model.extract import cpu_name
 from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from vpr.model.preprocess import load_image, to_input
-from vpr.model.registry import LoadedModel, Registry, RegistryError
+from vpr.model.registry import Registry, RegistryError
 from vpr.model.teacher import init_teacher
 from vpr.settings import HomeSettings
 from vpr.train.distill import DistillConfig, run_distill
-from vpr.train.distill_cache import FileIdentity, TensorCache
-from vpr.train.distill_data import PrefixRunner, StudentHead
 from vpr.train.losses import parse_loss
 
 log = logging.getLogger("distill_gardens")
@@ -173,54 +168,7 @@ def query_sets(gardens: Path, limit: int | None) -> dict[str, PlaceDataset]:
     return out
 
 
-class SharedPrefix:
-    """Teacher and student descriptors from one run of their common frozen layers."""
-
-    def __init__(self, teacher: LoadedModel, student: LoadedModel, home: HomeSettings, device: torch.device) -> None:
-        cut = split_point_of(teacher, student)
-        layers = teacher.net.backbone.layers()
-        cache = TensorCache(1 << 30, home.cache_dir / "distill" / "prefix")
-        self.runner = PrefixRunner(
-            layers[:cut], cut, teacher.sha256, teacher.net.config.preprocess, device, cache, FileIdentity()
-        )
-        self.heads = {"teacher": StudentHead(teacher.net, cut).eval(), "student": StudentHead(student.net, cut).eval()}
-        self.cut, self.device = cut, device
-
-    @torch.no_grad()
-    def describe(
-        self, paths: list[Path], quality: str, who: tuple[str, ...] = ("teacher", "student"), label: str = ""
-    ) -> dict[str, np.ndarray]:
-        from tqdm import tqdm
-
-        out: dict[str, list[np.ndarray]] = {w: [] for w in who}
-        for p in tqdm(paths, desc=label or quality, unit="img"):
-            h = self.runner(p, quality).unsqueeze(0).to(self.device)
-            for w in who:
-                out[w].append(self.heads[w](h)[0].float().cpu().numpy()[0])
-        return {w: np.stack(v) for w, v in out.items()}
-
-
-def split_point_of(teacher: LoadedModel, student: LoadedModel) -> int:
-    """First backbone layer where the student's weights differ from the teacher's."""
-    t_layers, s_layers = list(teacher.net.backbone.layers()), list(student.net.backbone.layers())
-    for i, (a, b) in enumerate(zip(t_layers, s_layers)):
-        if any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())):
-            return i
-    return len(t_layers)
-
-
-def spot_check(shared: SharedPrefix, models: dict[str, LoadedModel], paths: list[Path], quality: str) -> dict:
-    """Fast path vs the full network (model.extract) on a few queries: min cosine."""
-    fast = shared.describe(paths, quality, label="spot check")
-    out = {}
-    for who, m in models.items():
-        x = [to_input(degrade_image(load_image(p), quality), m.net.config.preprocess) for p in paths]
-        full = extract(m.net, x, device=shared.device)
-        out[who] = float((fast[who] * full).sum(axis=1).min())
-    return {"quality": quality, "images": len(paths), "min_cosine": out}
-
-
-def eval_fast(
+def evaluate_sets(
     reg: Registry,
     teacher: str,
     student: str,
@@ -229,54 +177,17 @@ def eval_fast(
     home: HomeSettings,
     device: torch.device,
 ) -> tuple[dict, dict]:
-    models = {"teacher": reg.load(teacher, device), "student": reg.load(student, device)}
-    shared = SharedPrefix(models["teacher"], models["student"], home, device)
-    log.info("fast evaluation: shared frozen prefix of %d layers", shared.cut)
-    db_set = next(iter(sets.values()))
-    db = shared.describe([i.path for i in db_set.database], "orig", ("teacher",), "database day_left")["teacher"]
+    """Recall of teacher and student per set and quality (the database is described once: cached)."""
+    cache = DescriptorCache(home.cache_dir)
     results: dict = {}
     for name, ds in sets.items():
-        paths = [i.path for i in ds.queries]
-        for q in qualities:
-            desc = shared.describe(paths, q, label=f"{name} {q}")
-            for who in ("teacher", "student"):
-                rec = recall_at_n(db, desc[who], ds.positives, NS)
-                results.setdefault(name, {}).setdefault(q, {})[who] = {
-                    str(n): round(float(v), 4) for n, v in rec.items()
-                }
-            log.info(
-                "%s %s: R@1 teacher %.3f student %.3f",
-                name,
-                q,
-                results[name][q]["teacher"]["1"],
-                results[name][q]["student"]["1"],
-            )
-    check = spot_check(shared, models, [i.path for i in next(iter(sets.values())).queries[:2]], qualities[-1])
-    return results, {"mode": "fast", "shared_prefix_layers": shared.cut, "spot_check": check}
-
-
-def eval_full(
-    reg: Registry,
-    teacher: str,
-    student: str,
-    sets: dict[str, PlaceDataset],
-    qualities: list[str],
-    home: HomeSettings,
-    device: torch.device,
-) -> tuple[dict, dict]:
-    from vpr.describe.cache import DescriptorCache
-
-    results: dict = {}
-    for name, ds in sets.items():
-        report = evaluate(
-            reg, ds, teacher, [teacher, student], qualities, cache=DescriptorCache(home.cache_dir), ns=NS, device=device
-        )
+        report = evaluate(reg, ds, teacher, [teacher, student], qualities, cache=cache, ns=NS, device=device)
         for r in report["results"]:
             who = "teacher" if r["query_model"] == teacher else "student"
             results.setdefault(name, {}).setdefault(r["quality"], {})[who] = {
                 k: round(float(v), 4) for k, v in r["recall"].items()
             }
-    return results, {"mode": "full"}
+    return results, {"mode": "full", "cache": str(cache.root)}
 
 
 def verdict(results: dict) -> dict:
@@ -345,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-seed", type=int, default=0, help="k-means seed of the teacher's clusters")
     p.add_argument("--limit", type=int, help="train on this many day_left images (evenly spread)")
     p.add_argument("--query-limit", type=int, help="evaluate this many queries per set (evenly spread)")
-    p.add_argument("--eval", default="fast", choices=["fast", "full"])
+    p.add_argument(
+        "--eval", default="full", choices=["fast", "full"], help="fast: an alias of full (old command lines)"
+    )
     p.add_argument("--device", help="cpu or cuda (default: CUDA when available)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (on a shared, loaded CPU 1 can beat 2)")
     p.add_argument("--json", type=Path, help="write the report here")
@@ -379,9 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     report.update(teacher=teacher, student=student)
     clock = Clock()
     sets = query_sets(gardens, args.query_limit)
-    evaluate_fn = eval_fast if args.eval == "fast" else eval_full
     try:
-        results, report["evaluation"] = evaluate_fn(reg, teacher, student, sets, quals, home, device)
+        results, report["evaluation"] = evaluate_sets(reg, teacher, student, sets, quals, home, device)
     except RegistryError as e:
         raise SystemExit(str(e)) from e
     report["evaluation"].update(clock.done())

@@ -50,7 +50,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 from torch import nn
@@ -310,7 +309,7 @@ def end_to_end(
     args: argparse.Namespace, device: torch.device, config: dict, size: tuple[int, int], alone_bf16: dict[int, float]
 ) -> dict:
     from vpr.server.app import create_app
-    from vpr.server.background import BackgroundServer
+    from vpr.server.harness import ThreadServer
     from vpr.settings import ServerSettings
 
     clients = [int(c) for c in args.clients.split(",")]
@@ -344,12 +343,7 @@ def end_to_end(
             warmup=True,
         )
         rows = []
-        with BackgroundServer(create_app(settings), log_level="warning") as srv:
-            deadline = time.monotonic() + 300
-            while httpx.get(f"{srv.url}/readyz", timeout=10).status_code != 200:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the server did not become ready")
-                time.sleep(0.2)
+        with ThreadServer(create_app(settings)).start(timeout=300) as srv:
             for n in clients:
                 row = run_clients_in_process(srv.url, queries, n, args.duration, args.warmup)
                 ref = alone_bf16.get(max_batch) or (max(alone_bf16.values()) if alone_bf16 else None)

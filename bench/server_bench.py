@@ -37,16 +37,12 @@ import json
 import logging
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from httpload import percentiles, run_clients
 
@@ -55,12 +51,12 @@ from vpr.model.extract import cpu_name, embed_tensors
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import list_images, load_image, to_input
 from vpr.model.registry import Registry
+from vpr.server.harness import ServeProcess
 from vpr.settings import HomeSettings
 
 log = logging.getLogger("server_bench")
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VPR_SHARED", REPO.parent / "shared"))
-VPR = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 
 
 def loadavg() -> list[float]:
@@ -148,70 +144,11 @@ def model_alone(
 
 
 # ---- the server ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`vpr serve` as a subprocess on a free loopback port."""
-
-    def __init__(self, home: Path, model: str, index: str, log_file: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("VPR_")}
-        environment = {**clean, "VPR_DEVICE": "cpu", "VPR_ACCESS_LOG": "false", "VPR_LOG_LEVEL": "warning", **env}
-        self.log = open(log_file, "a")
-        self.proc = subprocess.Popen(
-            [
-                *VPR,
-                "--home",
-                str(home),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--model",
-                model,
-                "--index",
-                index,
-            ],
-            cwd=REPO,
-            env=environment,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vpr serve exited with {self.proc.returncode}; see {log_file}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"vpr serve not ready; see {log_file}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+def serve(home: Path, model: str, index: str, log_file: Path, **env: str) -> ServeProcess:
+    """`vpr serve` as a subprocess on a free loopback port (the one harness), ready."""
+    environment = {"VPR_DEVICE": "cpu", "VPR_ACCESS_LOG": "false", "VPR_LOG_LEVEL": "warning", **env}
+    server = ServeProcess(home, log_file, args=["--model", model, "--index", index], env=environment, cwd=REPO)
+    return server.start(timeout=300)
 
 
 def http_load(url: str, payloads: list[tuple[bytes, str]], clients: int, duration: float, warmup: float) -> dict:
@@ -327,7 +264,7 @@ def main(args: argparse.Namespace) -> dict:
         }
 
         print(f"(b) the server under N concurrent clients, {args.duration:g} s each", flush=True)
-        with Server(home, model, index, work / "serve.log", VPR_MAX_BATCH_SIZE=str(args.batch)) as srv:
+        with serve(home, model, index, work / "serve.log", VPR_MAX_BATCH_SIZE=str(args.batch)) as srv:
             rows = [http_load(srv.url, payloads, n, args.duration, args.warmup) for n in clients]
             for r in rows:
                 r["ratio_to_model_alone_batched"] = round(r["throughput_per_s"] / at_served[args.batch], 3)
@@ -344,7 +281,7 @@ def main(args: argparse.Namespace) -> dict:
         report["loadavg"]["after_server"] = loadavg()
 
         print("(c) micro-batching off (max_batch_size 1) at N=16", flush=True)
-        with Server(home, model, index, work / "serve.log", VPR_MAX_BATCH_SIZE="1") as srv:
+        with serve(home, model, index, work / "serve.log", VPR_MAX_BATCH_SIZE="1") as srv:
             off = http_load(srv.url, payloads, 16, args.duration, args.warmup)
         report["batching"] = {
             "clients": 16,

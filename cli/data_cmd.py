@@ -1,6 +1,6 @@
 """`vpr degrade`, `vpr eval` and `vpr dataset synth|from-video|info`.
 
-Thin: each subcommand turns its arguments into one call of `train/`.
+Thin: each subcommand turns its arguments into one call of `media/`, `evaluation/` or `data/`.
 """
 
 from __future__ import annotations
@@ -8,20 +8,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
-from vpr.cli.common import CLIError, home_from, key_values, positive_int
+from vpr.cli.common import CLIError, OwnerDefaults, add_dataset_flags, dataset_spec, home_from, positive_int
+from vpr.model.config import PreprocessConfig
+
+# The owners of the defaults (see OwnerDefaults).
+EVAL = OwnerDefaults("vpr.evaluation.evaluate:EvalConfig")
+ROUTE = OwnerDefaults("vpr.data.synthetic:RouteParams")
+VIDEO = OwnerDefaults("vpr.data.video_dataset:video_to_dataset")
 
 EVAL_EPILOG = """\
 data (one of):
   --dataset KIND:PATH            folder (dvgl @UTM@ names), mat (Pittsburgh .mat), traversal, synthetic
   --database DIR --queries DIR   with --ground-truth FILE or --tolerance T: traversals;
                                  without: dvgl-named folders, positives within --radius metres
+  --dataset-option KEY=VALUE     a reader option (repeatable; --option is the same flag)
 examples:
   vpr eval --database gp/day_left --queries gp/night_right --ground-truth gp/ground_truth.csv \\
       --db-model teacher@1 --query-model teacher@1 --query-model student@2 \\
       --quality orig,h240,h180-jpeg20 --json eval.json --plot eval.png
-  vpr eval --dataset synthetic:var/route --db-model teacher --query-model teacher --quality orig,h60-jpeg20 --json r.json
+  vpr eval --dataset synthetic:var/route --dataset-option places=24 \\
+      --db-model teacher --query-model teacher --quality orig,h60-jpeg20 --json r.json
 """
 
 
@@ -58,19 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", metavar="KIND:PATH", help="a dataset of any kind")
+    add_dataset_flags(g, "a dataset of any kind", option_aliases=["--option"])
     g.add_argument("--database", type=Path, metavar="DIR", help="database images")
     g.add_argument("--queries", type=Path, metavar="DIR", help="query images")
     g.add_argument("--ground-truth", type=Path, metavar="FILE", help="CSV query_index,positive_reference_indices")
     g.add_argument("--tolerance", type=int, metavar="T", help="aligned traversals: frame i matches i-T..i+T")
     g.add_argument("--radius", type=float, metavar="M", help="positives within M metres (UTM-named data)")
-    g.add_argument(
-        "--option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="more reader options, e.g. images_root=DIR for mat (repeatable)",
-    )
-    g.add_argument("--limit", type=positive_int, metavar="N", help="evaluate N queries spread over the set")
+    EVAL.add(g, "--limit", type=positive_int, metavar="N", help="evaluate N queries spread over the set")
     g = p.add_argument_group("models and qualities")
     g.add_argument("--db-model", required=True, metavar="NAME@VERSION", help="describes the database (the teacher)")
     g.add_argument(
@@ -87,31 +90,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC[,SPEC...]",
         help="query qualities (repeatable), e.g. orig,h240,h180-jpeg20,h180-h264-qp40",
     )
-    g.add_argument(
+    EVAL.add(
+        g,
         "--policy",
-        choices=("native", "upsample"),
+        choices=typing.get_args(PreprocessConfig.model_fields["small_policy"].annotation),
         help="small-query policy for every model (default: the models' own, which must agree)",
     )
-    g.add_argument("--recall-at", type=_ns, default=(1, 5, 10, 20), metavar="N,N,...", help="default 1,5,10,20")
+    EVAL.add(g, "--recall-at", field="ns", type=_ns, metavar="N,N,...", help="recall cut-offs")
     g = p.add_argument_group("output and running")
-    g.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here")
-    g.add_argument("--plot", type=Path, metavar="OUT.png", help="plot recall@1 against quality")
-    g.add_argument("--batch-size", type=positive_int, default=8)
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    g.add_argument("--no-cache", action="store_true", help="neither read nor write the descriptor cache")
-    g.add_argument("--no-progress", action="store_true")
+    EVAL.add(g, "--json", field="json_out", type=Path, metavar="OUT", help="write the JSON report here")
+    EVAL.add(g, "--plot", field="plot_out", type=Path, metavar="OUT.png", help="plot recall@1 against quality")
+    EVAL.add(g, "--batch-size", type=positive_int, help="images per forward pass")
+    EVAL.add(g, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    EVAL.add(
+        g,
+        "--no-cache",
+        dest="use_cache",
+        action="store_false",
+        help="neither read nor write the descriptor cache",
+    )
+    EVAL.add(g, "--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=main_eval)
 
     p = sub.add_parser("dataset", help="make or inspect datasets")
     dsub = p.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND", required=True)
     s = dsub.add_parser("synth", help="write a synthetic street route (database and query passes)")
     s.add_argument("out", type=Path)
-    s.add_argument("--places", type=int, default=60)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--spacing", type=float, default=4.0, help="metres between database views")
-    s.add_argument("--size", default="160x120", help="WIDTHxHEIGHT of the views")
-    s.add_argument("--lighting", choices=("day", "dusk", "night"), default="dusk", help="of the query pass")
-    s.add_argument("--radius", type=float, help="positives radius in metres (default 1.25 x spacing)")
+    ROUTE.add(s, "--places", type=int, help="places along the street (one database and one query view each)")
+    ROUTE.add(s, "--seed", type=int, help="same seed and parameters, same files")
+    ROUTE.add(s, "--spacing", type=float, help="metres between database views")
+    ROUTE.add(s, "--size", help="WIDTHxHEIGHT of the views", show=lambda wh: f"{wh[0]}x{wh[1]}")
+    ROUTE.add(s, "--lighting", help="of the query pass")
+    ROUTE.add(s, "--radius", type=float, help="positives radius in metres (default 1.25 x spacing)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=main_synth)
 
@@ -119,27 +129,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("video", type=Path)
     v.add_argument("gps", type=Path, help="CSV with time_s,lat,lon columns")
     v.add_argument("out", type=Path)
-    v.add_argument("--spacing", type=float, default=1.0, help="metres between kept frames (default 1)")
+    VIDEO.add(v, "--spacing", type=float, help="metres between kept frames")
     q = v.add_mutually_exclusive_group()
-    q.add_argument(
+    VIDEO.add(
+        q,
         "--split-queries",
         action="store_true",
         help="also take queries from this video, half-way between database frames",
     )
-    q.add_argument("--queries-video", type=Path, help="take queries from a second walk (needs --queries-gps)")
-    v.add_argument("--queries-gps", type=Path)
-    v.add_argument("--max-side", type=int, help="downscale frames to this longer side")
-    v.add_argument("--smooth", type=float, default=1.0, help="GPS smoothing window in seconds (0: none)")
-    v.add_argument("--jpeg-quality", type=int, default=95)
-    v.add_argument("--overwrite", action="store_true")
-    v.add_argument("--no-progress", action="store_true")
+    VIDEO.add(q, "--queries-video", type=Path, help="take queries from a second walk (needs --queries-gps)")
+    VIDEO.add(v, "--queries-gps", type=Path, help="GPS CSV of the queries video")
+    VIDEO.add(v, "--max-side", type=int, help="downscale frames to this longer side")
+    VIDEO.add(v, "--smooth", field="smooth_s", type=float, help="GPS smoothing window in seconds (0: none)")
+    VIDEO.add(v, "--jpeg-quality", type=int, help="quality of the written frames")
+    VIDEO.add(v, "--overwrite", action="store_true", help="replace a non-empty output folder")
+    VIDEO.add(v, "--no-progress", dest="progress", action="store_false", help="no progress bar")
     v.set_defaults(func=main_from_video)
 
     i = dsub.add_parser("info", help="read a dataset and print its summary (checks it)")
     i.add_argument("dataset", metavar="KIND:PATH")
-    i.add_argument("--option", action="append", metavar="KEY=VALUE")
-    i.add_argument("--radius", type=float)
-    i.add_argument("--tolerance", type=int)
+    add_dataset_flags(i, option_aliases=["--option"])
+    i.add_argument("--radius", type=float, help="positives within metres (UTM-named data)")
+    i.add_argument("--tolerance", type=int, help="aligned traversals: frame i matches i-T..i+T")
     i.add_argument("--check-images", action="store_true", help="decode every image and list those that fail")
     i.set_defaults(func=main_info)
 
@@ -155,18 +166,11 @@ def main_degrade(args: argparse.Namespace) -> int:
 
 
 def main_eval(args: argparse.Namespace) -> int:
-    from vpr.data.datasets import dataset_source
     from vpr.evaluation.evaluate import EvalConfig, run_eval
 
-    source = dataset_source(
-        args.dataset,
-        args.database,
-        args.queries,
-        args.ground_truth,
-        args.tolerance,
-        args.radius,
-        key_values(args.option, "--option"),
-    )
+    source = dataset_spec(args)
+    if source is None:
+        raise CLIError("name the data: --dataset KIND:PATH, or --database DIR and --queries DIR")
     run_eval(
         EvalConfig(
             home=home_from(args),
@@ -174,15 +178,7 @@ def main_eval(args: argparse.Namespace) -> int:
             db_model=args.db_model,
             query_models=args.query_model,
             qualities=args.quality,
-            json_out=args.json,
-            plot_out=args.plot,
-            policy=args.policy,
-            ns=args.recall_at,
-            batch_size=args.batch_size,
-            device=args.device,
-            use_cache=not args.no_cache,
-            limit=args.limit,
-            progress=not args.no_progress,
+            **EVAL.given(args),
         )
     )
     return 0
@@ -191,17 +187,7 @@ def main_eval(args: argparse.Namespace) -> int:
 def main_synth(args: argparse.Namespace) -> int:
     from vpr.data.synthetic import make_route
 
-    path = make_route(
-        args.out,
-        places=args.places,
-        seed=args.seed,
-        spacing=args.spacing,
-        size=args.size,
-        lighting=args.lighting,
-        radius=args.radius,
-        overwrite=args.overwrite,
-        progress=True,
-    )
+    path = make_route(args.out, **ROUTE.given(args), overwrite=args.overwrite, progress=True)
     print(f"synthetic route in {path} (read it with --dataset synthetic:{path})")
     return 0
 
@@ -211,20 +197,7 @@ def main_from_video(args: argparse.Namespace) -> int:
 
     if args.queries_gps is not None and args.queries_video is None:
         raise CLIError("--queries-gps needs --queries-video")
-    r = video_to_dataset(
-        args.video,
-        args.gps,
-        args.out,
-        spacing=args.spacing,
-        split_queries=args.split_queries,
-        queries_video=args.queries_video,
-        queries_gps=args.queries_gps,
-        max_side=args.max_side,
-        smooth_s=args.smooth,
-        jpeg_quality=args.jpeg_quality,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    r = video_to_dataset(args.video, args.gps, args.out, **VIDEO.given(args))
     print(
         f"{r.database} database and {r.queries} query frames along {r.track_length_m:.1f} m in {r.out} "
         f"(read it with --dataset folder:{r.out})"
@@ -233,11 +206,9 @@ def main_from_video(args: argparse.Namespace) -> int:
 
 
 def main_info(args: argparse.Namespace) -> int:
-    from vpr.data.datasets import dataset_source
-
-    ds = dataset_source(
-        args.dataset, tolerance=args.tolerance, radius=args.radius, options=key_values(args.option, "--option")
-    ).open()
+    spec = dataset_spec(args)
+    assert spec is not None  # the positional KIND:PATH is required
+    ds = spec.open()
     json.dump(ds.summary(), sys.stdout, indent=2, default=str)
     print()
     if args.check_images:

@@ -4,37 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
-from vpr.cli.common import CLIError, home_from
-from vpr.index import ops
+from pydantic import ValidationError
+
+from vpr.cli.common import CLIError, OwnerDefaults, add_dataset_flags, dataset_spec, home_from, validation_message
 from vpr.settings import IndexSettings
+
+# The owners of the defaults (see OwnerDefaults). `vpr.index.ops` is imported by the
+# command functions only: it loads torch, which `vpr --help` or `vpr query` need not wait for.
+SETTINGS = OwnerDefaults("vpr.settings:IndexSettings")
+BUILD = OwnerDefaults("vpr.index.ops:build_index")
+ADD = OwnerDefaults("vpr.index.ops:add_images")
+SEARCH = OwnerDefaults("vpr.index.ops:search_images")
+SHOW = OwnerDefaults("vpr.index.ops:show_index")
 
 
 def _settings(args: argparse.Namespace) -> IndexSettings:
     """Environment (VPR_INDEX_*) overridden by --backend / --milvus-uri."""
-    overrides = {
-        k: v
-        for k, v in (("backend", getattr(args, "backend", None)), ("milvus_uri", getattr(args, "milvus_uri", None)))
-        if v
-    }
     try:
-        return IndexSettings(**overrides)
-    except Exception as e:  # pydantic's message names the bad value
-        raise CLIError(f"bad index settings: {e}") from None
+        return IndexSettings(**SETTINGS.given(args))
+    except ValidationError as e:  # names the bad value
+        raise CLIError(f"bad index settings: {validation_message(e)}") from None
 
 
-def _dataset(spec: str) -> tuple[list[Any], Path]:
-    """`KIND:PATH` -> (database items, dataset root) via train.datasets."""
-    kind, sep, path = spec.partition(":")
-    if not sep or not kind or not path:
-        raise CLIError(f"--dataset {spec!r}: expected KIND:PATH, e.g. folder:/data/gardens")
-    try:
-        from vpr.data.datasets import open_dataset
-    except ImportError as e:
-        raise CLIError(f"--dataset needs train.datasets ({e}); use --images DIR instead") from None
-    ds = open_dataset(kind, Path(path))
+def _dataset(args: argparse.Namespace) -> tuple[list[Any] | None, Path | None]:
+    """`--dataset KIND:PATH` -> (its database items, its root); (None, None) without one."""
+    spec = dataset_spec(args)
+    if spec is None:
+        return None, None
+    ds = spec.open()
     return list(ds.database), Path(ds.root)
 
 
@@ -51,38 +52,44 @@ def _params(pairs: list[str] | None) -> dict | None:
 def _source(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--images", type=Path, help="folder of database images (labels = file stems)")
-    g.add_argument("--dataset", help="KIND:PATH read by train.datasets (its database images)")
+    g.add_argument("--dataset", metavar="KIND:PATH", help="a dataset (see `vpr dataset`): its database images")
+    add_dataset_flags(p)
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--backend", choices=("faiss", "milvus"), help="vector backend (default $VPR_INDEX_BACKEND or faiss)"
+    SETTINGS.add(
+        p,
+        "--backend",
+        choices=typing.get_args(IndexSettings.model_fields["backend"].annotation),
+        help="vector backend: $VPR_INDEX_BACKEND when set",
     )
-    p.add_argument("--milvus-uri", help="Milvus server http://host:19530, or a .db file for Milvus Lite")
+    SETTINGS.add(p, "--milvus-uri", help="Milvus server http://host:19530, or a .db file for Milvus Lite")
 
 
 def main_build(args: argparse.Namespace) -> int:
-    items, ds_root = _dataset(args.dataset) if args.dataset else (None, None)
+    from vpr.index import ops
+
+    items, ds_root = _dataset(args)
     ref = ops.build_index(
         home_from(args),
         args.model,
         args.name,
         items=items,
         images=args.images,
-        root=args.root,
         dataset_root=ds_root,
-        factory=args.factory,
-        batch_size=args.batch_size,
         activate=not args.no_activate,
         skip_bad=args.skip_bad,
         settings=_settings(args),
+        **BUILD.given(args),
     )
     print(f"built index {ref}" + ("" if args.no_activate else " (active)"))
     return 0
 
 
 def main_add(args: argparse.Namespace) -> int:
-    items = _dataset(args.dataset)[0] if args.dataset else None
+    from vpr.index import ops
+
+    items = _dataset(args)[0]
     ref = ops.add_images(
         home_from(args),
         args.index,
@@ -90,17 +97,19 @@ def main_add(args: argparse.Namespace) -> int:
         items=items,
         images=args.images,
         files=args.files,
-        batch_size=args.batch_size,
         activate=not args.no_activate,
         skip_bad=args.skip_bad,
         skip_existing=args.skip_existing,
         settings=_settings(args),
+        **ADD.given(args),
     )
     print(f"index {ref} written" + ("" if args.no_activate else " (active)"))
     return 0
 
 
 def main_remove(args: argparse.Namespace) -> int:
+    from vpr.index import ops
+
     ref = ops.remove_items(
         home_from(args),
         args.index,
@@ -115,6 +124,8 @@ def main_remove(args: argparse.Namespace) -> int:
 
 
 def main_list(args: argparse.Namespace) -> int:
+    from vpr.index import ops
+
     listing = ops.list_indexes(home_from(args))
     if args.json:
         print(json.dumps(listing, indent=2))
@@ -133,32 +144,39 @@ def main_list(args: argparse.Namespace) -> int:
 
 
 def main_show(args: argparse.Namespace) -> int:
-    out = ops.show_index(home_from(args), args.index, verify=args.verify, items=args.items)
+    from vpr.index import ops
+
+    out = ops.show_index(home_from(args), args.index, verify=args.verify, **SHOW.given(args))
     print(json.dumps(out, indent=2, default=str))
     return 0
 
 
 def main_activate(args: argparse.Namespace) -> int:
+    from vpr.index import ops
+
     print(f"active: {ops.activate_index(home_from(args), args.index)}")
     return 0
 
 
 def main_prune(args: argparse.Namespace) -> int:
+    from vpr.index import ops
+
     removed = ops.prune_index(home_from(args), args.name, args.keep)
     print("removed " + (", ".join(map(str, removed)) or "nothing"))
     return 0
 
 
 def main_search(args: argparse.Namespace) -> int:
+    from vpr.index import ops
+
     ref, model, results = ops.search_images(
         home_from(args),
         args.index,
         args.images,
         args.model,
-        k=args.k,
         params=_params(args.param),
-        batch_size=args.batch_size,
         settings=_settings(args),
+        **SEARCH.given(args),
     )
     if args.json:
         print(
@@ -196,18 +214,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="NAME@VERSION (or NAME) of the registry model (the teacher)")
     p.add_argument("--name", required=True, help="index name")
     _source(p, required=True)
-    p.add_argument(
+    BUILD.add(
+        p,
         "--factory",
-        default="Flat",
-        help="faiss.index_factory spec: Flat (default), HNSW32, "
-        "IVF1024,Flat, IVF4096,PQ64, PCA256,L2norm,IVF1024,PQ32 ...",
+        help="faiss.index_factory spec: Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, PCA256,L2norm,IVF1024,PQ32 ...",
     )
-    p.add_argument(
+    BUILD.add(
+        p,
         "--root",
         type=Path,
         help="folder image paths are stored relative to (default: the image folder or the dataset root)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    BUILD.add(p, "--batch-size", type=int, help="images per forward pass")
     p.add_argument("--skip-bad", action="store_true", help="leave out undecodable images instead of failing")
     p.add_argument("--no-activate", action="store_true", help="publish without making it the active version")
     _backend_args(p)
@@ -218,7 +236,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="*", type=Path, help="image files (under the index root)")
     p.add_argument("--model", help="the index's model (default: the one in its manifest)")
     _source(p, required=False)
-    p.add_argument("--batch-size", type=int, default=8)
+    ADD.add(p, "--batch-size", type=int, help="images per forward pass")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--skip-existing", action="store_true", help="leave out images already in the index")
     p.add_argument("--no-activate", action="store_true")
@@ -241,7 +259,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="manifest of a version")
     p.add_argument("index", help="NAME or NAME@VERSION")
     p.add_argument("--verify", action="store_true", help="check file checksums")
-    p.add_argument("--items", type=int, default=0, help="also print the first N metadata rows")
+    SHOW.add(p, "--items", type=int, help="also print the first N metadata rows")
     p.set_defaults(func=main_show)
 
     p = sub.add_parser("activate", help="serve this version")
@@ -259,9 +277,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", help="query model NAME@VERSION: the index's model or a student of it (default: the index's model)"
     )
-    p.add_argument("-k", type=int, default=5)
+    SEARCH.add(p, "-k", type=int, help="matches per query image")
     p.add_argument("--param", action="append", help="search parameter NAME=INT (nprobe, efSearch); repeatable")
-    p.add_argument("--batch-size", type=int, default=8)
+    SEARCH.add(p, "--batch-size", type=int, help="images per forward pass")
     p.add_argument("--json", action="store_true")
     _backend_args(p)
     p.set_defaults(func=main_search)

@@ -15,21 +15,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import importlib
 import logging
 import sys
 
-from vpr.cli.common import CLIError
+from pydantic import ValidationError
 
-# Command modules, in the order they appear in --help. A module that is not
-# there yet (work in progress) is skipped rather than breaking the CLI.
-COMMAND_MODULES = (
-    "vpr.cli.model_cmd",
-    "vpr.cli.data_cmd",
-    "vpr.cli.train_cmd",
-    "vpr.cli.index_cmd",
-    "vpr.cli.server_cmd",
-)
+from vpr.cli import data_cmd, index_cmd, model_cmd, server_cmd, train_cmd
+from vpr.cli.common import CLIError, validation_message
+
+# Command modules, in the order they appear in --help.
+COMMAND_MODULES = (model_cmd, data_cmd, train_cmd, index_cmd, server_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="state folder (default: $VPR_HOME or ./var)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
@@ -59,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ValidationError as e:  # a config model refused a flag's value (before ValueError: it is one)
+        print(f"vpr {args.command}: error: {validation_message(e)}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"vpr {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -7,10 +7,15 @@ import io
 import json
 from pathlib import Path
 
-from vpr.cli.common import CLIError, home_from
+from vpr.cli.common import CLIError, OwnerDefaults, comma_list, home_from
+from vpr.model.config import BACKBONES
 
 # Heavy imports (torch) happen inside the command functions, so that
 # `vpr --help` and the light commands of other modules start fast.
+
+# The owners of `vpr model init`'s defaults (see OwnerDefaults).
+ARCHITECTURE = OwnerDefaults("vpr.model.config:ModelConfig")
+INIT = OwnerDefaults("vpr.model.teacher:init_teacher")
 
 
 def registry_from(args: argparse.Namespace):
@@ -20,29 +25,19 @@ def registry_from(args: argparse.Namespace):
 
 
 def main_init(args: argparse.Namespace) -> int:
-    from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
+    from vpr.model.config import ModelConfig
     from vpr.model.extract import default_device
     from vpr.model.teacher import init_teacher
 
-    config = ModelConfig(
-        backbone=BackboneConfig(
-            name=args.backbone, cut=args.cut, trainable=args.trainable.split(",") if args.trainable else None
-        ),
-        netvlad=NetVLADConfig(clusters=args.clusters),
-        preprocess=PreprocessConfig(mode=args.preprocess, max_side=args.max_side, small_policy=args.policy),
-        pca_dim=args.pca_dim,
-    )
     ref = init_teacher(
         registry_from(args),
         args.name,
-        config,
+        ModelConfig.model_validate(ARCHITECTURE.given(args)),
         args.weights,
         Path(args.cluster_images),
-        samples=args.samples,
-        seed=args.seed,
-        pca_images=Path(args.pca_images) if args.pca_images else None,
         activate=not args.no_activate,
         device=default_device(),
+        **INIT.given(args),
     )
     print(ref)
     return 0
@@ -116,11 +111,12 @@ def main_verify(args: argparse.Namespace) -> int:
 def main_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from vpr.model.extract import default_device, extract
+    from vpr.describe.describe import describe
+    from vpr.model.extract import default_device
     from vpr.model.fileio import atomic_write_bytes
 
     loaded = registry_from(args).load(args.model, device=default_device())
-    descs = extract(loaded.net, [Path(p) for p in args.images], batch_size=args.batch_size, progress="embed")
+    descs = describe(loaded, [Path(p) for p in args.images], batch_size=args.batch_size, progress="embed").desc
     out = Path(args.out)
     if out.suffix != ".npy":
         raise CLIError(f"{out}: --out must end in .npy")
@@ -137,19 +133,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = msub.add_parser("init", help="build a teacher, initialise its clusters by k-means, register it")
     q.add_argument("--name", required=True)
-    q.add_argument("--backbone", default="vgg16", choices=["vgg16", "resnet18", "resnet50"])
-    q.add_argument("--cut", default="layer3", choices=["layer3", "layer4"], help="ResNet cut point")
-    q.add_argument("--trainable", help="comma-separated backbone blocks left trainable (default: last block)")
+    ARCHITECTURE.add(q, "--backbone", field="backbone.name", choices=BACKBONES, help="CNN of the local features")
+    ARCHITECTURE.add(q, "--cut", field="backbone.cut", help="ResNet cut point")
+    ARCHITECTURE.add(
+        q,
+        "--trainable",
+        field="backbone.trainable",
+        type=comma_list,
+        help="comma-separated backbone blocks left trainable (default: last block)",
+    )
     q.add_argument("--weights", required=True, help="FILE.safetensors (vgg16 features), 'imagenet' or 'none'")
-    q.add_argument("--preprocess", default="caffe", choices=["caffe", "imagenet"])
-    q.add_argument("--max-side", type=int, default=640, help="cap on the longer image side")
-    q.add_argument("--policy", default="upsample", choices=["native", "upsample"], help="small-query policy")
+    ARCHITECTURE.add(q, "--preprocess", field="preprocess.mode", help="input normalisation of the weights")
+    ARCHITECTURE.add(q, "--max-side", field="preprocess.max_side", type=int, help="cap on the longer image side")
+    ARCHITECTURE.add(q, "--policy", field="preprocess.small_policy", help="small-query policy")
     q.add_argument("--cluster-images", required=True, help="folder of images for k-means")
-    q.add_argument("--clusters", type=int, default=64)
-    q.add_argument("--samples", type=int, default=50_000, help="local features sampled for k-means")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--pca-dim", type=int, help="add PCA-whitening to this dimension")
-    q.add_argument("--pca-images", help="folder to fit PCA on (default: the cluster images)")
+    ARCHITECTURE.add(q, "--clusters", field="netvlad.clusters", type=int, help="NetVLAD clusters (K)")
+    INIT.add(q, "--samples", type=int, help="local features sampled for k-means")
+    INIT.add(q, "--seed", type=int, help="seeds k-means and the sampling")
+    ARCHITECTURE.add(q, "--pca-dim", type=int, help="add PCA-whitening to this dimension")
+    INIT.add(q, "--pca-images", type=Path, help="folder to fit PCA on (default: the cluster images)")
     q.add_argument("--no-activate", action="store_true")
     q.set_defaults(func=main_init)
 

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from vpr.cli.common import CLIError, home_from, positive_float, positive_int
+from vpr.settings import ServerSettings
+
+_SERVER = ServerSettings.model_fields  # the defaults `--help` shows; flags left out keep them (and VPR_*)
 
 
 def main_serve(args: argparse.Namespace) -> int:
     from vpr.server.app import serve
-    from vpr.settings import ServerSettings
 
     overrides = {
         k: v
@@ -75,10 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the HTTP/websocket server",
-        description="Serve the active query model and index (env VPR_* configures the rest, see server/settings.py).",
+        description="Serve the active query model and index (env VPR_* configures the rest, see vpr/settings.py).",
     )
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--host", help=f"address to listen on (default {_SERVER['host'].default}; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help=f"port (default {_SERVER['port'].default})")
     p.add_argument("--model", help="query model NAME or NAME@VERSION (default: the active student)")
     p.add_argument("--index", help="index NAME or NAME@VERSION (default: the only / last served index)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")

@@ -8,78 +8,40 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from vpr.cli.common import OwnerDefaults, add_dataset_flags, comma_list, dataset_spec, home_from
 
-from vpr.cli.common import home_from, key_values
+if TYPE_CHECKING:
+    from vpr.train.distill import DistillConfig
+
+# DistillConfig keeps the defaults and the limits of `vpr train distill` (see OwnerDefaults).
+DISTILL = OwnerDefaults("vpr.train.distill:DistillConfig")
 
 
-def _config_error(e: ValidationError) -> str:
-    """pydantic's multi-line report -> one line (ValueError, so `python -m vpr.cli.main` and
-    torchrun, where cli.main is imported twice, report it the same way)."""
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)
+def distill_config(args: argparse.Namespace) -> DistillConfig:
+    """The run the command line asks for: the flags given, DistillConfig's defaults for the rest."""
+    from vpr.train.distill import DistillConfig
+    from vpr.train.losses import parse_loss
+
+    fields = DISTILL.given(args)
+    if fields.get("grad_clip") == 0:  # the flag's way to say "off"
+        fields["grad_clip"] = None
+    if args.loss_weights:  # names or numbers in loss order: parse_loss reads them against the losses
+        loss = args.loss or DistillConfig.model_fields["loss"].default
+        fields["loss_weights"] = parse_loss(loss, args.loss_weights).weights
+    spec = dataset_spec(args)
+    if spec is not None:  # parsed here too, so that a bad spec fails before the teacher loads
+        fields["dataset_options"] = dict(spec.options)
+    return DistillConfig.model_validate(fields)  # a ValidationError is reported in one line by cli.main
 
 
 def main_distill(args: argparse.Namespace) -> int:
-    from vpr.train.distill import DistillConfig, TripletConfig, run_distill
+    from vpr.train.distill import run_distill
 
-    try:
-        cfg = DistillConfig(
-            teacher=args.teacher,
-            name=args.register,
-            qualities=args.quality.split(","),
-            images=Path(args.images) if args.images else None,
-            dataset=args.dataset,
-            dataset_options=key_values(args.dataset_option, "--dataset-option"),
-            limit=args.limit,
-            loss=args.loss,
-            loss_weights=_weights(args),
-            trainable=args.trainable.split(",") if args.trainable else None,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip or None,
-            schedule=args.schedule,
-            warmup_steps=args.warmup_steps,
-            step_gamma=args.step_gamma,
-            seed=args.seed,
-            val_fraction=args.val_fraction,
-            val_radius=args.val_radius,
-            triplet=TripletConfig(
-                margin=args.margin,
-                pos_dist=args.pos_dist,
-                neg_dist=args.neg_dist,
-                negatives=args.negatives,
-                refresh_every=args.neg_refresh,
-            ),
-            prefix_cache=args.prefix_cache,
-            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-            cache_memory_mb=args.cache_memory_mb,
-            run_dir=Path(args.run_dir) if args.run_dir else None,
-            activate=args.activate,
-            device=args.device,
-            log_every=args.log_every,
-            progress=not args.no_progress,
-        )
-    except ValidationError as e:
-        raise ValueError(_config_error(e)) from None
-    result = run_distill(cfg, home_from(args), resume=args.resume)
+    result = run_distill(distill_config(args), home_from(args), resume=args.resume)
     print(result.ref)
     return 0
-
-
-def _weights(args: argparse.Namespace) -> dict[str, float] | None:
-    if not args.loss_weights:
-        return None
-    from vpr.train.losses import parse_loss
-
-    return parse_loss(args.loss, args.loss_weights).weights
 
 
 def main_explain(args: argparse.Namespace) -> int:
@@ -110,61 +72,74 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Under torchrun the same command trains data-parallel.",
     )
     src = q.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of training images (label-free)")
-    src.add_argument(
+    DISTILL.add(src, "--images", type=Path, help="folder of training images (label-free)")
+    DISTILL.add(
+        src,
         "--dataset",
-        help="KIND:PATH of a dataset with positions; its database images train (enables triplet and recall validation)",
+        metavar="KIND:PATH",
+        help="a dataset with positions; its database images train (enables triplet and recall validation)",
     )
-    q.add_argument("--dataset-option", action="append", metavar="KEY=VALUE", help="option of the dataset reader")
-    q.add_argument("--teacher", required=True, help="NAME@VERSION (or NAME: its active version)")
-    q.add_argument(
+    add_dataset_flags(q)
+    DISTILL.add(q, "--teacher", required=True, help="NAME@VERSION (or NAME: its active version)")
+    DISTILL.add(
+        q,
         "--quality",
+        field="qualities",
+        type=comma_list,
         required=True,
         help="comma-separated quality specs drawn per sample, e.g. orig,h240,h180-jpeg20,h120-jpeg20,h180-h264-qp40",
     )
-    q.add_argument("--register", required=True, metavar="NAME", help="registry name of the student")
-    q.add_argument("--loss", default="mse+ickd", help="'+'-joined set of mse, ickd, triplet (default mse+ickd)")
+    DISTILL.add(q, "--register", field="name", required=True, metavar="NAME", help="registry name of the student")
+    DISTILL.add(q, "--loss", help="'+'-joined set of mse, ickd, triplet")
     q.add_argument("--loss-weights", help="name=value pairs (mse=1,ickd=1) or numbers in loss order; default 1 each")
-    q.add_argument(
+    DISTILL.add(
+        q,
         "--trainable",
+        type=comma_list,
         help="comma-separated parts that train: backbone blocks (vgg16: conv1..conv5), "
         "netvlad, pca (default: the backbone's last block + netvlad)",
     )
-    q.add_argument("--epochs", type=int, default=5)
-    q.add_argument("--batch-size", type=int, default=8, help="images per step and process")
-    q.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    q.add_argument("--weight-decay", type=float, default=0.0)
-    q.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    q.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"])
-    q.add_argument("--warmup-steps", type=int, default=0)
-    q.add_argument("--step-gamma", type=float, default=0.5, help="'step' schedule: lr factor per epoch")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--limit", type=int, help="train on this many images, evenly spread (quick runs)")
-    q.add_argument(
+    DISTILL.add(q, "--epochs", type=int, help="passes over the training images")
+    DISTILL.add(q, "--batch-size", type=int, help="images per step and process")
+    DISTILL.add(q, "--lr", type=float, help="Adam learning rate")
+    DISTILL.add(q, "--weight-decay", type=float, help="Adam weight decay")
+    DISTILL.add(q, "--grad-clip", type=float, help="max gradient norm, 0: off")
+    DISTILL.add(q, "--schedule", help="learning-rate schedule over the steps")
+    DISTILL.add(q, "--warmup-steps", type=int, help="steps of linear learning-rate warm-up")
+    DISTILL.add(q, "--step-gamma", type=float, help="'step' schedule: lr factor per epoch")
+    DISTILL.add(q, "--seed", type=int, help="seeds initialisation, qualities drawn and the validation split")
+    DISTILL.add(q, "--limit", type=int, help="train on this many images, evenly spread (quick runs)")
+    DISTILL.add(
+        q,
         "--val-fraction",
         type=float,
         help="held-out share of the images (default 0.1 with positions, else 0: best epoch by training loss)",
     )
-    q.add_argument("--val-radius", type=float, default=25.0, help="validation positives within metres")
-    q.add_argument("--margin", type=float, default=0.1, help="triplet margin (squared distance)")
-    q.add_argument("--pos-dist", type=float, default=10.0, help="triplet positives within metres")
-    q.add_argument("--neg-dist", type=float, default=25.0, help="triplet negatives beyond metres")
-    q.add_argument("--negatives", type=int, default=5, help="hardest negatives per anchor")
-    q.add_argument("--neg-refresh", type=int, default=100, help="steps between hard-negative cache refreshes")
-    q.add_argument(
+    DISTILL.add(q, "--val-radius", type=float, help="validation positives within metres")
+    DISTILL.add(q, "--margin", field="triplet.margin", type=float, help="triplet margin (squared distance)")
+    DISTILL.add(q, "--pos-dist", field="triplet.pos_dist", type=float, help="triplet positives within metres")
+    DISTILL.add(q, "--neg-dist", field="triplet.neg_dist", type=float, help="triplet negatives beyond metres")
+    DISTILL.add(q, "--negatives", field="triplet.negatives", type=int, help="hardest negatives per anchor")
+    DISTILL.add(
+        q,
+        "--neg-refresh",
+        field="triplet.refresh_every",
+        type=int,
+        help="steps between hard-negative cache refreshes",
+    )
+    DISTILL.add(
+        q,
         "--prefix-cache",
-        default="disk",
-        choices=["disk", "memory", "off"],
         help="cache the frozen layers' outputs per (image, quality) (same result, much faster)",
     )
-    q.add_argument("--cache-dir", help="disk cache folder (default <home>/cache/distill)")
-    q.add_argument("--cache-memory-mb", type=int, default=2048, help="memory budget of each cache")
-    q.add_argument("--run-dir", help="checkpoints, metrics and plot (default <home>/runs/<NAME>)")
+    DISTILL.add(q, "--cache-dir", type=Path, help="disk cache folder (default <home>/cache/distill)")
+    DISTILL.add(q, "--cache-memory-mb", type=int, help="memory budget of each cache")
+    DISTILL.add(q, "--run-dir", type=Path, help="checkpoints, metrics and plot (default <home>/runs/<NAME>)")
     q.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
-    q.add_argument("--activate", action="store_true", help="make the student the active version of NAME")
-    q.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
-    q.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
-    q.add_argument("--no-progress", action="store_true")
+    DISTILL.add(q, "--activate", action="store_true", help="make the student the active version of NAME")
+    DISTILL.add(q, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    DISTILL.add(q, "--log-every", type=int, help="steps between metrics lines")
+    DISTILL.add(q, "--no-progress", dest="progress", action="store_false", help="no progress bars")
     q.set_defaults(func=main_distill)
 
     e = sub.add_parser(

@@ -17,10 +17,11 @@ Kinds (`open_dataset(kind, path, **options)`):
   `query_index,positive_reference_indices` (space-separated indices; default
   `path/ground_truth.csv`) or, with `tolerance=t`, aligned traversals where
   query frame i matches database frames i-t..i+t.
-- ``synthetic``: a folder written by `train.synthetic.make_route` (generated
+- ``synthetic``: a folder written by `data.synthetic.make_route` (generated
   on the spot when the folder does not exist yet).
 
-Every problem names the file (and line) and what is wrong.
+Every problem names the file (and line) and what is wrong. What a user names
+(`KIND:PATH` and options) is parsed once, in `data.spec`.
 """
 
 from __future__ import annotations
@@ -29,19 +30,22 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from vpr.data.names import parse_dvgl_name
+from vpr.data.synthetic import ROUTE_FILE, make_route
 from vpr.model.preprocess import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RADIUS_M = 25.0
-KINDS = ("folder", "mat", "traversal", "synthetic")
+Kind = Literal["folder", "mat", "traversal", "synthetic"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,15 @@ def positives_within(db_utm: np.ndarray, q_utm: np.ndarray, radius: float) -> li
     return out
 
 
-def _check_options(kind: str, options: dict, allowed: tuple[str, ...]) -> None:
+def check_kind(kind: object) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def check_options(kind: str, options: Mapping[str, Any]) -> None:
+    """`kind` is known and every option is one its reader takes (messages list what is allowed)."""
+    check_kind(kind)
+    allowed = OPTIONS[kind]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(
@@ -204,73 +216,6 @@ def _int_option(name: str, value: Any) -> int:
 
 
 # ---- dvgl folder format ------------------------------------------------------
-
-
-def dvgl_name(
-    east: float,
-    north: float,
-    zone: int | str | None = None,
-    band: str | None = None,
-    lat: float | None = None,
-    lon: float | None = None,
-    pano_id: str = "",
-    tile: str = "",
-    heading: float | None = None,
-    timestamp: str = "",
-    note: str = "",
-    suffix: str = ".jpg",
-) -> str:
-    """The dvgl file name `@east@north@zone@band@lat@lon@pano@tile@heading@pitch@roll@height@time@note@.jpg`."""
-
-    def clean(text: str) -> str:
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
-
-    fields = [
-        "",
-        f"{east:.2f}",
-        f"{north:.2f}",
-        "" if zone is None else (f"{zone:02d}" if isinstance(zone, int) else str(zone)),
-        band or "",
-        "" if lat is None else f"{lat:.7f}",
-        "" if lon is None else f"{lon:.7f}",
-        clean(pano_id),
-        clean(tile),
-        "" if heading is None else f"{heading % 360:.1f}",
-        "",
-        "",
-        "",
-        clean(timestamp),
-        clean(note),
-        "",
-    ]
-    return "@".join(fields) + suffix
-
-
-def parse_dvgl_name(path: Path) -> tuple[tuple[float, float], str | None, tuple[float, float] | None]:
-    """`@east@north@zone@letter@lat@lon@...` -> (utm, zone or None, latlon or None)."""
-    fields = path.stem.split("@")
-    if len(fields) < 3 or fields[0] != "":
-        raise ValueError(f"{path}: file name does not follow @UTM_east@UTM_north@...@ (dvgl format)")
-    try:
-        east, north = float(fields[1]), float(fields[2])
-    except ValueError:
-        raise ValueError(
-            f"{path}: UTM east/north {fields[1]!r}, {fields[2]!r} in the file name are not numbers"
-        ) from None
-    if not (math.isfinite(east) and math.isfinite(north)):
-        raise ValueError(f"{path}: UTM east/north in the file name are not finite")
-    zone = None
-    if len(fields) > 4 and fields[3].strip():
-        zone = f"{fields[3].strip().lstrip('0') or '0'}{fields[4].strip().upper()}"
-    latlon = None
-    if len(fields) > 6 and fields[5].strip() and fields[6].strip():
-        try:
-            latlon = (float(fields[5]), float(fields[6]))
-        except ValueError:
-            raise ValueError(
-                f"{path}: latitude/longitude {fields[5]!r}, {fields[6]!r} in the file name are not numbers"
-            ) from None
-    return (east, north), zone, latlon
 
 
 def _dvgl_items(folder: Path, root: Path) -> list[Item]:
@@ -556,8 +501,6 @@ def read_traversal(
 
 
 def read_synthetic(path: Path, radius: float | None = None, **generate: Any) -> PlaceDataset:
-    from vpr.data.synthetic import ROUTE_FILE, make_route
-
     path = Path(path)
     if "overwrite" in generate:
         generate["overwrite"] = _bool_option("overwrite", generate["overwrite"])
@@ -582,7 +525,7 @@ READERS: dict[str, Callable[..., PlaceDataset]] = {
     "traversal": read_traversal,
     "synthetic": read_synthetic,
 }
-_OPTIONS = {
+OPTIONS: dict[str, tuple[str, ...]] = {
     "folder": ("radius", "split", "database", "queries"),
     "mat": ("images_root", "queries_root", "radius", "check_files"),
     "traversal": ("database", "queries", "ground_truth", "tolerance"),
@@ -592,92 +535,8 @@ _OPTIONS = {
 
 def open_dataset(kind: str, path: Path, **options: Any) -> PlaceDataset:
     """Read a dataset of `kind` at `path` (see the module doc for kinds/options)."""
-    if kind not in READERS:
-        raise ValueError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
     options = {k: v for k, v in options.items() if v is not None}
-    _check_options(kind, options, _OPTIONS[kind])
+    check_options(kind, options)
     ds = READERS[kind](Path(path), **options)
     log.info("dataset %s (%s): %d database, %d queries", ds.name, kind, len(ds.database), len(ds.queries))
     return ds
-
-
-@dataclass(frozen=True)
-class DatasetSource:
-    """Where a dataset comes from (what a command line names), opened lazily."""
-
-    kind: str
-    path: Path
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def open(self) -> PlaceDataset:
-        return open_dataset(self.kind, self.path, **self.options)
-
-    def __str__(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
-        return f"{self.kind}:{self.path}" + (f" ({opts})" if opts else "")
-
-
-def dataset_source(
-    dataset: str | None = None,
-    database: Path | str | None = None,
-    queries: Path | str | None = None,
-    ground_truth: Path | str | None = None,
-    tolerance: int | None = None,
-    radius: float | None = None,
-    options: dict[str, Any] | None = None,
-) -> DatasetSource:
-    """Translate command-line choices into a `DatasetSource`.
-
-    `dataset="KIND:PATH"` names any kind. Otherwise `database` and `queries`
-    folders are traversals when a ground-truth CSV or a frame tolerance is
-    given, and dvgl-named folders (positives within `radius`) when not.
-    """
-    opts = dict(options or {})
-    if dataset:
-        kind, path = parse_dataset_arg(dataset)
-        for key, value in (
-            ("database", database),
-            ("queries", queries),
-            ("ground_truth", ground_truth),
-            ("tolerance", tolerance),
-            ("radius", radius),
-        ):
-            if value is not None:
-                opts[key] = value
-        return DatasetSource(kind, path, opts)
-    if database is None or queries is None:
-        raise ValueError("name the data: --dataset KIND:PATH, or --database DIR and --queries DIR")
-    db, q = Path(database).resolve(), Path(queries).resolve()
-    root = Path(*_common_parts(db, q)) if _common_parts(db, q) else db.parent
-    if ground_truth is not None or tolerance is not None:
-        if radius is not None:
-            raise ValueError("--radius applies to UTM-named images, not to traversals with a ground truth or tolerance")
-        opts.update(database=db, queries=q)
-        if ground_truth is not None:
-            opts["ground_truth"] = Path(ground_truth).resolve()
-        if tolerance is not None:
-            opts["tolerance"] = tolerance
-        return DatasetSource("traversal", root, opts)
-    opts.update(database=db, queries=q)
-    if radius is not None:
-        opts["radius"] = radius
-    return DatasetSource("folder", root, opts)
-
-
-def _common_parts(a: Path, b: Path) -> tuple[str, ...]:
-    parts = []
-    for x, y in zip(a.parts, b.parts):
-        if x != y:
-            break
-        parts.append(x)
-    return tuple(parts)
-
-
-def parse_dataset_arg(text: str) -> tuple[str, Path]:
-    """`KIND:PATH` (as given on the command line) -> (kind, path)."""
-    kind, sep, path = text.partition(":")
-    if not sep or not path:
-        raise ValueError(f"bad dataset {text!r}: expected KIND:PATH with KIND one of {', '.join(KINDS)}")
-    if kind not in READERS:
-        raise ValueError(f"bad dataset {text!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return kind, Path(path)

@@ -9,7 +9,10 @@ exceptions; latitudes outside -80..84 (the polar UPS system) are refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 A_WGS84 = 6378137.0
 F_WGS84 = 1 / 298.257223563
@@ -55,8 +58,11 @@ def central_meridian(zone: int) -> float:
     return (zone - 1) * 6 - 180 + 3
 
 
-def latlon_to_utm(lat, lon, zone: int | None = None, south: bool | None = None):
-    """(lat, lon) in degrees (scalars or arrays) -> (easting, northing, zone, letter).
+def latlon_to_utm(
+    lat: npt.ArrayLike, lon: npt.ArrayLike, zone: int | None = None, south: bool | None = None
+) -> tuple[Any, Any, int, str]:
+    """(lat, lon) in degrees (scalars or arrays) -> (easting, northing, zone, letter),
+    easting and northing as floats for scalars and as arrays for arrays.
 
     `zone`/`south` force one projection for all points (a track crossing a
     zone border must stay in one metric frame); by default they come from the
@@ -93,8 +99,8 @@ def latlon_to_utm(lat, lon, zone: int | None = None, south: bool | None = None):
     return easting, northing, zone, band_letter(first_lat)
 
 
-def utm_to_latlon(easting, northing, zone: int, south: bool = False):
-    """Inverse of `latlon_to_utm` -> (lat, lon) in degrees."""
+def utm_to_latlon(easting: npt.ArrayLike, northing: npt.ArrayLike, zone: int, south: bool = False) -> tuple[Any, Any]:
+    """Inverse of `latlon_to_utm` -> (lat, lon) in degrees (floats for scalars, else arrays)."""
     e = np.asarray(easting, dtype=np.float64)
     n = np.asarray(northing, dtype=np.float64)
     xi = (n - (N0_SOUTH if south else 0.0)) / (K0 * _A)

@@ -19,7 +19,7 @@ learnable (a network whose NetVLAD clusters fit the data scores well).
 
 The result is a folder dataset (`database/`, `queries/`, dvgl
 `@UTM_east@UTM_north@zone@band@lat@lon@...@.jpg` names) plus `route.json`;
-`train.datasets.open_dataset("synthetic", path)` reads it. Same parameters
+`data.datasets.open_dataset("synthetic", path)` reads it. Same parameters
 and seed give byte-identical files.
 """
 
@@ -31,21 +31,23 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 from tqdm import tqdm
 
-from vpr.data.datasets import dvgl_name
 from vpr.data.geo import utm_to_latlon
+from vpr.data.names import dvgl_name
 from vpr.model.fileio import atomic_write_json, staged_dir
 
 log = logging.getLogger(__name__)
 
 ROUTE_FILE = "route.json"
 GENERATOR_VERSION = 1
-LIGHTINGS = ("day", "dusk", "night")
+LightingName = Literal["day", "dusk", "night"]
+LIGHTINGS: tuple[str, ...] = get_args(LightingName)
 ZONE, BAND, ORIGIN = 32, "T", (514_000.0, 5_034_000.0)  # somewhere in northern Italy
 
 HALF_WIDTH = 7.0  # street half width, wall to wall (m)
@@ -96,7 +98,7 @@ class RouteParams:
     seed: int = 0
     spacing: float = 4.0  # metres between database views
     size: tuple[int, int] = (160, 120)
-    lighting: str = "dusk"  # of the query pass
+    lighting: LightingName = "dusk"  # of the query pass
     radius: float | None = None  # positives; default 1.25 * spacing
 
     def validate(self) -> RouteParams:
@@ -121,12 +123,12 @@ class RouteParams:
 # ---- the world ------------------------------------------------------------------
 
 
-def _hash(*ints: np.ndarray) -> np.ndarray:
+def _hash(*ints: npt.ArrayLike) -> np.ndarray:
     """Deterministic integer hash -> uniform floats in [0, 1) (value noise)."""
-    h = np.uint64(1469598103934665603)
+    h = np.full((), 1469598103934665603, dtype=np.uint64)  # 0-d: broadcasts against the inputs
     for v in ints:
-        v = np.asarray(v).astype(np.int64).astype(np.uint64)
-        h = (h ^ v) * np.uint64(1099511628211)
+        u = np.asarray(v).astype(np.int64).astype(np.uint64)
+        h = (h ^ u) * np.uint64(1099511628211)
         h ^= h >> np.uint64(29)
     h = h * np.uint64(0x9E3779B97F4A7C15)
     return ((h >> np.uint64(40)).astype(np.float64)) / float(1 << 24)
@@ -430,7 +432,7 @@ def render(
     hitsome = (t_best < far)[:, None]
     col = np.where(hitsome, col * fog + np.asarray(light.sky_horizon) * light.gain**0.5 * (1 - fog), col)
     img = np.clip(col.reshape(h, w, 3) * 255.0, 0, 255)
-    small = Image.fromarray(img.astype(np.uint8)).resize(size, Image.BOX)
+    small = Image.fromarray(img.astype(np.uint8)).resize(size, Image.Resampling.BOX)
     if light.noise > 0:
         arr = np.asarray(small, dtype=np.float32) + rng.normal(0, light.noise, (size[1], size[0], 3))
         small = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
@@ -508,12 +510,12 @@ def _generate(tmp: Path, params: RouteParams, progress: bool) -> dict[str, int]:
 
 def make_route(
     out_dir: Path,
-    places: int = 60,
-    seed: int = 0,
-    spacing: float = 4.0,
-    size: tuple[int, int] | str = (160, 120),
-    lighting: str = "dusk",
-    radius: float | None = None,
+    places: int = RouteParams.places,
+    seed: int = RouteParams.seed,
+    spacing: float = RouteParams.spacing,
+    size: tuple[int, int] | str = RouteParams.size,
+    lighting: LightingName = RouteParams.lighting,
+    radius: float | None = RouteParams.radius,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:

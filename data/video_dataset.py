@@ -8,7 +8,7 @@ Input:
   Rows with lat = lon = 0 (cameras write these before a fix) are dropped.
 
 Positions are projected to UTM (one zone for the whole track, the zone of
-its first fix; `train.geo`), smoothed by a local linear fit over `smooth_s`
+its first fix; `data.geo`), smoothed by a local linear fit over `smooth_s`
 seconds (which keeps steady motion exact but stops GPS jitter while standing
 still from adding distance), and integrated into distance travelled. A frame
 is kept each time the distance passes the next multiple of `spacing` metres;
@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vpr.data.datasets import dvgl_name
 from vpr.data.geo import latlon_to_utm, utm_to_latlon
+from vpr.data.names import dvgl_name
 from vpr.model.fileio import atomic_write_json, sha256_file, staged_dir
 
 log = logging.getLogger(__name__)
@@ -143,12 +143,12 @@ def read_gps_csv(path: Path, smooth_s: float = 1.0) -> GpsTrack:
     if dropped:
         log.warning("%s: dropped %d rows without a GPS fix (lat = lon = 0)", path, dropped)
     arr = np.array(rows)
-    t, lat, lon = arr[:, 0], arr[:, 1], arr[:, 2]
-    east, north, zone, band = latlon_to_utm(lat, lon)
-    south = bool(lat[0] < 0)
-    east, north = _local_linear(t, east, smooth_s), _local_linear(t, north, smooth_s)
+    times, lats, lons = arr[:, 0], arr[:, 1], arr[:, 2]
+    east, north, zone, band = latlon_to_utm(lats, lons)
+    south = bool(lats[0] < 0)
+    east, north = _local_linear(times, east, smooth_s), _local_linear(times, north, smooth_s)
     dist = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(east), np.diff(north)))])
-    return GpsTrack(path, t, lat, lon, east, north, zone, band, south, dist, dropped, smooth_s)
+    return GpsTrack(path, times, lats, lons, east, north, zone, band, south, dist, dropped, smooth_s)
 
 
 @dataclass
@@ -201,6 +201,9 @@ def _sample_video(
         if not container.streams.video:
             raise ValueError(f"{video}: has no video stream")
         stream = container.streams.video[0]
+        if stream.time_base is None:
+            raise ValueError(f"{video}: the video stream has no time base; frames cannot be timed")
+        time_base = stream.time_base
         stream.thread_type = "AUTO"
         t0 = _frame_times(stream)
         total = stream.frames or None
@@ -211,7 +214,7 @@ def _sample_video(
                 bar.update()
                 if frame.pts is None:
                     continue
-                t = float(frame.pts * stream.time_base) - t0
+                t = float(frame.pts * time_base) - t0
                 if t < track.t[0] or t > track.t[-1]:
                     outside += 1
                     continue
@@ -238,7 +241,9 @@ def _sample_video(
                 img = frame.to_image()
                 if max_side and max(img.size) > max_side:
                     s = max_side / max(img.size)
-                    img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)
+                    img = img.resize(
+                        (max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BICUBIC
+                    )
                 buf = io.BytesIO()
                 img.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality)
                 (out / subset).mkdir(exist_ok=True)
@@ -286,9 +291,8 @@ def video_to_dataset(
         raise ValueError("a queries video needs its GPS CSV (give both or neither)")
     if split_queries and queries_video is not None:
         raise ValueError("choose either split queries from the same video or a second queries video, not both")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{out}: exists and is not empty; choose another folder or pass overwrite")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out}: exists and is not empty; choose another folder or pass overwrite")
     track = read_gps_csv(gps, smooth_s)
     qtrack = read_gps_csv(Path(queries_gps), smooth_s) if queries_gps is not None else None
     if qtrack is not None and qtrack.zone != track.zone:
@@ -298,7 +302,7 @@ def video_to_dataset(
         samples, decoded, outside, skipped = _sample_video(
             video, track, tmp, plan, spacing, max_side, jpeg_quality, progress
         )
-        if queries_video is not None:
+        if queries_video is not None and qtrack is not None:  # both or neither (checked above)
             qs, qd, qo, qsk = _sample_video(
                 Path(queries_video), qtrack, tmp, [("queries", 0.0)], spacing, max_side, jpeg_quality, progress
             )

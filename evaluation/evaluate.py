@@ -9,8 +9,8 @@ of the denominator; reports say how many there were.
 `evaluate` describes the database with the database model (the teacher) at
 original quality and the queries with each query model at each quality,
 all under one small-image policy (`PreprocessConfig.small_policy`, possibly
-overridden for every model alike), caching descriptors by (model version,
-image, quality) through `train.cache`, and returns a JSON-able report.
+overridden for every model alike), through THE description path
+(`describe.describe`, with its descriptor cache), and returns a JSON-able report.
 """
 
 from __future__ import annotations
@@ -18,36 +18,31 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import logging
-import os
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
-from vpr.data.datasets import DatasetSource, PlaceDataset
-from vpr.describe.cache import CacheHit, DescriptorCache, model_key
+from vpr.data.datasets import PlaceDataset
+from vpr.data.spec import DatasetSpec
+from vpr.describe.cache import DescriptorCache
+from vpr.describe.describe import POLICIES, describe, describe_many
 from vpr.index.knn import exact_knn
-from vpr.media.degrade import Quality, codec_info, degrade, parse_qualities, parse_quality
-from vpr.model.config import PreprocessConfig
-from vpr.model.extract import default_device, extract
-from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from vpr.model.preprocess import ImageDecodeError, load_image, target_size, to_input
+from vpr.media.degrade import Quality, codec_info, parse_qualities, parse_quality
+from vpr.model.extract import default_device
+from vpr.model.fileio import atomic_write_bytes, atomic_write_json
 from vpr.model.registry import LoadedModel, Registry
 from vpr.settings import HomeSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NS = (1, 5, 10, 20)
-POLICIES = ("native", "upsample")
 NO_POSITIVE = -2  # rank code: the query has no positive
 NOT_FOUND = -1  # rank code: no positive among the retrieved top k
 
@@ -107,174 +102,6 @@ def recall_at_n(
     return recall_from_ranks(first_positive_ranks(db_desc, q_desc, positives, max(ns)), ns)
 
 
-# ---- describing images ----------------------------------------------------------
-
-
-@dataclass
-class Described:
-    desc: np.ndarray  # (N, D) float32
-    nbytes: np.ndarray  # (N,) compressed size, -1 when not compressed
-    kbps: np.ndarray  # (N,) video bitrate, NaN when not video
-    computed: int = 0
-    cached: int = 0
-    seconds: float = 0.0
-
-    def cost(self) -> dict[str, float | None]:
-        nb = self.nbytes[self.nbytes >= 0]
-        kb = self.kbps[~np.isnan(self.kbps)]
-        return {
-            "mean_bytes": float(nb.mean()) if nb.size else None,
-            "mean_bitrate_kbps": float(kb.mean()) if kb.size else None,
-        }
-
-
-def policy_config(cfg: PreprocessConfig, policy: str | None) -> PreprocessConfig:
-    if policy is None or cfg.small_policy == policy:
-        return cfg
-    if policy not in POLICIES:
-        raise ValueError(f"unknown small-image policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return cfg.model_copy(update={"small_policy": policy})
-
-
-def _identify(path: Path) -> tuple[str, tuple[int, int]]:
-    """Content hash and pixel size of an image file (header only)."""
-    try:
-        sha = sha256_file(path)
-        with Image.open(path) as im:
-            return sha, im.size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image") from None
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"{path}: not a decodable image ({e})") from e
-
-
-def _workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-@dataclass
-class _Plan:
-    """What one model needs for one describe call."""
-
-    model: LoadedModel
-    cfg: PreprocessConfig
-    keys: list[str]
-    cache_model: str
-    hit: CacheHit
-    desc: np.ndarray
-
-
-def _plan(
-    model: LoadedModel,
-    ids: list[tuple[str, tuple[int, int]]],
-    q: Quality,
-    policy: str | None,
-    cache: DescriptorCache | None,
-) -> _Plan:
-    """Cache keys (content hash + network input size) and what the cache already holds."""
-    cfg = policy_config(model.net.config.preprocess, policy)
-    keys = [f"{sha}:{'x'.join(map(str, target_size(*q.output_size(*size), cfg)))}" for sha, size in ids]
-    mk = model_key(str(model.ref), model.sha256)
-    n, dim = len(ids), model.net.descriptor_dim
-    hit = (
-        cache.get(mk, q, keys)
-        if cache is not None
-        else CacheHit(np.zeros(n, bool), None, np.full(n, -1, np.int64), np.full(n, np.nan))
-    )
-    desc = hit.desc if hit.desc is not None and hit.desc.shape[1] == dim else np.zeros((n, dim), np.float32)
-    if hit.desc is not None and hit.desc.shape[1] != dim:
-        hit.found[:] = False
-    return _Plan(model, cfg, keys, mk, hit, desc)
-
-
-def describe_images(
-    models: Sequence[LoadedModel],
-    paths: Sequence[Path],
-    quality: Quality | str,
-    policy: str | None = None,
-    cache: DescriptorCache | None = None,
-    batch_size: int = 8,
-    device: torch.device | str | None = None,
-    chunk: int = 32,
-    progress: bool | str = True,
-) -> list[Described]:
-    """Descriptors of `paths` degraded to `quality`, for each of `models`.
-
-    Each image is decoded and degraded once for all models that miss it in
-    the cache (the next chunk is prepared while the network runs on this
-    one); new descriptors are stored back into the cache.
-    """
-    q = parse_quality(quality)
-    t0 = time.perf_counter()
-    paths = [Path(p) for p in paths]
-    with ThreadPoolExecutor(_workers()) as pool:
-        ids = list(pool.map(_identify, paths))
-        plans = [_plan(m, ids, q, policy, cache) for m in models]
-        need = sorted({int(i) for p in plans for i in np.flatnonzero(~p.hit.found)})
-        parts = [need[s : s + chunk] for s in range(0, len(need), chunk)]
-
-        def prefetch(k: int) -> list:
-            if k >= len(parts):
-                return []
-            return [pool.submit(lambda i: degrade(load_image(paths[i]), q), i) for i in parts[k]]
-
-        bar = tqdm(
-            total=len(need),
-            desc=progress if isinstance(progress, str) else f"describe {q}",
-            unit="img",
-            disable=not progress or not need,
-        )
-        pending = prefetch(0)
-        for k, part in enumerate(parts):
-            degraded = [f.result() for f in pending]
-            pending = prefetch(k + 1)
-            for p in plans:
-                todo = [j for j, i in enumerate(part) if not p.hit.found[i]]
-                if todo:
-                    tensors = [to_input(degraded[j].image, p.cfg) for j in todo]
-                    p.desc[[part[j] for j in todo]] = extract(
-                        p.model.net, tensors, batch_size=batch_size, device=device
-                    )
-                for j, i in enumerate(part):
-                    d = degraded[j]
-                    p.hit.nbytes[i] = -1 if d.bytes is None else d.bytes
-                    p.hit.kbps[i] = np.nan if d.bitrate_kbps is None else d.bitrate_kbps
-            bar.update(len(part))
-        bar.close()
-    out = []
-    for p in plans:
-        new = np.flatnonzero(~p.hit.found)
-        if cache is not None and new.size:
-            cache.put(
-                p.cache_model,
-                q,
-                [p.keys[i] for i in new],
-                p.desc[new],
-                p.hit.nbytes[new].tolist(),
-                [None if np.isnan(v) else v for v in p.hit.kbps[new]],
-            )
-        out.append(
-            Described(
-                p.desc,
-                p.hit.nbytes,
-                p.hit.kbps,
-                computed=int(new.size),
-                cached=int(p.hit.found.sum()),
-                seconds=time.perf_counter() - t0,
-            )
-        )
-    log.info(
-        "described %d images at %s for %s: %d computed, %d from cache (%.1f s)",
-        len(paths),
-        q,
-        ", ".join(str(m.ref) for m in models),
-        sum(o.computed for o in out),
-        sum(o.cached for o in out),
-        time.perf_counter() - t0,
-    )
-    return out
-
-
 # ---- evaluation ------------------------------------------------------------------
 
 
@@ -317,7 +144,7 @@ def _load_models(
 ) -> tuple[LoadedModel, list[LoadedModel]]:
     db = registry.load(db_model, device)
     loaded = {str(db.ref): db}
-    out = []
+    out: list[LoadedModel] = []
     for spec in query_models:
         ref = str(registry.resolve(spec))
         if ref in {str(m.ref) for m in out}:
@@ -364,26 +191,26 @@ def evaluate(
         used,
         source,
     )
-    db_out = describe_images(
-        [db],
+    db_out = describe(
+        db,
         [i.path for i in dataset.database],
         "orig",
-        used,
-        cache,
-        batch_size,
-        device,
+        cache=cache,
+        policy=used,
+        batch_size=batch_size,
+        device=device,
         progress=f"database ({db.ref})" if progress else False,
-    )[0]
-    results = []
+    )
+    results: list[dict[str, Any]] = []
     for q in quals:
-        outs = describe_images(
+        outs = describe_many(
             qms,
             [i.path for i in dataset.queries],
             q,
-            used,
-            cache,
-            batch_size,
-            device,
+            cache=cache,
+            policy=used,
+            batch_size=batch_size,
+            device=device,
             progress=f"queries {q}" if progress else False,
         )
         for m, out in zip(qms, outs):
@@ -520,7 +347,7 @@ class EvalConfig:
     """Everything one `vpr eval` run needs (built by the CLI)."""
 
     home: HomeSettings
-    source: DatasetSource
+    source: DatasetSpec
     db_model: str
     query_models: list[str]
     qualities: str | list[str]

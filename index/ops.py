@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vpr.index.meta import Entry
 from vpr.index.store import Hit, IndexRef, IndexStore
 from vpr.model.preprocess import list_images
@@ -170,16 +168,14 @@ def search_images(
 ) -> tuple[IndexRef, str, list[list[Hit]]]:
     """Describe query images with a compatible model and search; refuses a
     model the index cannot be searched with (see check_compatible)."""
-    from vpr.model.extract import extract
+    from vpr.describe.describe import describe
 
     store = store_for(home, settings)
     manifest = store.manifest(index_spec)
     model = _load_model(home, model_spec or manifest["model"], device)
     index = store.load(index_spec, model=model)
     try:
-        q = extract(
-            model.net, [Path(p) for p in images], batch_size=batch_size, progress=len(images) > 16 and "queries"
-        )
-        return index.ref, str(model.ref), index.search(np.asarray(q), k, params)
+        q = describe(model, [Path(p) for p in images], batch_size=batch_size, progress=len(images) > 16 and "queries")
+        return index.ref, str(model.ref), index.search(q.desc, k, params)
     finally:
         index.close()

@@ -6,28 +6,24 @@ name and version, the model that described it and its weights' sha256,
 descriptor dimension, count, factory spec, creation time, root). `active`
 names the served version.
 
-Publication is atomic: a version is written into a hidden `.tmp-*` sibling,
-fsynced, renamed to its number, and only then is `active` switched (itself an
-atomic rename). A crash at any point leaves the previous active version
-intact; hidden folders are never loaded and are removed by the next writer.
-Versions never change once published: `add` and `remove` write a new version
-(copy-on-write), so a `LoadedIndex` of the old version keeps answering.
-Writers of one index are serialised by a file lock.
+Names, versions, `active`, the writer lock and atomic publication are the
+shared `model.store.VersionedStore`'s: a version is written into a hidden
+`.tmp-*` sibling, fsynced, renamed to its number, and only then is `active`
+switched (itself an atomic rename). A crash at any point leaves the previous
+active version intact; hidden folders are never loaded and are removed (with
+their Milvus side) by the next writer. Versions never change once published:
+`add` and `remove` write a new version (copy-on-write), so a `LoadedIndex` of
+the old version keeps answering; a server swaps which one it searches
+(`server.runtime.Runtime`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import fcntl
 import json
 import logging
-import re
-import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,19 +34,20 @@ from vpr.index import faiss_backend as fb
 from vpr.index import meta as meta_db
 from vpr.index.backends import Backend, FaissBackend, Searcher
 from vpr.index.meta import Entry, MetaReader
-from vpr.model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
+from vpr.model.fileio import sha256_file
+from vpr.model.store import MANIFEST_FILE, BadSpec, NotFound, Ref, StoreError, VersionedStore, now_iso
+from vpr.model.store import check_name as _check_name
 from vpr.settings import IndexSettings
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 META_FILE = "meta.sqlite"
-MANIFEST_FILE = "manifest.json"
+BACKEND_FILE = "backend.json"  # what a backend did outside the folder, to undo if unpublished
 FORMAT = 1
+IndexRef = Ref  # an index version, `name@version`
 Progress = Callable[[int, int], None]
 
 __all__ = [
-    "ActiveIndex",
     "Entry",
     "Hit",
     "IndexMismatch",
@@ -60,24 +57,25 @@ __all__ = [
     "LoadedIndex",
     "ModelStamp",
     "check_compatible",
+    "check_name",
+    "now_iso",
 ]
 
 
-class IndexStoreError(ValueError):
+class IndexStoreError(StoreError):
     """An index or version that is missing, malformed or cannot be written."""
+
+
+class IndexNotFound(IndexStoreError, NotFound):
+    """No such index name or version."""
+
+
+class BadIndexSpec(IndexStoreError, BadSpec):
+    """A malformed index name or `name@version`."""
 
 
 class IndexMismatch(ValueError):
     """A model whose descriptors cannot be searched in an index."""
-
-
-@dataclass(frozen=True)
-class IndexRef:
-    name: str
-    version: int
-
-    def __str__(self) -> str:
-        return f"{self.name}@{self.version}"
 
 
 @dataclass
@@ -148,16 +146,8 @@ def check_compatible(index_manifest: dict, model_manifest: dict) -> None:
         )
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise IndexStoreError(
-            f"bad index name {name!r}: use letters, digits, '_', '.', '-' (max 64, not starting with '.', '_' or '-')"
-        )
-    return name
+    return _check_name(name, "index", BadIndexSpec)
 
 
 # ---- a loaded version --------------------------------------------------------
@@ -246,6 +236,17 @@ class IndexStore:
     def __init__(self, indexes_dir: Path, settings: IndexSettings | None = None) -> None:
         self.root = Path(indexes_dir)
         self.settings = settings or IndexSettings()
+        # A version published without activation (e.g. by a model the served
+        # one cannot query) must not be picked up by its bare name.
+        self._store = VersionedStore(
+            self.root,
+            "index",
+            error=IndexStoreError,
+            not_found=IndexNotFound,
+            bad_spec=BadIndexSpec,
+            latest_if_inactive=False,
+            discard=self._discard,
+        )
 
     # -- backends
     def _backend(self, kind: str | None = None) -> Backend:
@@ -268,61 +269,25 @@ class IndexStore:
 
     # -- naming
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name) and self.versions(p.name)
-        )
+        return self._store.names()
 
     def versions(self, name: str) -> list[int]:
-        d = self.root / name
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+        return self._store.versions(name)
 
     def active(self, name: str) -> IndexRef | None:
-        check_name(name)
-        v = read_pointer(self.root / name / "active")
-        return IndexRef(name, int(v)) if v and v.isdigit() else None
+        return self._store.active(name)
 
     def dir(self, ref: IndexRef) -> Path:
-        return self.root / ref.name / str(ref.version)
+        return self._store.dir(ref)
 
     def resolve(self, spec: str | IndexRef) -> IndexRef:
         """`name@version`, or `name` for its active version."""
-        if isinstance(spec, IndexRef):
-            ref = spec
-        else:
-            name, _, ver = str(spec).partition("@")
-            check_name(name)
-            if ver:
-                if not ver.isdigit():
-                    raise IndexStoreError(f"bad version in {spec!r}: expected NAME@<integer>")
-                ref = IndexRef(name, int(ver))
-            else:
-                ref = self.active(name)
-                if ref is None:
-                    known = self.versions(name)
-                    if not known:
-                        raise IndexStoreError(
-                            f"no index named {name!r} in {self.root} (indexes: {', '.join(self.names()) or 'none'})"
-                        )
-                    raise IndexStoreError(
-                        f"index {name!r} has no active version; activate one of "
-                        f"{', '.join(f'{name}@{v}' for v in known)}"
-                    )
-        if not (self.dir(ref) / MANIFEST_FILE).is_file():
-            known = ", ".join(f"{ref.name}@{v}" for v in self.versions(ref.name)) or "none"
-            raise IndexStoreError(f"index {ref} not found in {self.root} (versions: {known})")
-        return ref
+        return self._store.resolve(spec)
 
     def manifest(self, spec: str | IndexRef) -> dict[str, Any]:
         ref = self.resolve(spec)
         path = self.dir(ref) / MANIFEST_FILE
-        try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise IndexStoreError(f"{path}: corrupt manifest ({e})") from e
+        m = self._store.read_manifest(ref)
         for key in ("name", "version", "model", "model_sha256", "dim", "count", "factory", "backend"):
             if key not in m:
                 raise IndexStoreError(f"{path}: manifest lacks {key!r}")
@@ -370,85 +335,27 @@ class IndexStore:
     def activate(self, spec: str | IndexRef) -> IndexRef:
         ref = self.resolve(spec)
         self.manifest(ref)  # refuse to activate a malformed version
-        write_pointer(self.root / ref.name / "active", str(ref.version))
+        self._store.activate(ref)
         log.info("index %s is now active", ref)
         return ref
 
-    # -- writing
-    @contextlib.contextmanager
-    def _writer(self, name: str) -> Iterator[Path]:
-        """Exclusive writer lock of one index; cleans what killed writers left."""
-        base = self.root / check_name(name)
-        base.mkdir(parents=True, exist_ok=True)
-        with open(base / ".lock", "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                self._cleanup_partial(name)
-                yield base
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
+    # -- writing (staging, locking, version numbers: model.store.VersionedStore)
     def _discard(self, tmp: Path) -> None:
         """Undo the external side (e.g. a Milvus collection) of an unpublished
         folder, as recorded in its `backend.json`."""
-        fields_file = tmp / "backend.json"
-        if not fields_file.is_file():
-            return
-        try:
+        fields_file = tmp / BACKEND_FILE
+        if fields_file.is_file():
             fields = json.loads(fields_file.read_text())
             self._backend(fields.get("backend", "faiss")).discard(fields)
-        except Exception as e:  # never mask the original error
-            log.warning("%s: could not undo the backend side of an unpublished build (%s)", tmp, e)
 
-    @contextlib.contextmanager
-    def _staging(self, base: Path) -> Iterator[Path]:
-        """A temporary folder in `base` for a version being made. On error its
-        backend side is undone; either way it is gone afterwards unless
-        `_publish` renamed it into place."""
-        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".tmp-"))
-        try:
-            yield tmp
-        except BaseException:
-            self._discard(tmp)
-            raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _cleanup_partial(self, name: str) -> int:
-        """Remove half-built folders (and their external state) of `name`."""
-        base = self.root / name
-        n = 0
-        for d in base.glob(".tmp-*"):
-            self._discard(d)
-            shutil.rmtree(d, ignore_errors=True)
-            n += 1
-        if n:
-            log.warning("removed %d half-built folder(s) of index %s", n, name)
-        return n
-
-    def _publish(self, base: Path, tmp: Path, manifest: dict, activate: bool) -> IndexRef:
-        """Checksum, fsync, rename to the next version number, then activate."""
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            if p.is_file() and p.name not in (MANIFEST_FILE, "backend.json"):
-                files[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest["files"] = files
-        while True:
-            # Numbers of stray folders (no manifest) are skipped, not reused.
-            version = max([int(p.name) for p in base.iterdir() if p.name.isdigit()] or [0]) + 1
-            manifest["version"] = version
-            atomic_write_json(tmp / MANIFEST_FILE, manifest)
-            fsync_tree(tmp)
-            try:
-                tmp.rename(base / str(version))
-                break
-            except OSError:
-                if (base / str(version)).exists():
-                    continue  # taken meanwhile: try the next number
-                raise
-        fsync_dir(base)
-        ref = IndexRef(base.name, version)
+    def _publish(self, tmp: Path, manifest: dict, activate: bool) -> IndexRef:
+        """Checksum the files, publish as the next version, then activate."""
+        manifest["files"] = {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and p.name not in (MANIFEST_FILE, BACKEND_FILE)
+        }
+        ref = self._store.publish(tmp, manifest)
         log.info("published index %s (%d x %d-d, %s)", ref, manifest["count"], manifest["dim"], manifest["factory"])
         if activate:
             self.activate(ref)
@@ -488,7 +395,7 @@ class IndexStore:
         rows = [meta_db.row_for(i, e, root) for i, e in zip(ids_arr.tolist(), entries)]
         self.validate_factory(factory, x.shape[1])
         backend = self._backend()
-        with self._writer(name) as base, self._staging(base) as tmp:
+        with self._store.stage(name) as tmp:
             t0 = time.perf_counter()
             meta_db.create(tmp / META_FILE, rows)
             fields = backend.build(tmp, name, x, ids_arr, fb.normalize_spec(factory), progress)
@@ -511,7 +418,7 @@ class IndexStore:
                 "details": details or {},
                 **fields,
             }
-            return self._publish(base, tmp, manifest, activate)
+            return self._publish(tmp, manifest, activate)
 
     def build(
         self,
@@ -528,9 +435,12 @@ class IndexStore:
     ) -> IndexRef:
         """Describe `items` with `model` (a registry LoadedModel), then publish.
 
-        Description is resumable: chunks already written by an interrupted build
-        with the same model and images are reused."""
-        from vpr.index.describe import describe_images, remove_work  # needs torch
+        Description is resumable: images an interrupted build of this index with
+        the same model already described are not described again."""
+        import shutil
+
+        from vpr.describe.cache import DescriptorCache  # needs torch
+        from vpr.describe.describe import describe
 
         check_name(name)
         self.validate_factory(factory, int(model.net.descriptor_dim))
@@ -542,20 +452,22 @@ class IndexStore:
         paths = [e.path if e.path.is_absolute() else root / e.path for e in entries]
         for e in entries:
             meta_db.relative_path(e.path, root)  # every image must be under root
-        descs, work = describe_images(
-            model.net,
+        # the build's own descriptor cache: a killed build resumes from it; deleted once published
+        work = self.root / ".work" / f"{name}-{stamp.sha256[:16]}"
+        descs = describe(
+            model,
             paths,
-            stamp.sha256,
-            self.root / ".work",
-            batch_size,
-            self.settings.chunk_size,
-            device,
-            progress,
-            skip_bad,
-        )
+            cache=DescriptorCache(work),
+            batch_size=batch_size,
+            chunk_size=self.settings.chunk_size,
+            device=device,
+            progress="describe database",
+            on_progress=progress,
+            skip_bad=skip_bad,
+        ).desc
         descs, entries = _drop_bad(descs, entries)
         ref = self.build_from_descriptors(name, descs, entries, root, stamp, factory, activate=activate)
-        remove_work(work)
+        shutil.rmtree(work, ignore_errors=True)
         return ref
 
     def add_descriptors(
@@ -587,7 +499,10 @@ class IndexStore:
 
         Images already in the index are refused, or left out with
         `skip_existing` (e.g. re-adding a whole dataset after it grew)."""
-        from vpr.index.describe import describe_images, remove_work
+        import shutil
+
+        from vpr.describe.cache import DescriptorCache  # needs torch
+        from vpr.describe.describe import describe
 
         m = self.manifest(spec)
         stamp = ModelStamp.of(model)
@@ -608,20 +523,21 @@ class IndexStore:
         if not entries:
             raise ValueError("nothing to add")
         paths = [e.path if e.path.is_absolute() else root / e.path for e in entries]
-        descs, work = describe_images(
-            model.net,
+        work = self.root / ".work" / f"{m['name']}-{stamp.sha256[:16]}"  # as in build
+        descs = describe(
+            model,
             paths,
-            stamp.sha256,
-            self.root / ".work",
-            batch_size,
-            self.settings.chunk_size,
-            device,
-            progress,
-            skip_bad,
-        )
+            cache=DescriptorCache(work),
+            batch_size=batch_size,
+            chunk_size=self.settings.chunk_size,
+            device=device,
+            progress="describe new images",
+            on_progress=progress,
+            skip_bad=skip_bad,
+        ).desc
         descs, entries = _drop_bad(descs, entries)
         ref = self._edit(spec, stamp, descs, entries, None, root, activate)
-        remove_work(work)
+        shutil.rmtree(work, ignore_errors=True)
         return ref
 
     def remove(
@@ -679,10 +595,10 @@ class IndexStore:
         root: Path | None,
         activate: bool,
     ) -> IndexRef:
-        """Copy-on-write edit, resolved under the writer lock so that two
-        concurrent edits of the active version both land."""
-        name = spec.name if isinstance(spec, IndexRef) else str(spec).partition("@")[0]
-        with self._writer(name) as base:
+        """Copy-on-write edit, resolved under the writer lock (held by the
+        staged folder) so that two concurrent edits of the active version both land."""
+        name, _ = self._store.parse(spec)
+        with self._store.stage(name) as tmp:
             ref = self.resolve(spec)
             old = self.manifest(ref)
             root = Path(root).resolve() if root else Path(old["root"])
@@ -718,42 +634,31 @@ class IndexStore:
             if count < 1:
                 raise IndexStoreError(f"removing {len(rm)} items would leave index {ref} empty")
             backend = self._backend(old["backend"])
-            with self._staging(base) as tmp:
-                meta_db.copy_edit(self.dir(ref) / META_FILE, tmp / META_FILE, rows, rm.tolist())
-                fields = backend.edit(self.dir(ref), old, tmp, ref.name, add_x, add_ids, rm)
-                op = (f"add {len(add_ids)}" if len(add_ids) else "") + (f"remove {len(rm)}" if len(rm) else "")
-                manifest = {
-                    **old,
-                    **fields,
-                    "count": count,
-                    "created": now_iso(),
-                    "derived_from": str(ref),
-                    "operation": op,
-                    "next_id": int(old["next_id"]) + len(add_ids),
-                }
-                return self._publish(base, tmp, manifest, activate)
+            meta_db.copy_edit(self.dir(ref) / META_FILE, tmp / META_FILE, rows, rm.tolist())
+            fields = backend.edit(self.dir(ref), old, tmp, ref.name, add_x, add_ids, rm)
+            op = (f"add {len(add_ids)}" if len(add_ids) else "") + (f"remove {len(rm)}" if len(rm) else "")
+            manifest = {
+                **old,
+                **fields,
+                "count": count,
+                "created": now_iso(),
+                "derived_from": str(ref),
+                "operation": op,
+                "next_id": int(old["next_id"]) + len(add_ids),
+            }
+            return self._publish(tmp, manifest, activate)
 
     def prune(self, name: str, keep: int = 3) -> list[IndexRef]:
         """Delete all but the newest `keep` versions (never the active one).
         Only for versions no running server still searches."""
-        if keep < 1:
-            raise ValueError("keep at least one version")
-        active = self.active(name)
-        removed = []
-        with self._writer(name) as base:
-            versions = self.versions(name)
-            for v in versions[:-keep]:
-                if active and v == active.version:
-                    continue
-                ref = IndexRef(name, v)
-                m = self.manifest(ref)
-                shutil.rmtree(self.dir(ref))
-                removed.append(ref)
-                live = [self.manifest(IndexRef(name, w)) for w in self.versions(name)]
-                with contextlib.suppress(Exception):
-                    self._backend(m["backend"]).cleanup(name, live)
-            fsync_dir(base)
-        return removed
+
+        def drop_external(removed: list[dict]) -> None:
+            live = [self.manifest(IndexRef(name, v)) for v in self.versions(name)]
+            for kind in sorted({m.get("backend", "faiss") for m in removed}):
+                with contextlib.suppress(Exception):  # a leftover collection is not worth failing over
+                    self._backend(kind).cleanup(name, live)
+
+        return self._store.prune(name, keep, drop_external)
 
     def info(self, name: str) -> list[dict]:
         """One summary per version, oldest first (for `vpr index list/show`)."""
@@ -776,37 +681,6 @@ class IndexStore:
                 }
             )
         return out
-
-
-class ActiveIndex:
-    """The active version of one index, for a server: `current` is the
-    LoadedIndex to search; `refresh()` loads the version `active` now names
-    and swaps the reference. Searches running on the previous object finish
-    normally (it is not closed: readers may still hold it)."""
-
-    def __init__(self, store: IndexStore, name: str, model: Any = None) -> None:
-        self.store = store
-        self.name = check_name(name)
-        self.model = model
-        self._lock = threading.Lock()
-        self._current = store.load(name, model=model)
-
-    @property
-    def current(self) -> LoadedIndex:
-        return self._current
-
-    def refresh(self) -> bool:
-        """Swap to the active version if it changed; True when swapped."""
-        ref = self.store.active(self.name)
-        if ref is None or ref == self._current.ref:
-            return False
-        loaded = self.store.load(ref, model=self.model)  # slow part outside the lock
-        with self._lock:
-            if loaded.ref == self._current.ref:
-                return False
-            self._current = loaded
-        log.info("now serving index %s", loaded.ref)
-        return True
 
 
 def _drop_bad(descs: np.ndarray, entries: list[Entry]) -> tuple[np.ndarray, list[Entry]]:

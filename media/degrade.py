@@ -48,7 +48,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 # Bump when a change to this module changes the pixels a spec produces: it is
-# part of the descriptor cache key (train/cache.py).
+# part of the descriptor cache key (describe/cache.py).
 DEGRADE_VERSION = 1
 
 VIDEO_SETTINGS: dict = {

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vpr.model.extract import extract, prepare
+from vpr.model.extract import embed_inputs
 from vpr.model.netvlad import kmeans_centroids
 from vpr.model.network import VPRNet
+from vpr.model.preprocess import load_image, to_input
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def sample_local_features(
     out = []
     net.eval().to(device)
     for path in tqdm(images, desc="local features", unit="img"):
-        x = prepare(path, net).unsqueeze(0).to(device)
+        x = to_input(load_image(path), net.config.preprocess).unsqueeze(0).to(device)
         with torch.inference_mode():
             f = net.backbone(x)[0].flatten(1).T.float().cpu().numpy()  # (h*w, C)
         take = rng.choice(len(f), size=min(per_image, len(f)), replace=False)
@@ -56,7 +57,10 @@ def fit_pca(net: VPRNet, images: list[Path], device: torch.device | str = "cpu")
         raise ValueError("the model has no PCA layer (set pca_dim)")
     saved, net.pca = net.pca, None  # describe with raw NetVLAD
     try:
-        descs = extract(net, images, device=device, progress="pca descriptors")
+        # model/ cannot use the describe loop (nor needs its cache: the weights are
+        # not registered yet); the forward pass is the same, streamed image by image
+        inputs = (to_input(load_image(p), net.config.preprocess) for p in tqdm(images, desc="pca descriptors"))
+        descs, _ = embed_inputs(net, inputs, device=device)
     finally:
         net.pca = saved
     net.pca.fit(descs)

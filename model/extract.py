@@ -1,24 +1,25 @@
-"""The one extraction loop: images in, float32 descriptors out."""
+"""The forward pass: prepared input tensors in, float32 descriptors out.
+
+This module knows nothing of image files, qualities or caches: the one loop
+that describes a list of images (decode, degrade, cache) is
+`vpr.describe.describe`. It runs its batches through `embed_inputs`, and so
+do the few callers inside `model/` that cannot import `describe/` (PCA
+fitting in `model.clusters`); the server's micro-batcher calls
+`embed_tensors` on batches it has already stacked.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
 from vpr.model.network import VPRNet
-from vpr.model.preprocess import load_image, to_input
-
-log = logging.getLogger(__name__)
-
-ImageLike = Image.Image | Path | str | torch.Tensor
 
 
 def cpu_name() -> str:
@@ -36,35 +37,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_for(device: torch.device, enabled: bool = True):
+def autocast_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; nothing on CPU (where it is slower)."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def prepare(item: ImageLike, net: VPRNet) -> torch.Tensor:
-    """Anything image-like -> the network's input tensor (3, H, W)."""
-    if isinstance(item, torch.Tensor):
-        return item
-    img = item if isinstance(item, Image.Image) else load_image(Path(item))
-    return to_input(img, net.config.preprocess)
+def model_device(net: VPRNet) -> torch.device:
+    """Where the network's weights are (the device to run it on when none is named)."""
+    return next(net.parameters()).device
 
 
-def _batches(tensors: Iterable[torch.Tensor], batch_size: int):
-    """Group consecutive same-sized inputs into batches (sizes may differ)."""
-    batch: list[torch.Tensor] = []
-    for t in tensors:
-        if batch and (len(batch) == batch_size or t.shape != batch[0].shape):
-            yield batch
-            batch = []
-        batch.append(t)
-    if batch:
-        yield batch
+@overload
+def embed_tensors(
+    net: VPRNet, batch: torch.Tensor, device: torch.device, return_features: Literal[False] = ...
+) -> np.ndarray: ...
+@overload
+def embed_tensors(
+    net: VPRNet, batch: torch.Tensor, device: torch.device, return_features: Literal[True]
+) -> tuple[np.ndarray, torch.Tensor]: ...
+def embed_tensors(
+    net: VPRNet, batch: torch.Tensor, device: torch.device, return_features: bool = False
+) -> np.ndarray | tuple[np.ndarray, torch.Tensor]:
+    """One forward pass of a ready batch (B, 3, H, W) under inference mode.
 
-
-def embed_tensors(net: VPRNet, batch: torch.Tensor, device: torch.device, return_features: bool = False):
-    """One forward pass of a ready batch (B, 3, H, W) under inference mode."""
+    With `return_features` also the conv feature maps (B, C, h, w), as float32 on the CPU."""
     with torch.inference_mode(), autocast_for(device):
         out = net(batch.to(device, non_blocking=True), return_features=return_features)
     if return_features:
@@ -73,34 +71,44 @@ def embed_tensors(net: VPRNet, batch: torch.Tensor, device: torch.device, return
     return out.float().cpu().numpy()
 
 
-def extract(
+def same_shape_batches(inputs: Iterable[torch.Tensor], batch_size: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive inputs of one shape, at most `batch_size` at a time (sizes may differ
+    between images, e.g. small queries under the `native` policy, and cannot be stacked)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch: list[torch.Tensor] = []
+    for t in inputs:
+        if batch and (len(batch) == batch_size or t.shape != batch[0].shape):
+            yield batch
+            batch = []
+        batch.append(t)
+    if batch:
+        yield batch
+
+
+def embed_inputs(
     net: VPRNet,
-    images: Sequence[ImageLike],
+    inputs: Iterable[torch.Tensor],
     batch_size: int = 8,
     device: torch.device | str | None = None,
     return_features: bool = False,
-    progress: bool | str = False,
-) -> np.ndarray | tuple[np.ndarray, list[torch.Tensor]]:
-    """Describe `images` (PIL images, paths or prepared tensors) -> (N, D) float32.
+) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Descriptors (N, D) float32 of prepared inputs (each (3, H, W), see
+    `preprocess.to_input`), batched; `inputs` may be a generator (streamed).
 
-    With `return_features` also returns each image's conv feature map (C, h, w),
-    which training and the heatmaps need.
-    """
-    device = torch.device(device) if device is not None else next(net.parameters()).device
+    Returns the descriptors and, with `return_features`, each input's conv
+    feature map (C, h, w) on the CPU (an empty list otherwise)."""
+    dev = torch.device(device) if device is not None else model_device(net)
     net.eval()
     descs: list[np.ndarray] = []
     feats: list[torch.Tensor] = []
-    bar = tqdm(
-        total=len(images), desc=progress if isinstance(progress, str) else "extract", unit="img", disable=not progress
-    )
-    for batch in _batches((prepare(i, net) for i in images), batch_size):
-        out = embed_tensors(net, torch.stack(batch), device, return_features)
+    for batch in same_shape_batches(inputs, batch_size):
+        x = torch.stack(batch)
         if return_features:
-            descs.append(out[0])
-            feats.extend(out[1].unbind(0))
+            d, f = embed_tensors(net, x, dev, return_features=True)
+            feats.extend(f.unbind(0))
         else:
-            descs.append(out)
-        bar.update(len(batch))
-    bar.close()
-    result = np.concatenate(descs) if descs else np.zeros((0, net.descriptor_dim), np.float32)
-    return (result, feats) if return_features else result
+            d = embed_tensors(net, x, dev)
+        descs.append(d)
+    out = np.concatenate(descs) if descs else np.zeros((0, net.descriptor_dim), np.float32)
+    return out, feats

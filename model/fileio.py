@@ -98,17 +98,28 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 @contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """A fresh temporary sibling of `out` to fill. When the block ends without
-    error it is fsynced and published as `out` (see `replace_dir`); either way
-    nothing half-written is left behind, so a crash never leaves a partial `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+def temp_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A fresh hidden folder in `parent` (named `prefix` + random). It is
+    removed when the block ends unless the block renamed it away (published
+    it); a process killed meanwhile leaves it for the next writer to clear."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     try:
         yield tmp
-        fsync_tree(tmp)
-        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `out` to fill. When the block ends without
+    error it is fsynced and published as `out` (see `replace_dir`); either way
+    nothing half-written is left behind, so a crash never leaves a partial `out`.
+    (Numbered versions of a name are published by `model.store.VersionedStore`.)"""
+    out = Path(out)
+    with temp_dir(out.parent, f".{out.name}.tmp-") as tmp:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, out)

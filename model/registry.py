@@ -1,19 +1,14 @@
 """Versioned models under $VPR_HOME/models/<name>/<version>/.
 
 Each version holds `weights.safetensors` and `manifest.json`; `active` holds
-the served version. Versions are written into a hidden temporary sibling,
-fsynced, then renamed into place, so a reader never sees half a version.
-Loading checks the sha256 recorded in the manifest before reading a byte of
-the tensors; nothing is ever unpickled.
+the served version. Names, versions, the pointer and atomic publication are
+the shared `VersionedStore`'s (model/store.py); what is the registry's own:
+the weights, the sha256 the manifest records for them (checked before a byte
+of the tensors is read), the config they must match. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,24 +17,38 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vpr.model.config import ModelConfig
-from vpr.model.fileio import atomic_write_json, fsync_dir, fsync_tree, read_pointer, sha256_file, write_pointer
+from vpr.model.fileio import atomic_write_json, sha256_file
 from vpr.model.network import VPRNet, build_model
+from vpr.model.store import MANIFEST_FILE, BadSpec, NotFound, Ref, StoreError, VersionedStore, now_iso
+from vpr.model.store import check_name as _check_name
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ROLES = ("teacher", "student")
+WEIGHTS_FILE = "weights.safetensors"
+ModelRef = Ref  # a model version, `name@version`
+
+__all__ = [
+    "ROLES",
+    "BadModelSpec",
+    "LoadedModel",
+    "ModelNotFound",
+    "ModelRef",
+    "Registry",
+    "RegistryError",
+    "check_name",
+    "now_iso",
+]
 
 
-class RegistryError(ValueError):
+class RegistryError(StoreError):
     """A registry entry that is missing, ambiguous or fails verification."""
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: int
+class ModelNotFound(RegistryError, NotFound):
+    """No such model name or version."""
 
-    def __str__(self) -> str:
-        return f"{self.name}@{self.version}"
+
+class BadModelSpec(RegistryError, BadSpec):
+    """A malformed model name or `name@version`."""
 
 
 @dataclass
@@ -54,57 +63,37 @@ class LoadedModel:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise RegistryError(f"bad model name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
-    return name
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    return _check_name(name, "model", BadModelSpec)
 
 
 class Registry:
     def __init__(self, models_dir: Path) -> None:
         self.root = Path(models_dir)
+        self._store = VersionedStore(
+            self.root,
+            "model",
+            error=RegistryError,
+            not_found=ModelNotFound,
+            bad_spec=BadModelSpec,
+            latest_if_inactive=True,
+        )
 
     # ---- naming -------------------------------------------------------
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return self._store.names()
 
     def versions(self, name: str) -> list[int]:
-        d = self.root / name
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "manifest.json").exists())
+        return self._store.versions(name)
 
     def active(self, name: str) -> ModelRef | None:
-        v = read_pointer(self.root / name / "active")
-        return ModelRef(name, int(v)) if v and v.isdigit() else None
+        return self._store.active(name)
 
     def resolve(self, spec: str | ModelRef) -> ModelRef:
         """`name@version`, or `name` for its active (else latest) version."""
-        if isinstance(spec, ModelRef):
-            ref = spec
-        else:
-            name, _, ver = str(spec).partition("@")
-            check_name(name)
-            if ver:
-                if not ver.isdigit():
-                    raise RegistryError(f"bad version in {spec!r}: expected NAME@<integer>")
-                ref = ModelRef(name, int(ver))
-            else:
-                ref = self.active(name) or (ModelRef(name, self.versions(name)[-1]) if self.versions(name) else None)
-                if ref is None:
-                    raise RegistryError(f"no model named {name!r} in {self.root}")
-        if not (self.dir(ref) / "manifest.json").exists():
-            known = ", ".join(f"{ref.name}@{v}" for v in self.versions(ref.name)) or "none"
-            raise RegistryError(f"model {ref} not found in {self.root} (versions: {known})")
-        return ref
+        return self._store.resolve(spec)
 
     def dir(self, ref: ModelRef) -> Path:
-        return self.root / ref.name / str(ref.version)
+        return self._store.dir(ref)
 
     # ---- writing ------------------------------------------------------
     def register(
@@ -116,18 +105,13 @@ class Registry:
         details: dict | None = None,
         metrics: dict | None = None,
     ) -> ModelRef:
-        check_name(name)
         if role not in ROLES:
             raise RegistryError(f"bad role {role!r}; choose one of {ROLES}")
-        base = self.root / name
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".tmp-"))
-        try:
-            weights = tmp / "weights.safetensors"
+        with self._store.stage(name) as tmp:
+            weights = tmp / WEIGHTS_FILE
             state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
             save_file(state, str(weights), metadata={"format": "pt", "model": name})
             manifest = {
-                "name": name,
                 "role": role,
                 "config": net.config.model_dump(),
                 "descriptor_dim": net.descriptor_dim,
@@ -137,55 +121,33 @@ class Registry:
                 "metrics": metrics or {},
                 "created": now_iso(),
             }
-            while True:  # claim the next free version number by rename
-                version = (self.versions(name) or [0])[-1] + 1
-                manifest["version"] = version
-                atomic_write_json(tmp / "manifest.json", manifest)
-                fsync_tree(tmp)
-                try:
-                    tmp.rename(base / str(version))
-                    break
-                except OSError:
-                    continue
-            fsync_dir(base)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return ModelRef(name, version)
+            return self._store.publish(tmp, manifest)  # adds name and version
 
     def activate(self, spec: str | ModelRef) -> ModelRef:
-        ref = self.resolve(spec)
-        write_pointer(self.root / ref.name / "active", str(ref.version))
-        return ref
+        return self._store.activate(spec)
 
     def update_metrics(self, spec: str | ModelRef, metrics: dict) -> None:
+        """Merge `metrics` into a version's manifest (the one field that may
+        change after publication), under the writer lock so no update is lost."""
         ref = self.resolve(spec)
-        m = self.manifest(ref)
-        m["metrics"] = {**m.get("metrics", {}), **metrics}
-        atomic_write_json(self.dir(ref) / "manifest.json", m)
+        with self._store.writer(ref.name):
+            m = self.manifest(ref)
+            m["metrics"] = {**m.get("metrics", {}), **metrics}
+            atomic_write_json(self.dir(ref) / MANIFEST_FILE, m)
 
     def cleanup_partial(self) -> int:
         """Remove temp folders left by a killed writer; returns how many."""
-        n = 0
-        for d in self.root.glob("*/.tmp-*"):
-            shutil.rmtree(d, ignore_errors=True)
-            n += 1
-        return n
+        return self._store.cleanup()
 
     # ---- reading ------------------------------------------------------
     def manifest(self, spec: str | ModelRef) -> dict[str, Any]:
-        ref = self.resolve(spec)
-        path = self.dir(ref) / "manifest.json"
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RegistryError(f"{path}: corrupt manifest ({e})") from e
+        return self._store.read_manifest(self.resolve(spec))
 
     def verify(self, spec: str | ModelRef) -> dict[str, Any]:
         """Check weights against the manifest's sha256 and config; returns the manifest."""
         ref = self.resolve(spec)
         m = self.manifest(ref)
-        weights = self.dir(ref) / "weights.safetensors"
+        weights = self.dir(ref) / WEIGHTS_FILE
         if not weights.exists():
             raise RegistryError(f"{weights}: missing weights file")
         actual = sha256_file(weights)
@@ -194,13 +156,13 @@ class Registry:
         try:
             ModelConfig.model_validate(m["config"])
         except Exception as e:
-            raise RegistryError(f"{self.dir(ref) / 'manifest.json'}: invalid config ({e})") from e
+            raise RegistryError(f"{self.dir(ref) / MANIFEST_FILE}: invalid config ({e})") from e
         return m
 
     def load(self, spec: str | ModelRef, device: torch.device | str = "cpu") -> LoadedModel:
         ref = self.resolve(spec)
         m = self.verify(ref)
-        weights = self.dir(ref) / "weights.safetensors"
+        weights = self.dir(ref) / WEIGHTS_FILE
         net = build_model(m["config"])
         try:
             state = load_file(str(weights))

@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,9 @@ import torch
 from vpr.model.extract import embed_tensors
 
 if TYPE_CHECKING:
+    from vpr.index.store import Hit
     from vpr.server.metrics import Metrics
-    from vpr.server.runtime import Serving
+    from vpr.server.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class BatcherStopped(RuntimeError):
 class Answer:
     """One item's result: ranked hits and where its time went."""
 
-    hits: list  # list[index.store.Hit]
+    hits: list[Hit]
     queue_ms: float
     embed_ms: float
     search_ms: float
@@ -61,9 +63,9 @@ class _Item:
     tensor: torch.Tensor
     serving: Serving
     k: int
-    params: dict | None
+    params: dict[str, Any] | None
     enqueued: float = field(default_factory=time.perf_counter)
-    future: cf.Future = field(default_factory=cf.Future)
+    future: cf.Future[Answer] = field(default_factory=cf.Future)
 
 
 class MicroBatcher:
@@ -113,10 +115,10 @@ class MicroBatcher:
         tensor: torch.Tensor,
         serving: Serving,
         k: int,
-        params: dict | None = None,
+        params: dict[str, Any] | None = None,
         source: str = "http",
         wait_s: float = 0.0,
-    ) -> cf.Future:
+    ) -> cf.Future[Answer]:
         """Queue one prepared input (3, H, W); the future yields an `Answer`.
 
         Raises QueueFull at once when the queue is at capacity, or after
@@ -193,7 +195,14 @@ class MicroBatcher:
         for group in _groups(ready, lambda it: (id(it.serving.index), _params_key(it.params))):
             self._search(group, descs, embed_ms, sizes, started)
 
-    def _search(self, group: list[_Item], descs: dict, embed_ms: dict, sizes: dict, started: float) -> None:
+    def _search(
+        self,
+        group: list[_Item],
+        descs: dict[int, np.ndarray],
+        embed_ms: dict[int, float],
+        sizes: dict[int, int],
+        started: float,
+    ) -> None:
         index = group[0].serving.index
         k = max(it.k for it in group)
         t = time.perf_counter()
@@ -220,12 +229,12 @@ def _fail(items: list[_Item], error: BaseException) -> None:
             it.future.set_exception(error)
 
 
-def _groups(items: list[_Item], key) -> list[list[_Item]]:
-    out: dict[Any, list[_Item]] = {}
+def _groups(items: list[_Item], key: Callable[[_Item], Hashable]) -> list[list[_Item]]:
+    out: dict[Hashable, list[_Item]] = {}
     for it in items:
         out.setdefault(key(it), []).append(it)
     return list(out.values())
 
 
-def _params_key(params: dict | None) -> tuple:
+def _params_key(params: dict[str, Any] | None) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((params or {}).items()))

@@ -14,6 +14,7 @@ re-encoded to H.264), for `jpeg` one JPEG per frame. Results are handed to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -248,10 +249,8 @@ def _send_all(ws: Any, source: Iterator[tuple[float, bytes]], realtime: bool, sp
         ws.send(json.dumps({"type": "end"}))
     except Exception as e:  # the server closed (its error comes through recv), or the video failed
         sent["error"] = f"{type(e).__name__}: {e}"
-        try:
+        with contextlib.suppress(Exception):
             ws.close()  # ends the receiving loop when the server is still waiting for frames
-        except Exception:
-            pass
 
 
 # ---- video sources -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Untrusted input at the edge: body size limits, media types, error JSON.
+"""Untrusted input at the edge: body size limits and media types.
 
-Every refusal is an `ApiError` (or a FastAPI validation error) that becomes
+Every refusal is a typed error (server/errors.py) that HTTP answers as
 `{"error": <code>, "detail": <message>}` with a 4xx status, so a client can
 branch on `error` and show `detail`; the server itself keeps serving.
 """
@@ -13,28 +13,24 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vpr.server.errors import BadImage, TooLarge, UnsupportedMedia
+
 # Accepted query image types -> the Pillow format name.
 ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
 GENERIC_TYPES = ("application/octet-stream", "")
 
 
-class ApiError(HTTPException):
-    """An HTTP error with a stable machine-readable code and a human message."""
-
-    def __init__(self, status_code: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status_code=status_code, detail=detail, headers=headers)
-        self.code = code
-
-
-class BodyTooLarge(ApiError):
-    """Raised from inside `receive`: FastAPI and Starlette's form parser let
-    HTTPExceptions through unchanged, so this surfaces as a 413 wherever the
-    body happens to be read (raw body, multipart, JSON)."""
+class BodyTooLarge(TooLarge, HTTPException):
+    """Raised from inside `receive`. Also an HTTPException because FastAPI lets
+    only those through unchanged while it parses a body (anything else becomes
+    a 400), so this surfaces as a 413 wherever the body happens to be read
+    (raw body, multipart, JSON)."""
 
     def __init__(self, limit: int, declared: int | None = None) -> None:
         what = f"declared {declared} bytes" if declared is not None else "body"
-        super().__init__(413, "body_too_large", f"request {what} exceeds the limit of {limit} bytes")
+        TooLarge.__init__(self, f"request {what} exceeds the limit of {limit} bytes", code="body_too_large")
+        self.status_code, self.headers = 413, None
 
 
 class BodyLimitMiddleware:
@@ -101,31 +97,21 @@ def sniff(data: bytes) -> str | None:
 
 
 def check_media(declared: str | None, data: bytes, source: str) -> None:
-    """Refuse what is not a JPEG, PNG or WebP with 415 before decoding.
+    """Refuse what is not a JPEG, PNG or WebP before decoding.
 
     The declared type must be one we accept (or generic, for multipart parts
     sent as octet-stream); bytes that are clearly another image format are
     refused too, so Pillow's other decoders are never reached from outside.
-    Bytes without the signature of an accepted format are refused with 400
-    here, not handed to Pillow: it would try every decoder it has, and some
-    formats have no signature at all (a TGA header decodes from 18 bytes).
+    Bytes without the signature of an accepted format are refused as a bad
+    image here, not handed to Pillow: it would try every decoder it has, and
+    some formats have no signature at all (a TGA header decodes from 18 bytes).
     """
     kind = media_type(declared)
     accepted = ", ".join(ACCEPTED_TYPES)
     if kind not in ACCEPTED_TYPES and kind not in GENERIC_TYPES:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"{source}: content type {kind or 'missing'!r} is not supported; send one of {accepted}",
-        )
+        raise UnsupportedMedia(f"{source}: content type {kind or 'missing'!r} is not supported; send one of {accepted}")
     actual = sniff(data)
     if actual is not None and actual not in ACCEPTED_TYPES:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"{source}: the data is {actual}, which is not supported; send one of {accepted}",
-        )
+        raise UnsupportedMedia(f"{source}: the data is {actual}, which is not supported; send one of {accepted}")
     if actual is None:
-        raise ApiError(
-            400, "bad_image", f"{source}: not a decodable image (the data does not start like a JPEG, PNG or WebP file)"
-        )
+        raise BadImage(f"{source}: not a decodable image (the data does not start like a JPEG, PNG or WebP file)")

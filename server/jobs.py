@@ -22,11 +22,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vpr.data.datasets import list_images_recursive
+from vpr.data.spec import DatasetSpec
 from vpr.index.store import IndexMismatch, IndexRef, check_name
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import list_images
 from vpr.model.registry import RegistryError, now_iso
-from vpr.server.runtime import NotReady, Runtime
+from vpr.server.errors import NotReady
+from vpr.server.metrics import Metrics
+from vpr.server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,6 @@ PROGRESS_EVERY_S = 0.5
 
 class JobCancelled(RuntimeError):
     """Raised inside a running job (through its progress callback) to stop it."""
-
-
-class DatasetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str = Field(description="folder | mat | traversal | synthetic (see train.datasets)")
-    path: Path
-    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
 class RebuildRequest(BaseModel):
@@ -74,10 +70,10 @@ class RebuildRequest(BaseModel):
 
 
 class JobManager:
-    def __init__(self, jobs_dir: Path, runtime: Runtime, keep: int = 200) -> None:
+    def __init__(self, jobs_dir: Path, runtime: Runtime, metrics: Metrics | None = None, keep: int = 200) -> None:
         self.dir = Path(jobs_dir)
         self.runtime = runtime
-        self.metrics = runtime.metrics
+        self.metrics = metrics or Metrics()
         self.keep = keep
         self._jobs: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -123,7 +119,7 @@ class JobManager:
                 return json.loads(json.dumps(job))
         return self._read(self.dir / f"{job_id}.json")
 
-    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
         return [j for j in (self.get(p.stem) for p in files) if j]
 
@@ -279,13 +275,10 @@ class JobManager:
     def _items(self, req: RebuildRequest, source: Path) -> tuple[list[Any], Path]:
         if req.folder is not None:
             if req.recursive:
-                from vpr.data.datasets import list_images_recursive
-
                 return list_images_recursive(source), source
             return list_images(source), source
-        from vpr.data.datasets import open_dataset  # the one dataset reader (imports train lazily)
-
-        ds = open_dataset(req.dataset.kind, source, **req.dataset.options)  # type: ignore[union-attr]
+        assert req.dataset is not None  # RebuildRequest holds exactly one source
+        ds = req.dataset.model_copy(update={"path": source}).open()  # the path as _plan allowed it
         if not ds.database:
             raise ValueError(f"{source}: the dataset has no database images")
         return list(ds.database), Path(ds.root)

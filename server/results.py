@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -92,7 +93,7 @@ def match_json(rank: int, hit: Any) -> dict[str, Any]:
     }
 
 
-def answer_json(hits: list, serving: Any) -> dict[str, Any]:
+def answer_json(hits: Sequence[Any], serving: Any) -> dict[str, Any]:
     return {
         "results": [match_json(r, h) for r, h in enumerate(hits, 1)],
         "model": serving.model_spec,

@@ -4,10 +4,13 @@
 snapshot. A request leases the snapshot current when it starts and uses it
 to the end, so a hot swap (new model, rebuilt index) never disturbs requests
 in flight: they finish on the old pair, new requests get the new one, and a
-retired pair's resources are released once its last lease ends.
+retired pair's resources are released once its last lease ends. This is the
+one hot-swap mechanism of the project.
 
-Blocking work (loading, decoding, the forward pass) runs on threads; the
-event loop only awaits futures.
+It also decides what to serve (settings, then the pair last chosen through
+the admin API, then what the registry and store hold) and persists admin
+choices. Everything else a server needs (metrics, the micro-batcher, thread
+pools, streams, jobs) lives in its own object, wired by `create_app`.
 """
 
 from __future__ import annotations
@@ -18,48 +21,25 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
 from vpr.index.store import IndexMismatch, IndexStore, LoadedIndex, check_compatible
 from vpr.model.extract import default_device, embed_tensors
 from vpr.model.fileio import atomic_write_json
-from vpr.model.preprocess import decode_image, target_size, to_input
+from vpr.model.preprocess import target_size
 from vpr.model.registry import LoadedModel, Registry, RegistryError, now_iso
 from vpr.server.batcher import MicroBatcher
+from vpr.server.errors import NotReady
 from vpr.server.metrics import Metrics
+from vpr.server.serving import Serving
 from vpr.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 SERVING_FILE = "serving.json"  # $VPR_HOME/serving.json: the last pair chosen through the admin API
-
-
-class NotReady(RuntimeError):
-    """Nothing (or nothing consistent) is loaded; the message says why."""
-
-
-class Serving:
-    """One (model, index) pair; never changed once built, replaced whole."""
-
-    def __init__(self, model: LoadedModel, index: LoadedIndex, device: torch.device) -> None:
-        self.model, self.index, self.device = model, index, device
-        self.since = now_iso()
-
-    @property
-    def model_spec(self) -> str:
-        return str(self.model.ref)
-
-    @property
-    def index_spec(self) -> str:
-        return str(self.index.ref)
-
-    @property
-    def preprocess(self):
-        return self.model.net.config.preprocess
 
 
 @dataclass
@@ -70,9 +50,15 @@ class Status:
 
 
 class Runtime:
-    def __init__(self, settings: ServerSettings, metrics: Metrics | None = None) -> None:
+    """The served pair and its changes. `batcher`: warm-ups run on its thread
+    (when it runs); `metrics`: told what is served and of every swap."""
+
+    def __init__(
+        self, settings: ServerSettings, batcher: MicroBatcher | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.batcher = batcher
+        self.metrics = metrics or Metrics()  # a private registry when nobody reads them
         self.registry = Registry(settings.models_dir)
         self.store = IndexStore(settings.indexes_dir)
         self.device = torch.device(settings.device) if settings.device else default_device()
@@ -82,24 +68,13 @@ class Runtime:
             raise ValueError(
                 f"device {self.device} requested but CUDA (or that GPU) is not available; use --device cpu"
             )
-        self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, settings.queue_size, self.metrics)
-        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vpr-decode")
         self.current: Serving | None = None
         self.status = Status("starting", "the server is starting", time.time())
         self.last_error: str | None = None
-        self.streams = 0  # open websocket streams (touched on the event loop only)
         self._lease_lock = threading.Lock()  # leases vs. swaps
         self._leases: dict[int, int] = {}  # id(index) -> requests using it
         self._retired: dict[int, LoadedIndex] = {}  # swapped out, still leased
         self._swap_lock = threading.RLock()  # one load or swap at a time
-
-    # ---- lifecycle ------------------------------------------------------------
-    def start(self) -> None:
-        self.batcher.start()
-
-    def close(self) -> None:
-        self.batcher.stop()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- leases -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -210,7 +185,7 @@ class Runtime:
             model_spec = self._pick_model(self.store.manifest(index_spec))
         return model_spec, index_spec
 
-    def _pick_index(self, names: list[str], model_manifest: dict | None) -> str:
+    def _pick_index(self, names: list[str], model_manifest: dict[str, Any] | None) -> str:
         candidates = [n for n in names if self.store.active(n) is not None] or names
         if model_manifest is not None:
             candidates = [n for n in candidates if _compatible(self.store.manifest(n), model_manifest)]
@@ -225,10 +200,11 @@ class Runtime:
             )
         return candidates[0]
 
-    def _pick_model(self, index_manifest: dict) -> str:
+    def _pick_model(self, index_manifest: dict[str, Any]) -> str:
         """The active version of the newest compatible student, else of a
         compatible teacher (normally the one that built the index)."""
-        students, builders = [], []
+        students: list[tuple[tuple[str, str, int], str]] = []
+        builders: list[tuple[tuple[str, str, int], str]] = []
         for name in self.registry.names():
             try:
                 ref = self.registry.resolve(name)
@@ -248,7 +224,7 @@ class Runtime:
             )
         return chosen[1]
 
-    def _saved_choice(self) -> dict:
+    def _saved_choice(self) -> dict[str, str]:
         """The names last chosen through the admin API, when they still exist."""
         path = self.settings.home / SERVING_FILE
         try:
@@ -258,7 +234,7 @@ class Runtime:
         except (OSError, ValueError) as e:
             log.warning("%s: ignored (%s)", path, e)
             return {}
-        out = {}
+        out: dict[str, str] = {}
         for key, resolve in (("model", self.registry.resolve), ("index", self.store.resolve)):
             value = data.get(key) if isinstance(data, dict) else None
             if not isinstance(value, str):
@@ -286,7 +262,7 @@ class Runtime:
         w, h = target_size(cfg.max_side, max(1, cfg.max_side * 3 // 4), cfg)
         x = torch.zeros(3, h, w)
         t = time.perf_counter()
-        if self.batcher.running:
+        if self.batcher is not None and self.batcher.running:
             # Under load the queue may be full: wait for room (a hot swap must not fail because of traffic).
             timeout = max(60.0, self.settings.query_timeout_s)
             fut = self.batcher.submit(x, Serving(model, index, self.device), 1, source="warmup", wait_s=timeout)
@@ -310,12 +286,13 @@ class Runtime:
         index = self.store.load(index_spec) if index_spec else None
         with self._swap_lock:
             cur = self.current
-            if cur is None and (model is None or index is None):
-                raise NotReady(
-                    f"nothing is served yet ({self.status.reason}); give both a model and an index, or reload"
-                )
-            model = model or cur.model
-            index = index or cur.index
+            if model is None or index is None:
+                if cur is None:
+                    raise NotReady(
+                        f"nothing is served yet ({self.status.reason}); give both a model and an index, or reload"
+                    )
+                model = model or cur.model
+                index = index or cur.index
             _check(index, model)
             if model is not (cur.model if cur else None):
                 self.warmup(model, index)
@@ -338,29 +315,8 @@ class Runtime:
                         log.info("hot swap: %s %s -> %s", kind, a, b)
             return new
 
-    # ---- the query path -------------------------------------------------------------
-    def prepare(self, data: bytes, serving: Serving, source: str) -> tuple[torch.Tensor, float]:
-        """Decode (pixel-capped) and preprocess one image; blocking, run it in `pool`."""
-        t = time.perf_counter()
-        img = decode_image(data, self.settings.max_pixels, source=source)
-        x = to_input(img, serving.preprocess)
-        return x, self._decode_ms(t)
 
-    def prepare_array(self, rgb: np.ndarray, serving: Serving) -> tuple[torch.Tensor, float]:
-        """A decoded video frame (H, W, 3 uint8) -> network input."""
-        from PIL import Image
-
-        t = time.perf_counter()
-        x = to_input(Image.fromarray(rgb), serving.preprocess)
-        return x, self._decode_ms(t)
-
-    def _decode_ms(self, start: float) -> float:
-        seconds = time.perf_counter() - start
-        self.metrics.stage.labels("decode").observe(seconds)
-        return seconds * 1000
-
-
-def _compatible(index_manifest: dict, model_manifest: dict) -> bool:
+def _compatible(index_manifest: dict[str, Any], model_manifest: dict[str, Any]) -> bool:
     try:
         check_compatible(index_manifest, model_manifest)
         return True

@@ -16,27 +16,40 @@ Newest-frame-only: while the model is busy the server keeps just the newest
 frame; older unprocessed ones are dropped and counted, so latency stays at
 one forward pass however fast the client sends. An error is confined to its
 connection.
+
+Each frame then goes through the query service (server/service.py), like an
+HTTP query; this module keeps what is the stream's own: the hello, PyAV
+decoding, the newest-frame mailbox, and close codes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import av
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from vpr.model.preprocess import ImageDecodeError, ImageTooLarge
-from vpr.server.batcher import BatcherStopped, QueueFull
+from vpr.server.errors import (
+    BadImage,
+    NotReady,
+    Overloaded,
+    QueryTimeout,
+    TooLarge,
+    Unavailable,
+)
 from vpr.server.inputs import sniff
-from vpr.server.results import answer_json
-from vpr.server.runtime import NotReady, Runtime
+from vpr.server.metrics import Metrics
+from vpr.server.service import Prepared, QueryService, Upload
+from vpr.server.serving import Serving
+from vpr.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +58,13 @@ NORMAL, UNSUPPORTED, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, TRY_LATER = 1000, 
 
 
 class StreamError(Exception):
-    """Ends one stream: sent to the client as JSON, then the socket closes."""
+    """Ends one stream: sent to the client as JSON, then the socket closes.
+
+    The stream's own protocol errors are raised as these; the query service's
+    typed errors become one in `StreamSession._answer` (or a warning, or a
+    dropped frame): TooLarge -> 1009, Unavailable (not ready, shutting down)
+    -> 1013, BadImage -> a `bad_frame` warning (1007 after too many),
+    Overloaded / QueryTimeout -> the frame is dropped."""
 
     def __init__(self, close_code: int, error: str, detail: str) -> None:
         super().__init__(detail)
@@ -123,7 +142,7 @@ class H264Decoder:
                 INVALID_DATA, "bad_stream", "the stream does not start with an H.264 Annex-B start code (00 00 01)"
             )
 
-    def _decode(self, packets) -> list[av.VideoFrame]:
+    def _decode(self, packets: Iterable[av.Packet[Any]]) -> list[av.VideoFrame]:
         frames: list[av.VideoFrame] = []
         for packet in packets:
             try:
@@ -159,13 +178,32 @@ class Frame:
     pts: int | None = None
 
 
+class OpenStreams:
+    """How many streams are open (touched on the event loop only)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.count = 0
+        self.metrics = metrics
+
+    def opened(self) -> int:
+        """Count one more; returns how many are open now, this one included."""
+        self.count += 1
+        self.metrics.streams.inc()
+        return self.count
+
+    def closed(self) -> None:
+        self.count -= 1
+        self.metrics.streams.dec()
+
+
 class StreamSession:
     """One websocket connection: a receiver task and a processor task sharing
     a one-slot mailbox (the newest frame)."""
 
-    def __init__(self, ws: WebSocket, runtime: Runtime) -> None:
-        self.ws, self.runtime = ws, runtime
-        self.settings, self.metrics = runtime.settings, runtime.metrics
+    def __init__(
+        self, ws: WebSocket, service: QueryService, settings: ServerSettings, metrics: Metrics, streams: OpenStreams
+    ) -> None:
+        self.ws, self.service, self.settings, self.metrics, self.streams = ws, service, settings, metrics, streams
         self.hello: StreamHello | None = None
         self.top_k = self.settings.top_k_default
         self.decoder: H264Decoder | None = None
@@ -181,11 +219,10 @@ class StreamSession:
     # ---- entry ------------------------------------------------------------------
     async def run(self) -> None:
         await self.ws.accept()
-        self.metrics.streams.inc()
-        self.runtime.streams += 1
-        tasks: list[asyncio.Task] = []
+        open_now = self.streams.opened()
+        tasks: list[asyncio.Task[None]] = []
         try:
-            if self.runtime.streams > self.settings.stream_max_connections:
+            if open_now > self.settings.stream_max_connections:
                 raise StreamError(
                     TRY_LATER,
                     "too_many_streams",
@@ -196,8 +233,9 @@ class StreamSession:
             receiver, processor = tasks
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
-                if t.exception() is not None:
-                    raise t.exception()
+                failure = t.exception()
+                if failure is not None:
+                    raise failure
             if receiver.done() and self.ended:
                 await processor
                 await self._send({"type": "end", **self.counts()})
@@ -224,8 +262,7 @@ class StreamSession:
             # decoder; it is freed when that call returns.
             self.decoder = None
             self.pending = None
-            self.metrics.streams.dec()
-            self.runtime.streams -= 1
+            self.streams.closed()
             if tasks:  # not gather(): it re-raises the host's cancellation badly under anyio
                 await asyncio.wait(tasks, timeout=5)
 
@@ -237,7 +274,9 @@ class StreamSession:
         try:
             msg = await asyncio.wait_for(self.ws.receive(), self.settings.stream_hello_timeout_s)
         except TimeoutError:
-            raise StreamError(POLICY, "no_hello", f"no hello message within {self.settings.stream_hello_timeout_s:g} s")
+            raise StreamError(
+                POLICY, "no_hello", f"no hello message within {self.settings.stream_hello_timeout_s:g} s"
+            ) from None
         if msg["type"] == "websocket.disconnect":
             raise _Gone()
         text = msg.get("text")
@@ -259,27 +298,28 @@ class StreamSession:
             )
         self.hello = hello
         self.top_k = hello.top_k or self.settings.top_k_default
-        if self.runtime.current is None:
-            raise StreamError(TRY_LATER, "not_ready", self.runtime.status.reason or "not ready")
+        try:
+            with self.service.lease() as serving:
+                model, index = serving.model_spec, serving.index_spec
+        except NotReady as e:
+            raise StreamError(TRY_LATER, e.code, e.detail) from None
         if hello.codec == "h264":
             s = self.settings
             self.decoder = H264Decoder(s.max_pixels, s.stream_probe_bytes, s.stream_max_bad_frames)
-        cur = self.runtime.current
         await self._send(
             {
                 "type": "ready",
                 "codec": hello.codec,
                 "top_k": self.top_k,
                 "fps": hello.fps,
-                "model": cur.model_spec if cur else None,
-                "index": cur.index_spec if cur else None,
+                "model": model,
+                "index": index,
                 "max_message_bytes": self.settings.stream_max_message_bytes,
             }
         )
 
     # ---- receiving ------------------------------------------------------------------
     async def _receive(self) -> None:
-        loop = asyncio.get_running_loop()
         limit = self.settings.stream_max_message_bytes
         while True:
             msg = await self.ws.receive()
@@ -290,7 +330,7 @@ class StreamSession:
                 self._control(msg.get("text") or "")
                 if self.ended:
                     if self.decoder is not None:
-                        self._offer(await loop.run_in_executor(self.runtime.pool, self.decoder.flush))
+                        self._offer(await self.service.offload(self.decoder.flush))
                     self.wake.set()
                     return
                 continue
@@ -301,7 +341,7 @@ class StreamSession:
             if self.decoder is None:
                 self._offer_one(Frame(self.received, time.perf_counter(), data=data))
             else:
-                self._offer(await loop.run_in_executor(self.runtime.pool, self.decoder.feed, data))
+                self._offer(await self.service.offload(self.decoder.feed, data))
 
     def _control(self, text: str) -> None:
         try:
@@ -347,65 +387,58 @@ class StreamSession:
                 self.wake.set()
 
     async def _answer(self, frame: Frame) -> None:
-        loop = asyncio.get_running_loop()
+        """One frame through the query service; its errors become a warning, a
+        dropped frame, or the end of the stream."""
         try:
-            with self.runtime.lease() as serving:
+            with self.service.lease() as serving:
                 try:
-                    x, decode_ms = await loop.run_in_executor(self.runtime.pool, self._prepare, frame, serving)
-                except ImageTooLarge as e:
-                    raise StreamError(TOO_BIG, "frame_too_large", f"frame {frame.number}: {e}") from None
-                except ImageDecodeError as e:
-                    await self._bad_frame(frame, str(e))
+                    prepared = await self._prepare(frame, serving)
+                except BadImage as e:
+                    await self._bad_frame(frame, e.detail)
                     return
                 try:
-                    fut = self.runtime.batcher.submit(x, serving, self.top_k, source="stream")
-                except QueueFull:
+                    (answer,) = await self.service.search(serving, [prepared], self.top_k, source="stream")
+                except Overloaded:
                     self._drop("queue_full")
                     return
-                try:
-                    answer = await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.query_timeout_s)
-                except TimeoutError:
+                except QueryTimeout:
                     self._drop("timeout")
                     return
                 self.processed += 1
                 self.metrics.frames_processed.labels(self.codec).inc()
-                fps = self.hello.fps if self.hello else None
-                timings = {
-                    "decode": decode_ms,
-                    "queue": answer.queue_ms,
-                    "embed": answer.embed_ms,
-                    "search": answer.search_ms,
-                }
-                latency = (time.perf_counter() - frame.received) * 1000
-                await self._send(
-                    {
-                        "type": "result",
-                        "frame": frame.number,
-                        "pts": frame.pts,
-                        "time_s": round(frame.number / fps, 6) if fps else None,
-                        **answer_json(answer.hits, serving),
-                        "latency_ms": round(latency, 3),
-                        "timings_ms": {k: round(v, 3) for k, v in {**timings, "total": latency}.items()},
-                        **self.counts(),
-                    }
-                )
-        except NotReady as e:
-            raise StreamError(TRY_LATER, "not_ready", str(e)) from None
-        except BatcherStopped as e:
-            raise StreamError(TRY_LATER, "shutting_down", str(e)) from None
+                body = self.service.answer(serving, prepared, answer, started=frame.received)
+        except TooLarge as e:
+            raise StreamError(TOO_BIG, "frame_too_large", f"frame {frame.number}: {e.detail}") from None
+        except Unavailable as e:  # not ready, shutting down
+            raise StreamError(TRY_LATER, e.code, e.detail) from None
+        fps = self.hello.fps if self.hello else None
+        await self._send(
+            {
+                "type": "result",
+                "frame": frame.number,
+                "pts": frame.pts,
+                "time_s": round(frame.number / fps, 6) if fps else None,
+                **body,
+                "latency_ms": body["timings_ms"]["total"],
+                **self.counts(),
+            }
+        )
 
-    def _prepare(self, frame: Frame, serving):
+    async def _prepare(self, frame: Frame, serving: Serving) -> Prepared:
         if frame.video is not None:
-            rgb: np.ndarray = frame.video.to_ndarray(format="rgb24")
-            frame.video = None  # release the decoder's buffer early
-            return self.runtime.prepare_array(rgb, serving)
+            return await self.service.offload(self._video_input, frame, serving)
         assert frame.data is not None
         kind = sniff(frame.data)
-        if kind != "image/jpeg":  # Pillow's other decoders are never reached (see inputs.check_media)
-            raise ImageDecodeError(
-                f"frame {frame.number}: not a decodable image ({kind or 'not JPEG'} data on a jpeg stream)"
-            )
-        return self.runtime.prepare(frame.data, serving, source=f"frame {frame.number}")
+        if kind != "image/jpeg":  # a jpeg stream carries JPEGs only
+            raise BadImage(f"frame {frame.number}: not a decodable image ({kind or 'not JPEG'} data on a jpeg stream)")
+        return await self.service.prepare(serving, Upload(frame.data, kind, f"frame {frame.number}"))
+
+    def _video_input(self, frame: Frame, serving: Serving) -> Prepared:
+        """Blocking (the pool): colour conversion, then the service's preprocessing."""
+        assert frame.video is not None
+        rgb = frame.video.to_ndarray(format="rgb24")
+        frame.video = None  # release the decoder's buffer early
+        return self.service.decode_frame(serving, rgb)
 
     async def _bad_frame(self, frame: Frame, detail: str) -> None:
         self.bad += 1
@@ -428,16 +461,12 @@ class StreamSession:
             raise _Gone() from None
 
     async def _send_quietly(self, payload: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(_Gone):
             await self._send(payload)
-        except _Gone:
-            pass
 
     async def _close(self, code: int) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
             await self.ws.close(code)
-        except (RuntimeError, OSError, WebSocketDisconnect):
-            pass
 
 
 class _Gone(Exception):

@@ -33,6 +33,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     r = subprocess.run(

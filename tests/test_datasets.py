@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from vpr.cli.main import main
-from vpr.data.datasets import DatasetSource, dataset_source, dvgl_name, open_dataset, parse_dataset_arg, parse_dvgl_name
+from vpr.data.datasets import open_dataset
 from vpr.data.geo import latlon_to_utm, utm_to_latlon, zone_number
+from vpr.data.names import dvgl_name, parse_dvgl_name
 from vpr.data.synthetic import ROUTE_FILE, make_route
 from vpr.data.video_dataset import read_gps_csv, video_to_dataset
 
@@ -261,19 +262,6 @@ def test_gardens_point_walking(shared_dir: Path):
     assert ds.positives[0].tolist() == [0, 1, 2] and ds.positives[100].tolist() == [98, 99, 100, 101, 102]
     aligned = open_dataset("traversal", root, database="day_left", queries="day_right", tolerance=2)
     assert all(np.array_equal(a, b) for a, b in zip(aligned.positives, ds.positives))
-
-
-def test_dataset_source_from_command_line_choices(tmp_path: Path):
-    src = dataset_source(database=tmp_path / "a" / "db", queries=tmp_path / "a" / "q", ground_truth=tmp_path / "gt.csv")
-    assert src.kind == "traversal" and src.path == (tmp_path / "a").resolve()
-    assert dataset_source(database=tmp_path / "db", queries=tmp_path / "q", radius=10).kind == "folder"
-    assert dataset_source("synthetic:route", radius=3) == DatasetSource("synthetic", Path("route"), {"radius": 3})
-    with pytest.raises(ValueError, match="--dataset KIND:PATH"):
-        dataset_source(database=tmp_path)
-    with pytest.raises(ValueError, match="unknown kind 'pitts'"):
-        parse_dataset_arg("pitts:/x")
-    with pytest.raises(ValueError, match="expected KIND:PATH"):
-        parse_dataset_arg("folder")
 
 
 # ---- video + GPS ----------------------------------------------------------------------

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from vpr.cli.demo import INDEX, STUDENT, TEACHER, ensure_demo, existing_demo
 from vpr.index.ops import store_for
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
 
 
+@pytest.mark.slow
 def test_demo_builds_once_and_is_reused(home, monkeypatch):
     monkeypatch.setenv("VPR_DEMO_WEIGHTS", "/nonexistent/weights.safetensors")
     settings = HomeSettings(home=home)

@@ -224,6 +224,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, images, capsys):
     assert "nobody@3 not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_label_free_validation_split_picks_the_epoch_with_the_lowest_validation_loss(tmp_path, images):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
@@ -241,6 +242,7 @@ def test_label_free_validation_split_picks_the_epoch_with_the_lowest_validation_
 
 
 # ---- caching changes nothing ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_prefix_cache_gives_the_same_student_as_recomputing(tmp_path, images):
     home = tmp_path / "home"
     teacher = tiny_teacher(home, policy="native")  # degraded inputs are smaller: several shapes per batch
@@ -258,6 +260,7 @@ def test_prefix_cache_gives_the_same_student_as_recomputing(tmp_path, images):
 
 
 # ---- resume ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_a_crash_reaches_the_same_student(tmp_path, images, monkeypatch):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
@@ -313,6 +316,7 @@ def test_negative_miner_respects_distances():
         assert all(abs(utm[j, 0] - utm[i, 0]) > 30 for j in chosen)
 
 
+@pytest.mark.slow
 def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
     from vpr.data.synthetic import make_route
 
@@ -347,6 +351,7 @@ def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
 
 
 # ---- data parallel -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, images):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)

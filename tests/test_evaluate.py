@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+import vpr.describe.describe as dd
 import vpr.evaluation.evaluate as ev
 from vpr.cli.main import main
 from vpr.data.datasets import open_dataset
 from vpr.data.synthetic import make_route
 from vpr.describe.cache import DescriptorCache
-from vpr.evaluation.evaluate import describe_images, first_positive_ranks, recall_at_n
+from vpr.describe.describe import describe
+from vpr.evaluation.evaluate import first_positive_ranks, recall_at_n
 from vpr.model.clusters import init_clusters
 from vpr.model.network import build_model
 from vpr.model.preprocess import ImageDecodeError
@@ -109,47 +111,48 @@ def world(tmp_path_factory) -> dict:
     }
 
 
-def test_describe_images_uses_the_cache(world, monkeypatch):
+def test_describe_uses_the_cache(world, monkeypatch):
     home, reg = world["home"], Registry(world["home"].models_dir)
     cache = DescriptorCache(home.cache_dir / "t1")
     model = reg.load(world["teacher"])
     paths = sorted((world["route"] / "database").iterdir())[:4]
-    first = describe_images([model], paths, "h30-h264-qp40", "upsample", cache, progress=False)[0]
+    first = describe(model, paths, "h30-h264-qp40", cache=cache, policy="upsample")
     assert first.computed == 4 and first.cached == 0
     assert first.desc.shape == (4, model.net.descriptor_dim)
     assert np.allclose(np.linalg.norm(first.desc, axis=1), 1, atol=1e-4)
     assert (first.kbps > 0).all() and (first.nbytes > 0).all()
-    bundles = list((home.cache_dir / "t1").rglob("*.npz"))
-    assert len(bundles) == 1 and bundles[0].parent.name.startswith(f"{world['teacher']}-")
+    shards = list((home.cache_dir / "t1").rglob("shard-*"))
+    assert len(shards) == 1 and shards[0].parent.parent.name == model.sha256[:16]
 
-    def no_extract(*a, **k):
+    def no_forward(*a, **k):
         raise AssertionError("a cached descriptor was recomputed")
 
-    monkeypatch.setattr(ev, "extract", no_extract)
-    again = describe_images([model], paths, "h30-h264-qp40", "upsample", cache, progress=False)[0]
+    monkeypatch.setattr(dd, "embed_inputs", no_forward)
+    again = describe(model, paths, "h30-h264-qp40", cache=cache, policy="upsample")
     assert again.computed == 0 and again.cached == 4
     assert np.array_equal(again.desc, first.desc)
     assert np.array_equal(again.kbps, first.kbps)  # what the degradation cost is cached too
     monkeypatch.undo()
-    # a large image gives the same network input under both policies: same entries
-    assert describe_images([model], paths, "orig", "upsample", cache, progress=False)[0].computed == 4
-    monkeypatch.setattr(ev, "extract", no_extract)
-    assert describe_images([model], paths, "orig", "native", cache, progress=False)[0].cached == 4
-    monkeypatch.undo()
-    # a small query differs between policies: recomputed, and really different
-    up = describe_images([model], paths, "h30", "upsample", cache, progress=False)[0]
-    native = describe_images([model], paths, "h30", "native", cache, progress=False)[0]
+    # the policy is part of the preprocessing, so of the key; a large image is
+    # described the same under both
+    up = describe(model, paths, "orig", cache=cache, policy="upsample")
+    native = describe(model, paths, "orig", cache=cache, policy="native")
+    assert up.computed == native.computed == 4
+    assert np.allclose(up.desc, native.desc, atol=1e-6)
+    # a small query differs between policies: really different
+    up = describe(model, paths, "h30", cache=cache, policy="upsample")
+    native = describe(model, paths, "h30", cache=cache, policy="native")
     assert up.computed == native.computed == 4
     assert not np.allclose(up.desc, native.desc)
 
 
-def test_describe_images_names_a_corrupt_file(world, tmp_path: Path):
+def test_describe_names_a_corrupt_file(world, tmp_path: Path):
     model = Registry(world["home"].models_dir).load(world["teacher"])
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     good = sorted((world["route"] / "queries").iterdir())[0]
     with pytest.raises(ImageDecodeError, match=r"broken\.jpg: not a decodable image"):
-        describe_images([model], [good, bad], "h30", None, None, progress=False)
+        describe(model, [good, bad], "h30")
 
 
 def test_cli_eval_report(world, tmp_path: Path, capsys):
@@ -203,8 +206,8 @@ def test_cli_eval_report(world, tmp_path: Path, capsys):
     ds = open_dataset("synthetic", world["route"])
     reg = Registry(world["home"].models_dir)
     t = reg.load(world["teacher"])
-    db = describe_images([t], [i.path for i in ds.database], "orig", "upsample", None, progress=False)[0].desc
-    q = describe_images([t], [i.path for i in ds.queries], "h30-jpeg20", "upsample", None, progress=False)[0].desc
+    db = describe(t, [i.path for i in ds.database], "orig", policy="upsample").desc
+    q = describe(t, [i.path for i in ds.queries], "h30-jpeg20", policy="upsample").desc
     assert {str(k): v for k, v in recall_at_n(db, q, ds.positives).items()} == res[1]["recall"]
 
     # second run: everything comes from the cache
@@ -326,11 +329,14 @@ def route24(root: Path, lighting: str):
 
 
 def _recall(net, ds) -> dict[int, float]:
-    from vpr.model.extract import extract
+    """Recall of an unregistered network: the forward pass alone, no cache."""
+    from vpr.model.extract import embed_inputs
+    from vpr.model.preprocess import load_image, to_input
 
-    return recall_at_n(
-        extract(net, [i.path for i in ds.database]), extract(net, [i.path for i in ds.queries]), ds.positives
-    )
+    def embed(items) -> np.ndarray:
+        return embed_inputs(net, [to_input(load_image(i.path), net.config.preprocess) for i in items])[0]
+
+    return recall_at_n(embed(ds.database), embed(ds.queries), ds.positives)
 
 
 def test_random_init_model_is_far_from_perfect(tmp_path: Path):

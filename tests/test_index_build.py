@@ -4,7 +4,6 @@ the `vpr index` commands end to end."""
 from __future__ import annotations
 
 import json
-import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,8 @@ import torch
 
 from tests.conftest import TINY_CONFIG, random_images
 from vpr.cli.main import main
+from vpr.describe.describe import describe
 from vpr.index.store import IndexMismatch, IndexStore
-from vpr.model.extract import extract
 from vpr.model.network import build_model
 from vpr.model.registry import Registry
 
@@ -51,7 +50,7 @@ def test_build_describes_images_and_finds_each_one(world, tmp_path):
     index = store.load(ref, model=teacher)
     assert index.manifest["model"] == "teacher@1" and index.manifest["model_sha256"] == teacher.sha256
     assert index.dim == teacher.net.descriptor_dim == index.manifest["dim"]
-    q = extract(teacher.net, sorted(images.glob("*.jpg"))[:4])
+    q = describe(teacher, sorted(images.glob("*.jpg"))[:4]).desc
     hits = index.search(q, 2)
     assert [h[0].meta["path"] for h in hits] == [f"img{i:03d}.jpg" for i in range(4)]
     assert all(h[0].score > 0.999 for h in hits)
@@ -73,15 +72,16 @@ def test_interrupted_description_resumes_from_its_chunks(world, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         store.build("gp", teacher, paths, images, batch_size=1, progress=dying)
-    chunks = sorted(p.name for p in (store.root / ".work").glob("*/chunk-*.npy"))
-    assert chunks == ["chunk-000000.npy", "chunk-000001.npy"]  # 6 finished images; the 7th was in flight
+    shards = sorted((store.root / ".work").rglob("shard-*/keys.npy"))
+    kept = [len(np.load(k, allow_pickle=False)) for k in shards]
+    assert kept == [3, 3]  # two finished chunks of 6 images; the 7th was in flight
     assert store.versions("gp") == []
     resumed = []
     store.build("gp", teacher, paths, images, batch_size=1, progress=lambda d, t: resumed.append(d))
     assert resumed[0] == 6 and resumed[-1] == 10 and len(resumed) == 5  # reported once, then 4 new images
     full = IndexStore(tmp_path / "clean")
     full.build("gp", teacher, paths, images)
-    q = extract(teacher.net, paths[:5])
+    q = describe(teacher, paths[:5]).desc
     a, b = store.load("gp").search_ids(q, 3), full.load("gp").search_ids(q, 3)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)
@@ -156,8 +156,10 @@ def test_cli_build_list_show_search_add_remove_activate(world, tmp_path, capsys)
 
 
 def test_cli_dataset_items_are_converted_without_index_importing_train(world, tmp_path, monkeypatch, capsys):
-    """`--dataset` goes through train.datasets.open_dataset; any item with
-    path/label/utm/utm_zone/latlon works (a stand-in module here)."""
+    """`--dataset` goes through data.spec.DatasetSpec; any item with
+    path/label/utm/utm_zone/latlon works (a stand-in reader here)."""
+    from vpr.data.spec import DatasetSpec
+
     home, images = world
 
     @dataclass(frozen=True)
@@ -168,17 +170,15 @@ def test_cli_dataset_items_are_converted_without_index_importing_train(world, tm
         utm_zone: str | None = None
         latlon: tuple | None = None
 
-    def open_dataset(kind, path, **options):
-        assert kind == "folder"
+    def open_fake(spec: DatasetSpec):
+        assert spec.kind == "folder"
         db = [
             Item(p, f"place-{p.stem}", (100.0 + i, 200.0), "56J", (-27.5, 153.0))
-            for i, p in enumerate(sorted(Path(path).glob("*.jpg")))
+            for i, p in enumerate(sorted(spec.path.glob("*.jpg")))
         ]
-        return types.SimpleNamespace(name="fake", root=Path(path), database=db, queries=[], positives=[])
+        return types.SimpleNamespace(name="fake", root=spec.path, database=db, queries=[], positives=[])
 
-    fake = types.ModuleType("vpr.data.datasets")
-    fake.open_dataset = open_dataset
-    monkeypatch.setitem(sys.modules, "vpr.data.datasets", fake)
+    monkeypatch.setattr(DatasetSpec, "open", open_fake)
     assert run(home, "build", "--model", "teacher@1", "--name", "ds", "--dataset", f"folder:{images}") == 0
     index = IndexStore(Path(home) / "indexes").load("ds")
     meta = index.meta([2])[2]

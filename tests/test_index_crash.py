@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from vpr.index.meta import Entry
 from vpr.index.store import IndexStore, ModelStamp
@@ -41,6 +42,7 @@ BUILDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_halfway_through_a_build_leaves_the_active_version_intact(tmp_path: Path):
     store = IndexStore(tmp_path / "indexes")
     db, q, _ = clustered_descriptors(500, 32, n_queries=20, seed=1)

@@ -14,7 +14,6 @@ from vpr.index import faiss_backend as fb
 from vpr.index.knn import exact_knn
 from vpr.index.meta import Entry
 from vpr.index.store import (
-    ActiveIndex,
     Hit,
     IndexMismatch,
     IndexRef,
@@ -441,18 +440,3 @@ def test_prune_keeps_the_active_version(store, data, tmp_path):
     store.activate("gp@1")
     removed = store.prune("gp", keep=2)
     assert removed == [IndexRef("gp", 2)] and store.versions("gp") == [1, 3, 4]
-
-
-def test_active_index_follows_the_pointer(store, data, tmp_path):
-    db, q = data
-    build(store, db[:100], tmp_path)
-    served = ActiveIndex(
-        store, "gp", model={"name": "teacher", "version": 1, "sha256": "a" * 64, "descriptor_dim": DIM}
-    )
-    first = served.current
-    assert served.refresh() is False
-    build(store, db[:150], tmp_path)
-    assert served.refresh() is True and served.current.count == 150
-    assert first.search(q[:2], 1)[0] and first.count == 100  # the old object still answers
-    store.activate("gp@1")
-    assert served.refresh() is True and served.current.ref.version == 1

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from vpr.model.backbones import VGG16Backbone, build_backbone
 from vpr.model.config import BackboneConfig, PreprocessConfig
-from vpr.model.extract import extract
+from vpr.model.extract import embed_inputs
 from vpr.model.netvlad import NetVLAD, kmeans_centroids
 from vpr.model.network import PCAWhitening, build_model
 from vpr.model.preprocess import ImageDecodeError, ImageTooLarge, decode_image, target_size, to_input
@@ -57,7 +57,7 @@ def test_netvlad_shape_norms_and_reference():
 
 def test_vgg16_descriptor_is_32768_d():
     net = build_model({"preprocess": {"max_side": 64}})
-    d = extract(net, [Image.new("RGB", (64, 48), (120, 30, 200))])
+    d, _ = embed_inputs(net, [to_input(Image.new("RGB", (64, 48), (120, 30, 200)), net.config.preprocess)])
     assert d.shape == (1, 32768) and d.dtype == np.float32
     assert abs(float(np.linalg.norm(d)) - 1.0) < 1e-4
 
@@ -177,6 +177,7 @@ def test_wrong_weights_file_is_refused(tmp_path):
         load_vgg16_features(net, junk)
 
 
+@pytest.mark.slow
 def test_import_pytorch_netvlad_checkpoint(tmp_path):
     """A checkpoint in pytorch-NetVLAD's layout (vladv2=False: no conv bias)
     converts to a model whose descriptor equals the original layer's."""
@@ -204,6 +205,7 @@ def test_import_pytorch_netvlad_checkpoint(tmp_path):
         import_pytorch_netvlad(tmp_path / "other.pth.tar")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vgg16", "resnet18"])
 def test_torchvision_imagenet_weights_from_the_local_cache(tmp_path, monkeypatch, arch):
     """`--weights imagenet` reads torchvision's cache file (never downloads): a

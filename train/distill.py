@@ -13,7 +13,7 @@ triplet loss becomes available and a validation split reports recall.
 How a step is computed (and why it is cheap on a CPU):
 
 - The teacher's descriptor and channel correlation of every image are
-  computed once (`TensorCache`, see `train.distill_cache`).
+  computed once (through `describe.describe` and its descriptor cache).
 - Only the student's top layers train (default: the backbone's last block
   and NetVLAD). The backbone is split at the first trainable layer into a
   frozen prefix and the rest (`StudentHead`); the prefix's output for an
@@ -46,12 +46,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
+from vpr.describe.cache import DescriptorCache
 from vpr.model.extract import autocast_for, cpu_name
 from vpr.model.network import VPRNet
 from vpr.model.registry import ModelRef, Registry, check_name
 from vpr.settings import HomeSettings
 from vpr.train import ddp
-from vpr.train.distill_cache import FileIdentity, TensorCache
+from vpr.train.distill_cache import TensorCache
 from vpr.train.distill_data import (
     PrefixRunner,
     TeacherTargets,
@@ -67,9 +68,6 @@ from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_te
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "cosine", "step")
-CACHE_MODES = ("disk", "memory", "off")
-
 
 # ---- configuration -------------------------------------------------------------
 class DistillConfig(BaseModel):
@@ -81,8 +79,8 @@ class DistillConfig(BaseModel):
     name: str  # the student's registry name
     qualities: list[str]
     images: Path | None = None  # a folder of images: label-free
-    dataset: str | None = None  # KIND:PATH of a dataset with positions (its database images train)
-    dataset_options: dict[str, Any] = {}
+    dataset: str | None = None  # KIND:PATH of a dataset with positions (its database images train; data.spec)
+    dataset_options: dict[str, Any] = {}  # the dataset reader's options (data.datasets)
     limit: int | None = Field(None, ge=1)  # use this many images, evenly spread (cheap runs)
     loss: str = DEFAULT_LOSS
     loss_weights: dict[str, float] | None = None
@@ -199,19 +197,18 @@ class Distiller:
         self.state = RunState(config=cfg.model_dump(mode="json"))
 
     def _setup_data(self) -> None:
-        """The caches: teacher targets always (computed once); prefix outputs unless turned off."""
+        """The caches: teacher targets always (computed once; on disk in THE descriptor
+        cache, or in memory); prefix outputs unless turned off."""
         cfg = self.cfg
         folder = Path(cfg.cache_dir) if cfg.cache_dir else self.home.cache_dir / "distill"
         disk = cfg.prefix_cache == "disk"
         budget = cfg.cache_memory_mb << 20
-        identity = FileIdentity()
         paths = [i.path for i in self.images]
         self.targets = TeacherTargets(
             self.teacher,
             paths,
             self.device,
-            TensorCache(budget if disk else 1 << 62, folder / "teacher" if disk else None),
-            identity,
+            DescriptorCache(Path(cfg.cache_dir) if cfg.cache_dir else self.home.cache_dir) if disk else None,
             cfg.batch_size,
             cfg.progress,
         )
@@ -223,7 +220,6 @@ class Distiller:
             self.student.config.preprocess,
             self.device,
             prefix_cache,
-            identity,
         )
 
     def student_input(self, i: int, quality: str) -> torch.Tensor:
@@ -231,7 +227,7 @@ class Distiller:
 
     def cache_stats(self) -> dict[str, Any]:
         return {
-            "teacher": self.targets.cache.stats(),
+            "teacher": self.targets.stats(),
             "prefix": self.inputs.cache.stats() if self.inputs.cache else "off",
         }
 

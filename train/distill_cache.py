@@ -1,17 +1,19 @@
-"""Caches that make distillation cheap on a CPU without changing its result.
+"""The cache of the student's frozen-prefix outputs: distillation made cheap on a
+CPU without changing its result.
 
-The teacher is frozen and always sees the same originals, so its targets
-(descriptor, channel correlation) are computed once per image. The student's
-frozen lower layers see a given (image, quality) pair always the same way
-(degradation is deterministic), so their output is fixed too: each training
-step then only runs the trainable upper layers. On VGG16 with conv5 + NetVLAD
-training that is roughly 1/7 of a full forward and backward pass.
+The student's frozen lower layers see a given (image, quality) pair always
+the same way (degradation is deterministic), so their output is fixed: each
+training step then only runs the trainable upper layers. On VGG16 with
+conv5 + NetVLAD training that is roughly 1/7 of a full forward and backward
+pass. (The teacher's targets are descriptors, so they live in THE descriptor
+cache, `describe.cache`; these are intermediate activations.)
 
 `TensorCache` keeps entries in a memory LRU bounded in bytes and, optionally,
 as safetensors files in a folder (so reruns with other learning rates or
 loss weights, and resumed runs, reuse them). Keys are strings that name
-everything the tensors depend on; files appear by rename (never half
-written) and are read with safetensors (never unpickled). A corrupt or unreadable file is recomputed.
+everything the tensors depend on (images by `describe.cache.image_sha256`);
+files appear by rename (never half written) and are read with safetensors
+(never unpickled). A corrupt or unreadable file is recomputed.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
-from vpr.model.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +134,3 @@ class TensorCache:
             "memory_entries": len(self._mem),
             "memory_bytes": self._bytes,
         }
-
-
-class FileIdentity:
-    """Content hashes of image files, computed once per path (cache keys use
-    content, so a replaced file with the same name is not served stale)."""
-
-    def __init__(self) -> None:
-        self._known: dict[Path, tuple[int, int, str]] = {}
-
-    def __call__(self, path: Path) -> str:
-        path = Path(path)
-        st = path.stat()
-        known = self._known.get(path)
-        if known and known[:2] == (st.st_size, st.st_mtime_ns):
-            return known[2]
-        digest = sha256_file(path)
-        self._known[path] = (st.st_size, st.st_mtime_ns, digest)
-        return digest

@@ -4,8 +4,12 @@ first trainable layer, the frozen prefix's (cached) outputs and the teacher's
 
 Why the split: only the student's top layers train, so the frozen prefix's
 output for an (image, quality) pair never changes, and neither do the
-teacher's targets for an image. Both are computed once (see
-`train.distill_cache`); each step then runs only `StudentHead`.
+teacher's targets for an image. Both are computed once: the targets through
+THE description path (`describe.describe`, its cache holding the channel
+correlations beside the descriptors), the prefix outputs in
+`train.distill_cache.TensorCache` (activations, not descriptors, but the
+images are named the same way, by `describe.cache.image_sha256`); each step
+then runs only `StudentHead`.
 """
 
 from __future__ import annotations
@@ -19,21 +23,27 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from vpr.data.spec import DatasetSpec
+from vpr.describe.cache import CachedRows, DescriptorCache, device_kind, image_sha256
+from vpr.describe.describe import Described, describe
 from vpr.model.config import PreprocessConfig
-from vpr.model.extract import autocast_for, extract
+from vpr.model.extract import autocast_for
 from vpr.model.network import VPRNet
 from vpr.model.preprocess import list_images, load_image, to_input
 from vpr.model.registry import LoadedModel
 from vpr.train import ddp
-from vpr.train.distill_cache import FileIdentity, TensorCache
+from vpr.train.distill_cache import TensorCache
 from vpr.train.losses import channel_correlation
 
 log = logging.getLogger(__name__)
 
 HEAD_EXTRAS = ("netvlad", "pca")
 CACHE_VERSION = 1
+# The teacher's channel correlations, stored by the describe cache beside its
+# descriptors under this name (part of the key): bump it when
+# `losses.channel_correlation` changes.
+GRAM = "gram-v1"
 
 
 # ---- training images ---------------------------------------------------------------
@@ -57,10 +67,7 @@ def collect_images(cfg: Any) -> tuple[list[TrainImage], dict[str, Any]]:
         images = [TrainImage(p.resolve()) for p in paths]
         source = {"images": str(Path(cfg.images).resolve())}
     else:
-        from vpr.data.datasets import open_dataset, parse_dataset_arg
-
-        kind, path = parse_dataset_arg(cfg.dataset)
-        ds = open_dataset(kind, path, **cfg.dataset_options)
+        ds = DatasetSpec.parse(cfg.dataset, cfg.dataset_options).open()
         images = [TrainImage(Path(i.path), i.utm) for i in ds.database]
         source = {"dataset": cfg.dataset, "dataset_name": ds.name, "dataset_part": "database"}
     keep = spread(len(images), cfg.limit)
@@ -146,11 +153,6 @@ def split_student(net: VPRNet, names: list[str]) -> tuple[nn.Sequential, Student
 
 
 # ---- cached inputs and targets ----------------------------------------------------------------
-def device_tag(device: torch.device) -> str:
-    """Part of cache keys: CUDA runs under bf16 autocast, so its tensors differ from CPU's."""
-    return "cuda-bf16" if torch.device(device).type == "cuda" else "cpu-fp32"
-
-
 class PrefixRunner:
     """The frozen prefix's output for an image file degraded to a quality: (C, h, w) on CPU.
 
@@ -167,19 +169,17 @@ class PrefixRunner:
         preprocess: PreprocessConfig,
         device: torch.device,
         cache: TensorCache | None,
-        identity: FileIdentity | None = None,
     ) -> None:
         self.prefix, self.cut, self.sha = prefix, cut, weights_sha256
         self.preprocess, self.device, self.cache = preprocess, torch.device(device), cache
-        self.identity = identity or FileIdentity()
         self.preprocess_key = json.dumps(preprocess.model_dump(), sort_keys=True)
 
     def key(self, path: Path, quality: str) -> str:
         from vpr.media.degrade import DEGRADE_VERSION
 
         return (
-            f"prefix|v{CACHE_VERSION}|{self.sha}|cut={self.cut}|{self.preprocess_key}|{self.identity(path)}"
-            f"|{quality}|degrade-v{DEGRADE_VERSION}|{device_tag(self.device)}"
+            f"prefix|v{CACHE_VERSION}|{self.sha}|cut={self.cut}|{self.preprocess_key}|{image_sha256(path)}"
+            f"|{quality}|degrade-v{DEGRADE_VERSION}|{device_kind(self.device)}"
         )
 
     def __call__(self, path: Path, quality: str) -> torch.Tensor:
@@ -198,61 +198,56 @@ class PrefixRunner:
 
 
 class TeacherTargets:
-    """Per training image, the teacher's descriptor and channel correlation of the original."""
+    """Per training image, the teacher's descriptor and channel correlation of the original.
+
+    Both come from one `describe` call (the teacher at `orig`, the correlation
+    as an extra of the same forward pass). With a cache (`prefix_cache="disk"`)
+    the correlations stay on disk and are read per batch; without, they are held in memory."""
 
     def __init__(
         self,
         teacher: LoadedModel,
         paths: list[Path],
         device: torch.device,
-        cache: TensorCache,
-        identity: FileIdentity | None = None,
+        cache: DescriptorCache | None,
         batch_size: int = 8,
         progress: bool = True,
     ) -> None:
         self.teacher, self.paths, self.device, self.cache = teacher, [Path(p) for p in paths], device, cache
-        self.identity = identity or FileIdentity()
         self.batch_size, self.progress = batch_size, progress
         self.desc = torch.zeros(0)  # (N, D) once prepared
+        self._grams: np.ndarray | CachedRows | None = None
+        self.computed = self.cached = 0
 
-    def key(self, i: int) -> str:
-        return (
-            f"teacher-targets|v{CACHE_VERSION}|{self.teacher.sha256}|{self.identity(self.paths[i])}"
-            f"|{device_tag(self.device)}"
+    def _describe(self, paths: list[Path], show: bool) -> Described:
+        return describe(
+            self.teacher,
+            paths,
+            "orig",
+            cache=self.cache,
+            batch_size=self.batch_size,
+            device=self.device,
+            progress="teacher" if (self.progress and show) else False,
+            extras={GRAM: channel_correlation},
         )
 
     def prepare(self, ctx: ddp.DistContext) -> None:
-        """Compute what is missing (processes split the work when the cache is on
-        disk and read each other's results), then build the descriptor table."""
-        ids = np.arange(len(self.paths))
-        self._fill(ids[ctx.rank :: ctx.world_size] if self.cache.folder else ids, ctx.is_main)
-        ddp.barrier(ctx)
-        self.desc = torch.stack([self.get(i)["desc"] for i in range(len(self.paths))])
+        """Describe every image (with a disk cache, processes first split the work
+        and then read each other's results), keeping the descriptor table."""
+        if self.cache is not None and ctx.world_size > 1:
+            mine = self._describe(self.paths[ctx.rank :: ctx.world_size], ctx.is_main)
+            self.computed = mine.computed
+            ddp.barrier(ctx)
+        out = self._describe(self.paths, ctx.is_main)
+        self.computed += out.computed
+        self.cached = len(self.paths) - self.computed  # by this process: read, not computed
+        self.desc = torch.from_numpy(out.desc)
+        self._grams = out.extras[GRAM]
 
-    def _fill(self, ids: np.ndarray, show: bool) -> None:
-        missing = [int(i) for i in ids if self.cache.get(self.key(int(i))) is None]
-        log.info("teacher targets: %d of %d images to compute", len(missing), len(ids))
-        bar = tqdm(total=len(missing), desc="teacher", unit="img", disable=not (self.progress and show))
-        for start in range(0, len(missing), 32):
-            part = missing[start : start + 32]
-            descs, feats = extract(
-                self.teacher.net,
-                [self.paths[i] for i in part],
-                batch_size=self.batch_size,
-                device=self.device,
-                return_features=True,
-            )
-            for i, d, f in zip(part, descs, feats):
-                self.cache.put(self.key(i), {"desc": torch.from_numpy(d), "gram": channel_correlation(f[None])[0]})
-            bar.update(len(part))
-        bar.close()
+    def grams(self, ids: list[int] | np.ndarray) -> torch.Tensor:
+        if self._grams is None:
+            raise RuntimeError("teacher targets: call prepare() first")
+        return torch.from_numpy(np.ascontiguousarray(self._grams[np.asarray(ids, dtype=np.int64)]))
 
-    def get(self, i: int) -> dict[str, torch.Tensor]:
-        return self.cache.get_or_compute(self.key(i), lambda: self._compute(i))
-
-    def _compute(self, i: int) -> dict[str, torch.Tensor]:
-        descs, feats = extract(self.teacher.net, [self.paths[i]], device=self.device, return_features=True)
-        return {"desc": torch.from_numpy(descs[0]), "gram": channel_correlation(feats[0][None])[0]}
-
-    def grams(self, ids: list[int]) -> torch.Tensor:
-        return torch.stack([self.get(i)["gram"] for i in ids])
+    def stats(self) -> dict[str, int]:
+        return {"computed": self.computed, "cached": self.cached}

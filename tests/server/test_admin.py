@@ -12,11 +12,12 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_server_support import build_home, gated, place_images, wait_ready
+from tests.server.support import build_home, gated, place_images, wait_ready
 from vpr.model.registry import Registry
 from vpr.server.app import create_app
 from vpr.server.jobs import JobManager
-from vpr.server.runtime import Runtime, Serving
+from vpr.server.runtime import Runtime
+from vpr.server.serving import Serving
 from vpr.settings import ServerSettings
 
 TOKEN = "admin-token-for-tests-0123456789"

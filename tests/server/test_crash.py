@@ -17,9 +17,10 @@ import signal
 import time
 
 import httpx
+import pytest
 
-from tests.live_support import ServeProcess
-from tests.test_server_support import build_home, place_images
+from tests.server.live_support import serve_process
+from tests.server.support import build_home, place_images
 from vpr.index.store import IndexStore
 
 TOKEN = "crash-test-admin-token-0123456789abcdef"
@@ -43,6 +44,7 @@ def _query(client: httpx.Client, path) -> dict:
     return r.json()
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_path):
     h = build_home(tmp_path)
     big = tmp_path / "big"  # the 8 places (same names) and many more images
@@ -56,7 +58,7 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
     env = {"VPR_ADMIN_TOKEN": TOKEN}
     log = tmp_path / "serve.log"
 
-    first = ServeProcess(h.home, log, env=env).start()
+    first = serve_process(h.home, log, env=env).start()
     try:
         with httpx.Client(base_url=first.url, headers=AUTH, timeout=60) as c:
             r = c.post("/v1/admin/models/activate", json={"model": h.student2})
@@ -76,7 +78,7 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
             )
             assert running["state"] == "running", running
             first.kill()  # SIGKILL in the middle of describing the images
-        assert first.proc.returncode == -signal.SIGKILL
+        assert first.returncode == -signal.SIGKILL
     finally:
         first.kill()
 
@@ -86,7 +88,7 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
     store = IndexStore(h.home / "indexes")
     assert store.versions("places") == [1] and str(store.active("places")) == h.index
 
-    second = ServeProcess(h.home, log, env=env).start()  # same home, nothing repaired by hand
+    second = serve_process(h.home, log, env=env).start()  # same home, nothing repaired by hand
     try:
         with httpx.Client(base_url=second.url, headers=AUTH, timeout=60) as c:
             ready = c.get("/readyz").json()
@@ -113,7 +115,7 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
             assert _query(c, h.images[3])["results"][0]["path"] == h.images[3].name
     finally:
         second.stop()
-    assert second.proc.returncode in (0, -signal.SIGTERM)
+    assert second.returncode in (0, -signal.SIGTERM)
     # no half-built folders left behind, and the new version is the active one
     assert not list((h.home / "indexes" / "places").glob(".tmp-*"))
     assert store.versions("places") == [1, 2] and str(store.active("places")) == "places@2"

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from websockets.sync.client import connect
 
-from tests.live_support import ws_messages_until_close
-from tests.test_server_support import build_home, place_images
+from tests.server.live_support import ws_messages_until_close
+from tests.server.support import build_home, place_images
 from vpr.server.app import create_app
-from vpr.server.background import BackgroundServer
 from vpr.server.batcher import MicroBatcher, QueueFull
+from vpr.server.harness import ThreadServer
 from vpr.settings import ServerSettings
 
 TOKEN = "load-test-admin-token-0123456789abcdef"
@@ -145,6 +145,7 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.02):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_queries_survive_a_rebuild_and_a_model_swap(tmp_path):
     h = build_home(tmp_path)
     db2 = tmp_path / "db2"  # the same 8 places (same names) and more images
@@ -169,8 +170,7 @@ def test_queries_survive_a_rebuild_and_a_model_swap(tmp_path):
     metrics = app.state.metrics.registry
     stop = threading.Event()
     deadline = time.monotonic() + TIME_LIMIT_S
-    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60, headers=AUTH) as admin:
-        _wait(lambda: admin.get("/readyz").status_code == 200, 60, "readiness")
+    with ThreadServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60, headers=AUTH) as admin:
         clients = [Querier(n, srv.url, h.images, stop, deadline) for n in range(CLIENTS)]
         streamer = Streamer(srv.ws_url, h.images, stop, deadline)
         try:

@@ -1,38 +1,27 @@
 """End to end: `vpr serve` as a subprocess on a free loopback port, driven by
 `vpr query` and `vpr stream` (one as a subprocess like a user types it; the
-others through the same `cli.main.main` in this process, which saves a torch
+others through the same `vpr.cli.main.main` in this process, which saves a torch
 import per call), then stopped with SIGTERM."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.test_server_support import build_home, encode_mp4, frames_of
+from tests.server.live_support import serve_process
+from tests.server.support import build_home, encode_mp4, frames_of
 from vpr.cli.main import main
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# What the `vpr` console script runs (`python -m vpr.cli.main` would load cli.main twice).
-VPR = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
+from vpr.server.harness import VPR_COMMAND, free_port
 
 
 def vpr(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*VPR, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*VPR_COMMAND, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def vpr_here(capsys, *args: str) -> subprocess.CompletedProcess:
@@ -47,42 +36,9 @@ def vpr_here(capsys, *args: str) -> subprocess.CompletedProcess:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     h = build_home(root)
-    port = free_port()
-    env = {**os.environ, "VPR_MODEL": "student", "VPR_DEVICE": "cpu", "VPR_DECODE_THREADS": "2"}
-    env.pop("VPR_ADMIN_TOKEN", None)
-    env.pop("VPR_ADMIN_TOKEN_FILE", None)
-    log = open(root / "serve.log", "w")
-    proc = subprocess.Popen(
-        [*VPR, "--home", str(h.home), "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vpr serve exited with {proc.returncode}: {(root / 'serve.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not ready: {(root / 'serve.log').read_text()}")
-            time.sleep(0.2)
-        yield url, h, root, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+    srv = serve_process(h.home, root / "serve.log", env={"VPR_MODEL": "student", "VPR_ACCESS_LOG": "true"})
+    with srv:
+        yield srv.url, h, root, srv
 
 
 def test_vpr_query(server):
@@ -143,10 +99,10 @@ def test_vpr_stream_gopro_walk(server, capsys, shared_dir):
 
 
 def test_vpr_serve_stops_cleanly_on_sigterm(server):
-    url, _, root, proc = server
+    url, _, root, srv = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
-    proc.send_signal(signal.SIGTERM)
+    srv.stop()  # SIGTERM
     # uvicorn shuts down gracefully, then re-raises the signal for the exit status
-    assert proc.wait(30) in (0, -signal.SIGTERM)
+    assert srv.returncode in (0, -signal.SIGTERM)
     log = (root / "serve.log").read_text()
     assert "Application shutdown complete" in log and "Traceback" not in log

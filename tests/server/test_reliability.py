@@ -33,7 +33,7 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.live_support import (
+from tests.server.live_support import (
     abort,
     chunked,
     peak_rss_bytes,
@@ -45,9 +45,9 @@ from tests.live_support import (
     ws_messages_until_close,
     ws_read_frame,
 )
-from tests.test_server_support import Home, build_home, encode_h264, frames_of
+from tests.server.support import Home, build_home, encode_h264, frames_of
 from vpr.server.app import create_app
-from vpr.server.background import BackgroundServer
+from vpr.server.harness import ThreadServer
 from vpr.server.inputs import BodyLimitMiddleware, BodyTooLarge
 from vpr.settings import ServerSettings
 
@@ -73,7 +73,7 @@ FUZZ = settings(
 @dataclass(repr=False)
 class Live:
     h: Home
-    srv: BackgroundServer
+    srv: ThreadServer
     http: httpx.Client
     app: object
     encoded: dict[tuple[str, int], bytes]
@@ -119,11 +119,7 @@ def live(tmp_path_factory):
         access_log=False,
     )
     app = create_app(settings_)
-    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
-        deadline = time.monotonic() + 60
-        while http.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, http.get("/readyz").json()
-            time.sleep(0.05)
+    with ThreadServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
         encoded = {(fmt, i): encode(p, fmt) for fmt in FORMATS for i, p in enumerate(h.images)}
         live = Live(h, srv, http, app, encoded, encode_h264(frames_of(h.images, repeat=2), fps=10), {})
         live.bombs = [(real_bomb(fmt, side), ctype) for fmt, ctype in FORMATS.items() for side in (1000, 3000)]
@@ -139,10 +135,8 @@ def settled_rss() -> int:
     """RSS once freed memory is handed back (gc, then glibc's malloc_trim), so
     that what is measured is memory in use, not what the allocator keeps cached."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: plain RSS
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: plain RSS
-        pass
     return rss_bytes()
 
 
@@ -765,6 +759,7 @@ def churn(live: Live, rounds: int) -> int:
     return sent
 
 
+@pytest.mark.slow
 def test_still_correct_and_memory_bounded(live):
     """After all of the above, and three more rounds that push about 190 MB of
     refused bodies, bombs and broken streams through the server: the normal

@@ -1,7 +1,8 @@
 """Helpers of the tests that talk to a live server over real loopback sockets
 (reliability fuzzing, load, crash): raw HTTP and websocket framing where a
-normal client would refuse to misbehave, `vpr serve` subprocesses, and the
-resident memory of a process. No tests here."""
+normal client would refuse to misbehave, the resident memory of a process,
+and the tests' defaults for `vpr serve` subprocesses. The servers themselves
+run through the one harness, vpr.server.harness. No tests here."""
 
 from __future__ import annotations
 
@@ -9,23 +10,18 @@ import base64
 import json
 import os
 import select
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from tests.conftest import REPO
+from vpr.server.harness import ServeProcess
 
-# What the `vpr` console script runs (`python -m vpr.cli.main` would load cli.main twice).
-VPR = [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -51,12 +47,6 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise OSError("no VmHWM in /proc/self/status")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- raw HTTP/1.1 --------------------------------------------------------------------------
@@ -224,88 +214,15 @@ def ws_messages_until_close(ws, timeout: float = 60.0) -> tuple[list[dict], int 
         except ConnectionClosed as e:
             return msgs, (e.rcvd.code if e.rcvd else None)
         except TimeoutError:
-            raise AssertionError(f"the server did not close the stream within {timeout} s: {msgs[-3:]}")
+            raise AssertionError(f"the server did not close the stream within {timeout} s: {msgs[-3:]}") from None
         msgs.append(json.loads(raw))
 
 
 # ---- `vpr serve` as a subprocess --------------------------------------------------------------
-class ServeProcess:
-    """`vpr --home HOME serve` on a loopback port, with its log in a file."""
+TEST_ENV = {"VPR_DEVICE": "cpu", "VPR_DECODE_THREADS": "2", "VPR_ACCESS_LOG": "false"}
 
-    def __init__(
-        self,
-        home: Path,
-        log: Path,
-        port: int | None = None,
-        env: dict[str, str] | None = None,
-        args: Iterable[str] = (),
-    ) -> None:
-        self.home, self.log_path = home, log
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        base = {k: v for k, v in os.environ.items() if not k.startswith("VPR_")}
-        self.env = {**base, "VPR_DEVICE": "cpu", "VPR_DECODE_THREADS": "2", "VPR_ACCESS_LOG": "false", **(env or {})}
-        self.args = list(args)
-        self.proc: subprocess.Popen | None = None
 
-    def start(self, ready_timeout: float = 120.0) -> ServeProcess:
-        self._log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [*VPR, "--home", str(self.home), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            cwd=REPO,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_ready(ready_timeout)
-        return self
-
-    def wait_ready(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"vpr serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                r = httpx.get(f"{self.url}/readyz", timeout=5)
-                last = r.json()
-                if r.status_code == 200:
-                    return last
-            except httpx.HTTPError as e:
-                last = e
-            time.sleep(0.2)
-        raise AssertionError(f"vpr serve not ready after {timeout} s ({last}):\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()[-6000:]
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown handler, no flush, like a power cut of the process."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-        self._close_log()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._close_log()
-
-    def _close_log(self) -> None:
-        log = getattr(self, "_log", None)
-        if log is not None and not log.closed:
-            log.close()
-
-    def __enter__(self) -> ServeProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def serve_process(home: Path, log: Path, env: dict[str, str] | None = None, args: Iterable[str] = ()) -> ServeProcess:
+    """`vpr serve` (the one harness, vpr.server.harness) with the tests' defaults:
+    the CPU, two decode threads, no access log; start it with `.start()`."""
+    return ServeProcess(home, log, args=list(args), env={**TEST_ENV, **(env or {})}, cwd=REPO)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_server_support import build_home, encode_h264, encode_mp4, frames_of, gated, wait_ready
+from tests.server.support import build_home, encode_h264, encode_mp4, frames_of, gated, wait_ready
 from vpr.server.app import create_app
+from vpr.server.batcher import BatcherStopped, QueueFull
 from vpr.server.client import h264_chunks, video_fps
-from vpr.server.runtime import Serving
+from vpr.server.serving import Serving
 from vpr.settings import ServerSettings
 
 
@@ -110,13 +111,11 @@ def test_newest_frame_only_while_busy(served):
     orig = rt.current
     model, net = gated(orig.model)
     rt._publish(Serving(model, orig.index, rt.device))
-    received = lambda: (
-        rt.metrics.registry.get_sample_value(
-            "vpr_stream_frames_received_total",
-            {"codec": "jpeg"},
-        )
-        or 0
-    )
+    metrics = client.app.state.metrics.registry
+
+    def received() -> float:
+        return metrics.get_sample_value("vpr_stream_frames_received_total", {"codec": "jpeg"}) or 0
+
     try:
         with client.websocket_connect("/v1/stream") as ws:
             start(ws, codec="jpeg", top_k=1)
@@ -242,6 +241,39 @@ def test_protocol_errors_after_the_hello(served):
         ws.send_bytes(bytes(300 * 1024))
         err = _expect_error(ws, "message_too_large", 1009)
         assert "262144" in err["detail"]
+    _still_works(client, h)
+
+
+def test_service_errors_drop_the_frame_or_close_the_stream(served, monkeypatch):
+    """The query service's typed errors, as a stream answers them: a full
+    queue drops the frame (the stream goes on), a stopped batcher ends it (1013)."""
+    client, h, _ = served
+    batcher, metrics = client.app.state.batcher, client.app.state.metrics.registry
+    labels = {"codec": "jpeg", "reason": "queue_full"}
+    before = metrics.get_sample_value("vpr_stream_frames_dropped_total", labels) or 0
+
+    def full(*a, **k):
+        raise QueueFull("the model queue is full (64 items waiting)")
+
+    monkeypatch.setattr(batcher, "submit", full)
+    with client.websocket_connect("/v1/stream") as ws:
+        start(ws, codec="jpeg")
+        ws.send_bytes(h.images[0].read_bytes())
+        ws.send_text(json.dumps({"type": "end"}))
+        msgs, code = read_all(ws)
+    assert code == 1000 and msgs == [{"type": "end", "received": 1, "processed": 0, "dropped": 1, "bad_frames": 0}]
+    assert metrics.get_sample_value("vpr_stream_frames_dropped_total", labels) == before + 1
+
+    def stopped(*a, **k):
+        raise BatcherStopped("the model runtime is not running")
+
+    monkeypatch.setattr(batcher, "submit", stopped)
+    with client.websocket_connect("/v1/stream") as ws:
+        start(ws, codec="jpeg")
+        ws.send_bytes(h.images[0].read_bytes())
+        err = _expect_error(ws, "shutting_down", 1013)
+        assert "not running" in err["detail"]
+    monkeypatch.undo()
     _still_works(client, h)
 
 

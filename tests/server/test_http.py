@@ -1,5 +1,5 @@
 """HTTP query routes, probes, metrics and every bad input, against the real app
-on a tiny registered model and index (see test_server_support)."""
+on a tiny registered model and index (see support.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.test_server_support import build_home, image_bytes, wait_ready
+from tests.server.support import build_home, image_bytes, wait_ready
 from vpr.server.app import create_app
 from vpr.server.batcher import QueueFull
 from vpr.settings import ServerSettings
@@ -51,6 +51,10 @@ def test_probes_and_docs(served):
     spec = client.get("/openapi.json").json()
     assert {"/v1/query", "/v1/query/batch", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     assert "image/jpeg" in spec["paths"]["/v1/query"]["post"]["requestBody"]["content"]
+    for path in ("/v1/query", "/v1/query/batch"):  # this server's own limits (top_k_max=20)
+        (top_k,) = spec["paths"][path]["post"]["parameters"]
+        assert top_k["name"] == "top_k" and top_k["description"] == "matches to return (1..20)"
+        assert top_k["schema"] == {**top_k["schema"], "type": "integer", "minimum": 1, "maximum": 20, "default": 5}
     assert client.get("/docs").status_code == 200
 
 
@@ -234,12 +238,11 @@ def test_batch_errors(served):
 
 def test_queue_full_is_503_with_retry_after(served, monkeypatch):
     client, h = served
-    runtime = client.app.state.runtime
 
     def full(*a, **k):
         raise QueueFull("the model queue is full (64 items waiting)")
 
-    monkeypatch.setattr(runtime.batcher, "submit", full)
+    monkeypatch.setattr(client.app.state.batcher, "submit", full)
     r = client.post("/v1/query", content=h.images[0].read_bytes(), headers=JPEG)
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"] == "overloaded"
 
@@ -266,6 +269,39 @@ def test_admin_routes_are_off_without_a_token(served):
     client, _ = served
     assert client.get("/v1/admin/models", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
     assert client.post("/v1/admin/index/rebuild", json={}).status_code == 404
+
+
+def test_every_error_type_has_its_own_http_answer():
+    """Each typed error maps to one status (the most specific type wins); 503s
+    say when to retry, 401s how to authenticate."""
+    from vpr.server import errors as e
+    from vpr.server.inputs import BodyTooLarge
+
+    expected = {
+        e.BadRequest: 400,
+        e.BadImage: 400,
+        e.Unauthorized: 401,
+        e.Forbidden: 403,
+        e.NotFound: 404,
+        e.Conflict: 409,
+        e.TooLarge: 413,
+        e.UnsupportedMedia: 415,
+        e.InvalidRequest: 422,
+        e.Unavailable: 503,
+        e.NotReady: 503,
+        e.Overloaded: 503,
+        e.ShuttingDown: 503,
+        e.QueryTimeout: 504,
+    }
+    kinds = {v for v in vars(e).values() if isinstance(v, type) and issubclass(v, e.ApiError) and v is not e.ApiError}
+    assert kinds == set(expected)
+    for kind, status in expected.items():
+        assert e.http_status(kind("why")) == status, kind
+    assert e.http_status(BodyTooLarge(10)) == 413 and BodyTooLarge(10).code == "body_too_large"
+    assert e.http_headers(e.Overloaded("full"), 7) == {"Retry-After": "7"}
+    assert e.http_headers(e.Unauthorized("no"), 7)["WWW-Authenticate"].startswith("Bearer")
+    assert e.http_headers(e.NotFound("gone"), 7) == {}
+    assert e.NotReady("x").code == "not_ready" and e.TooLarge("x", code="image_too_large").code == "image_too_large"
 
 
 # ---- a server with nothing to serve ----------------------------------------------------
@@ -322,17 +358,17 @@ def test_settings_env_overrides_and_token_file(tmp_path, monkeypatch):
 def test_micro_batching_and_the_bounded_queue(served):
     """Items that wait while the model is busy run as one batch; a full queue
     refuses at once; stopping fails what is still queued."""
-    from tests.test_server_support import gated
+    from tests.server.support import gated
     from vpr.server.batcher import BatcherStopped, MicroBatcher
-    from vpr.server.runtime import Serving
+    from vpr.server.serving import Serving
 
     client, h = served
-    rt = client.app.state.runtime
+    rt, service = client.app.state.runtime, client.app.state.service
     cur = rt.current
     model, net = gated(cur.model)
     serving = Serving(model, cur.index, rt.device)
-    xs = [rt.prepare(p.read_bytes(), serving, p.name)[0] for p in h.images[:5]]
-    wide = rt.prepare(image_bytes(h.images[5], "PNG"), serving, "png")[0][:, :, :80]  # another shape
+    xs = [service.decode(serving, p.read_bytes(), p.name).tensor for p in h.images[:5]]
+    wide = service.decode(serving, image_bytes(h.images[5], "PNG"), "png").tensor[:, :, :80]  # another shape
     b = MicroBatcher(max_batch_size=8, max_wait_ms=0, queue_size=4)
     b.start()
     try:
@@ -360,7 +396,8 @@ def test_serving_selection(served, tmp_path):
     import shutil
 
     from vpr.index.store import IndexStore
-    from vpr.server.runtime import NotReady, Runtime
+    from vpr.server.errors import NotReady
+    from vpr.server.runtime import Runtime
 
     _, h = served
     home = tmp_path / "copy"

@@ -1,0 +1,46 @@
+"""Probes: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from vpr.server.deps import BatcherDep, MetricsDep, RuntimeDep, SettingsDep
+from vpr.server.results import Readiness
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: model and index loaded",
+    responses={503: {"model": Readiness}},
+)
+def readyz(runtime: RuntimeDep, settings: SettingsDep) -> JSONResponse:
+    cur, st = runtime.current, runtime.status
+    body = Readiness(
+        ready=cur is not None,
+        state="ready" if cur is not None else st.state,
+        reason=None if cur is not None else st.reason,
+        model=cur.model_spec if cur else None,
+        index=cur.index_spec if cur else None,
+        index_size=cur.index.count if cur else None,
+        device=str(runtime.device),
+    )
+    headers = {} if cur is not None else {"Retry-After": str(settings.retry_after_s)}
+    return JSONResponse(body.model_dump(), status_code=200 if cur is not None else 503, headers=headers)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+def metrics_route(metrics: MetricsDep, batcher: BatcherDep) -> Response:
+    metrics.queue_depth.set(batcher.depth)
+    data, ctype = metrics.render()
+    return Response(data, media_type=ctype)

@@ -1,0 +1,188 @@
+"""`POST /v1/query` and `POST /v1/query/batch`: read the image(s) of an HTTP
+request, then hand them to the query service (server/service.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import UploadFile
+
+from vpr.server.deps import ServiceDep, SettingsDep
+from vpr.server.errors import BadRequest, UnsupportedMedia
+from vpr.server.inputs import ACCEPTED_TYPES, media_type
+from vpr.server.results import BatchResponse, ErrorResponse, QueryResponse
+from vpr.server.service import Upload
+from vpr.settings import ServerSettings
+
+IMAGE_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "one image: the raw bytes with its content type, or a multipart form with one file",
+        "content": {
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in ACCEPTED_TYPES},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
+BATCH_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "several images as files of one multipart form (any field names)",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            }
+        },
+    }
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "corrupt or truncated image, malformed multipart",
+        413: "body or image too large",
+        415: "unsupported media type",
+        422: "bad parameter (e.g. top_k)",
+        503: "not ready, or overloaded (see Retry-After)",
+        504: "the model did not answer in time",
+    }.items()
+}
+QUERY_PATHS = ("/v1/query", "/v1/query/batch")
+
+router = APIRouter(tags=["query"])
+
+
+def top_k_param(
+    settings: SettingsDep, top_k: Annotated[int | None, Query(ge=1, description="matches to return")] = None
+) -> int:
+    """The `top_k` of a query: the server's default when absent, refused above
+    its maximum. Checked here rather than in the signature because both are
+    settings; `document_top_k` shows them in the OpenAPI schema."""
+    if top_k is None:
+        return settings.top_k_default
+    if top_k > settings.top_k_max:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "less_than_equal",
+                    "loc": ("query", "top_k"),
+                    "msg": f"Input should be less than or equal to {settings.top_k_max}",
+                    "input": top_k,
+                    "ctx": {"le": settings.top_k_max},
+                }
+            ]
+        )
+    return top_k
+
+
+TopK = Annotated[int, Depends(top_k_param)]
+
+
+def document_top_k(schema: dict[str, Any], settings: ServerSettings) -> None:
+    """Write the server's own `top_k` default and range into an OpenAPI schema."""
+    text = f"matches to return (1..{settings.top_k_max})"
+    for path in QUERY_PATHS:
+        for param in schema["paths"][path]["post"].get("parameters", []):
+            if param["name"] == "top_k":
+                param["description"] = text
+                param["schema"] = {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": settings.top_k_max,
+                    "default": settings.top_k_default,
+                    "title": "Top K",
+                    "description": text,
+                }
+
+
+@router.post(
+    "/v1/query",
+    response_model=QueryResponse,
+    responses=ERRORS,
+    openapi_extra=IMAGE_BODY_DOC,
+    summary="Top-k places for one image",
+)
+async def query(request: Request, service: ServiceDep, settings: SettingsDep, top_k: TopK) -> dict[str, Any]:
+    started = time.perf_counter()
+    with service.lease() as serving:
+        upload = await one_image(request, settings)
+        return await service.query(serving, upload, top_k, started)
+
+
+@router.post(
+    "/v1/query/batch",
+    response_model=BatchResponse,
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY_DOC,
+    summary="Top-k places for several images in one request",
+)
+async def query_batch(request: Request, service: ServiceDep, settings: SettingsDep, top_k: TopK) -> dict[str, Any]:
+    started = time.perf_counter()
+    with service.lease() as serving:
+        uploads = await all_files(request, settings)
+        return await service.query_batch(serving, uploads, top_k, started)
+
+
+# ---- reading the request ------------------------------------------------------------------
+async def one_image(request: Request, settings: ServerSettings) -> Upload:
+    """The image of a single query: raw body, or the one file of a multipart form."""
+    kind = media_type(request.headers.get("content-type"))
+    if kind == "multipart/form-data":
+        files = await form_files(request, settings)
+        if len(files) != 1:
+            raise BadRequest(
+                f"the multipart form has {len(files)} files; /v1/query takes "
+                "exactly one (use /v1/query/batch for several)"
+            )
+        return files[0]
+    if kind not in ACCEPTED_TYPES:
+        raise UnsupportedMedia(
+            f"content type {kind or 'missing'!r} is not supported; send "
+            f"the image as {', '.join(ACCEPTED_TYPES)} or as a file in multipart/form-data"
+        )
+    data = await request.body()
+    if not data:
+        raise BadRequest("the request body is empty; send the image bytes", code="empty_body")
+    return Upload(data, kind, "body")
+
+
+async def all_files(request: Request, settings: ServerSettings) -> list[Upload]:
+    kind = media_type(request.headers.get("content-type"))
+    if kind != "multipart/form-data":
+        raise UnsupportedMedia(
+            f"content type {kind or 'missing'!r}: /v1/query/batch takes multipart/form-data with one file per image"
+        )
+    files = await form_files(request, settings)
+    if not files:
+        raise BadRequest("the multipart form has no files")
+    return files
+
+
+async def form_files(request: Request, settings: ServerSettings) -> list[Upload]:
+    """Each file part of a multipart form. The body limit applies while the
+    form is parsed (BodyLimitMiddleware), so nothing big is buffered."""
+    limit = settings.max_batch_files
+    form = await request.form(max_files=limit, max_fields=limit)
+    out = []
+    try:
+        for i, (field, value) in enumerate(form.multi_items()):
+            if isinstance(value, UploadFile):
+                name = f"{field}[{i}]:{value.filename or 'unnamed'}"
+                data = await value.read()
+                if not data:
+                    raise BadRequest(f"{name}: empty file", code="empty_body")
+                out.append(Upload(data, value.content_type, name))
+    finally:
+        await form.close()
+    return out

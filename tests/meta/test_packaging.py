@@ -1,0 +1,47 @@
+"""What `pip install` puts in site-packages: one top-level name, `vpr`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
+    # --no-build-isolation: build with the setuptools the dev extras installed, offline
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("vpr_distill-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
+        assert z.read(top_level).decode().split() == ["vpr"]
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    roots = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert roots == {"vpr"}
+    # the packages' files are in the wheel (followed through the vpr/ links), the web page too
+    for must in ("vpr/settings.py", "vpr/model/network.py", "vpr/server/static/index.html", "vpr/cli/main.py"):
+        assert must in names, f"{must} missing from the wheel"
+    assert "vpr = vpr.cli.main:main" in entry_points
