@@ -35,7 +35,7 @@ from vpr.describe.cache import DescriptorCache  # noqa: E402
 from vpr.evaluation.evaluate import evaluate, format_table, plot_series  # noqa: E402
 from vpr.media.degrade import parse_qualities  # noqa: E402
 from vpr.model.clusters import init_clusters  # noqa: E402
-from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
+from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig  # noqa: E402
 from vpr.model.extract import default_device  # noqa: E402
 from vpr.model.fileio import atomic_write_json, sha256_file  # noqa: E402
 from vpr.model.network import build_model  # noqa: E402

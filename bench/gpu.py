@@ -274,7 +274,7 @@ def synthetic_jpegs(n: int, size: tuple[int, int], seed: int, folder: Path | Non
         folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         base = rng.integers(0, 255, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize(size, Image.BILINEAR)
+        img = Image.fromarray(base).resize(size, Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         out.append(buf.getvalue())

@@ -288,7 +288,7 @@ class _Job:
                 self.out.desc[i] = np.nan
                 self.out.skipped += 1
                 continue
-            self.out.nbytes[i] = -1 if d.bytes is None else d.bytes
+            self.out.nbytes[i] = -1 if d.nbytes is None else d.nbytes
             self.out.kbps[i] = np.nan if d.bitrate_kbps is None else d.bitrate_kbps
         if not good:
             return

@@ -93,7 +93,7 @@ def explain_one(model: LoadedModel, img: Image.Image, device: torch.device, titl
     x = to_input(img, net.config.preprocess).unsqueeze(0).to(device)
     with torch.inference_mode():
         shares = descriptor_shares(net, net.backbone(x))[0].cpu().numpy()
-    shown = img.resize(target_size(*img.size, net.config.preprocess), Image.BICUBIC)
+    shown = img.resize(target_size(*img.size, net.config.preprocess), Image.Resampling.BICUBIC)
     return Panel(title, shown, shares, heat_stats(shares))
 
 
@@ -106,10 +106,8 @@ def overlay(panel: Panel, ax, vmax: float, alpha: float = 0.55) -> None:
     import matplotlib
 
     heat = np.clip(relative_heat(panel) / vmax, 0, 1)
-    up = (
-        np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(panel.image.size, Image.BILINEAR), np.float32)
-        / 255
-    )
+    grey = Image.fromarray((heat * 255).astype(np.uint8))
+    up = np.asarray(grey.resize(panel.image.size, Image.Resampling.BILINEAR), np.float32) / 255
     colours = matplotlib.colormaps["jet"](up)[..., :3]
     base = np.asarray(panel.image, np.float32) / 255
     ax.imshow(np.clip((1 - alpha) * base + alpha * colours, 0, 1))

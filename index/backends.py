@@ -73,7 +73,7 @@ class FaissSearcher:
         return self.index.search(queries, k, params=sp) if sp is not None else self.index.search(queries, k)
 
     def close(self) -> None:
-        self.index = None  # type: ignore[assignment]
+        self.index = None
 
 
 class FaissBackend:

@@ -120,7 +120,7 @@ class MilvusSearcher:
         self.partitions = partitions
         self.filter = _exclusion_filter(excluded)
         self.dim = dim
-        self.param_names = {
+        self.param_names: tuple[str, ...] = {
             "IVF_FLAT": ("nprobe",),
             "IVF_SQ8": ("nprobe",),
             "IVF_PQ": ("nprobe",),

@@ -41,7 +41,11 @@ def _items_and_root(
         return folder_entries(images), Path(root or images)
     if root is None and dataset_root is None:
         raise ValueError("a root folder is needed to store image paths relative to it")
-    return list(items), Path(root or dataset_root)
+    base = root or dataset_root
+    # exactly one of items / images is given (checked above) and images is None here;
+    # root or dataset_root is set (checked above)
+    assert items is not None and base is not None
+    return list(items), Path(base)
 
 
 def build_index(

@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,8 @@ class ModelStamp:
             dim = manifest.get("descriptor_dim")
             if dim is None and hasattr(model, "net"):
                 dim = model.net.descriptor_dim
+            if dim is None:
+                raise KeyError("descriptor_dim")
             return cls(spec, str(manifest["sha256"]), int(dim))
         except (KeyError, TypeError) as e:
             raise IndexStoreError(f"model manifest lacks {e}: need name, version, sha256, descriptor_dim") from None
@@ -437,11 +440,6 @@ class IndexStore:
 
         Description is resumable: images an interrupted build of this index with
         the same model already described are not described again."""
-        import shutil
-
-        from vpr.describe.cache import DescriptorCache  # needs torch
-        from vpr.describe.describe import describe
-
         check_name(name)
         self.validate_factory(factory, int(model.net.descriptor_dim))
         stamp = ModelStamp.of(model)
@@ -452,7 +450,32 @@ class IndexStore:
         paths = [e.path if e.path.is_absolute() else root / e.path for e in entries]
         for e in entries:
             meta_db.relative_path(e.path, root)  # every image must be under root
-        # the build's own descriptor cache: a killed build resumes from it; deleted once published
+        with self._described(name, model, stamp, paths, entries, batch_size, device, progress, skip_bad) as (
+            descs,
+            entries,
+        ):
+            return self.build_from_descriptors(name, descs, entries, root, stamp, factory, activate=activate)
+
+    @contextlib.contextmanager
+    def _described(
+        self,
+        name: str,
+        model: Any,
+        stamp: ModelStamp,
+        paths: list[Path],
+        entries: list[Entry],
+        batch_size: int,
+        device: Any,
+        progress: Progress | None,
+        skip_bad: bool,
+    ) -> Iterator[tuple[np.ndarray, list[Entry]]]:
+        """The descriptors of `paths` (undecodable images left out with `skip_bad`)
+        for the caller to publish. They go through a build's own cache under
+        `.work/`: a killed build or add resumes from it; it is deleted once the
+        caller's block has published (kept when it fails, for the retry)."""
+        from vpr.describe.cache import DescriptorCache  # needs torch
+        from vpr.describe.describe import describe
+
         work = self.root / ".work" / f"{name}-{stamp.sha256[:16]}"
         descs = describe(
             model,
@@ -461,14 +484,12 @@ class IndexStore:
             batch_size=batch_size,
             chunk_size=self.settings.chunk_size,
             device=device,
-            progress="describe database",
+            progress=f"describe {name}",
             on_progress=progress,
             skip_bad=skip_bad,
         ).desc
-        descs, entries = _drop_bad(descs, entries)
-        ref = self.build_from_descriptors(name, descs, entries, root, stamp, factory, activate=activate)
+        yield _drop_bad(descs, entries)
         shutil.rmtree(work, ignore_errors=True)
-        return ref
 
     def add_descriptors(
         self,
@@ -499,11 +520,6 @@ class IndexStore:
 
         Images already in the index are refused, or left out with
         `skip_existing` (e.g. re-adding a whole dataset after it grew)."""
-        import shutil
-
-        from vpr.describe.cache import DescriptorCache  # needs torch
-        from vpr.describe.describe import describe
-
         m = self.manifest(spec)
         stamp = ModelStamp.of(model)
         self._same_model(m, stamp)
@@ -523,22 +539,11 @@ class IndexStore:
         if not entries:
             raise ValueError("nothing to add")
         paths = [e.path if e.path.is_absolute() else root / e.path for e in entries]
-        work = self.root / ".work" / f"{m['name']}-{stamp.sha256[:16]}"  # as in build
-        descs = describe(
-            model,
-            paths,
-            cache=DescriptorCache(work),
-            batch_size=batch_size,
-            chunk_size=self.settings.chunk_size,
-            device=device,
-            progress="describe new images",
-            on_progress=progress,
-            skip_bad=skip_bad,
-        ).desc
-        descs, entries = _drop_bad(descs, entries)
-        ref = self._edit(spec, stamp, descs, entries, None, root, activate)
-        shutil.rmtree(work, ignore_errors=True)
-        return ref
+        with self._described(m["name"], model, stamp, paths, entries, batch_size, device, progress, skip_bad) as (
+            descs,
+            entries,
+        ):
+            return self._edit(spec, stamp, descs, entries, None, root, activate)
 
     def remove(
         self,

@@ -32,6 +32,7 @@ the spec asks for, whatever the aspect ratio.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -40,10 +41,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from av.video.codeccontext import VideoCodecContext
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +67,9 @@ VIDEO_SETTINGS: dict = {
     "kbps_vbv_buffer_s": 1.0,
     "padding": "edge replication to even sizes (H.265: >= 16 px a side), cropped after decoding",
 }
-_ENCODERS = {"h264": "libx264", "h265": "libx265"}
-_DECODERS = {"h264": "h264", "h265": "hevc"}
+# Literal names select PyAV's overload of CodecContext.create that returns a VideoCodecContext.
+_ENCODERS: dict[str, Literal["libx264", "libx265"]] = {"h264": "libx264", "h265": "libx265"}
+_DECODERS: dict[str, Literal["h264", "hevc"]] = {"h264": "h264", "h265": "hevc"}
 _MIN_SIDE = {"h264": 2, "h265": 16}
 _LABELS = {"h264": "H.264", "h265": "HEVC (H.265)"}
 
@@ -198,7 +204,7 @@ class Degraded:
 
     image: Image.Image  # RGB, at Quality.output_size
     quality: Quality
-    bytes: int | None = None  # compressed size; None for orig / plain resizing
+    nbytes: int | None = None  # compressed size; None for orig / plain resizing
     bitrate_kbps: float | None = None  # video codecs: achieved bitrate
     encoded: bytes | None = field(default=None, repr=False)  # the JPEG/WebP file or H.26x bitstream
 
@@ -207,7 +213,7 @@ class Degraded:
 class DegradedClip:
     images: list[Image.Image]
     quality: Quality
-    bytes: int | None
+    nbytes: int | None
     bitrate_kbps: float | None
     frame_bytes: list[int] | None
     settings: dict
@@ -216,7 +222,7 @@ class DegradedClip:
 def _resize(img: Image.Image, q: Quality) -> Image.Image:
     img = img if img.mode == "RGB" else img.convert("RGB")
     size = q.output_size(*img.size)
-    return img if size == img.size else img.resize(size, Image.BICUBIC)
+    return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
 
 
 def _encode_image(img: Image.Image, q: Quality) -> tuple[Image.Image, bytes]:
@@ -238,7 +244,7 @@ def _pad(arr: np.ndarray, codec: str) -> np.ndarray:
     return np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="edge") if ph or pw else arr
 
 
-def _video_context(codec: str, q: Quality, width: int, height: int):
+def _video_context(codec: str, q: Quality, width: int, height: int) -> VideoCodecContext:
     import av
 
     s = VIDEO_SETTINGS
@@ -270,6 +276,7 @@ def _video_roundtrip(frames: Sequence[Image.Image], q: Quality) -> tuple[list[Im
     import av
 
     codec = q.codec
+    assert codec is not None  # callers pass video qualities only (Quality.is_video)
     w, h = frames[0].size
     arrays = [_pad(np.asarray(f, dtype=np.uint8), codec) for f in frames]
     ph, pw = arrays[0].shape[:2]
@@ -310,9 +317,9 @@ def degrade(img: Image.Image, spec: str | Quality) -> Degraded:
         return Degraded(small, q)
     if q.codec in ("jpeg", "webp"):
         out, data = _encode_image(small, q)
-        return Degraded(out, q, bytes=len(data), encoded=data)
+        return Degraded(out, q, nbytes=len(data), encoded=data)
     frames, _, stream = _video_roundtrip([small], q)
-    return Degraded(frames[0], q, bytes=len(stream), bitrate_kbps=_kbps(len(stream), 1), encoded=stream)
+    return Degraded(frames[0], q, nbytes=len(stream), bitrate_kbps=_kbps(len(stream), 1), encoded=stream)
 
 
 def degrade_image(img: Image.Image, spec: str | Quality) -> Image.Image:
@@ -331,10 +338,15 @@ def degrade_sequence(frames: Sequence[Image.Image], spec: str | Quality) -> Degr
         raise ValueError(f"{q}: all frames of a clip must have the same size, got {sorted({f.size for f in small})}")
     if not q.is_video:
         parts = [degrade(f, q) for f in frames]
-        sizes = [p.bytes for p in parts] if q.codec else None
+        sizes: list[int] | None = None
+        if q.codec:
+            sizes = []
+            for p in parts:
+                assert p.nbytes is not None  # degrade() reports the size of every JPEG/WebP file
+                sizes.append(p.nbytes)
         return DegradedClip([p.image for p in parts], q, sum(sizes) if sizes else None, None, sizes, {})
-    images, sizes, stream = _video_roundtrip(small, q)
-    return DegradedClip(images, q, len(stream), _kbps(len(stream), len(frames)), sizes, dict(VIDEO_SETTINGS))
+    images, frame_sizes, stream = _video_roundtrip(small, q)
+    return DegradedClip(images, q, len(stream), _kbps(len(stream), len(frames)), frame_sizes, dict(VIDEO_SETTINGS))
 
 
 def codec_info() -> dict:
@@ -348,10 +360,8 @@ def codec_info() -> dict:
         "jpeg": "Pillow, 4:2:0, optimize off",
         "webp": "Pillow, method 4, lossy",
     }
-    try:
+    with contextlib.suppress(Exception):  # not exposed by every PyAV build
         info["ffmpeg"] = {k: ".".join(map(str, v)) for k, v in av.library_versions.items()}
-    except Exception:  # not exposed by every PyAV build
-        pass
     info["encoders"] = {c: encoder_available(n) for c, n in _ENCODERS.items()}
     return info
 
@@ -431,11 +441,11 @@ def degrade_folder(
                 "file": rel.as_posix(),
                 "width": d.image.width,
                 "height": d.image.height,
-                "bytes": d.bytes,
+                "bytes": d.nbytes,
                 "bitrate_kbps": d.bitrate_kbps,
             }
         )
-        total += d.bytes or 0
+        total += d.nbytes or 0
         if d.bitrate_kbps is not None:
             kbps.append(d.bitrate_kbps)
         if on_file:

@@ -8,6 +8,7 @@ set of trainable blocks. Built by name from a `BackboneConfig`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 import torch
 import torchvision
@@ -90,7 +91,8 @@ class ResNetBackbone(Backbone):
         self.default_trainable = (cut,)
 
     def blocks(self) -> OrderedDict[str, nn.Module]:
-        b = OrderedDict(stem=nn.ModuleList([self.body.conv1, self.body.bn1]))
+        stem = [cast(nn.Module, self.body.conv1), cast(nn.Module, self.body.bn1)]
+        b: OrderedDict[str, nn.Module] = OrderedDict(stem=nn.ModuleList(stem))
         for n, m in self.body.named_children():
             if n.startswith("layer"):
                 b[n] = m

@@ -37,6 +37,7 @@ class NetVLAD(nn.Module):
         with torch.no_grad():
             self.centroids.copy_(c)
             self.conv.weight.copy_((2.0 * alpha * c).view(self.clusters, self.dim, 1, 1))
+            assert self.conv.bias is not None  # built with a bias
             self.conv.bias.copy_(-alpha * (c * c).sum(dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,4 +61,5 @@ def kmeans_centroids(local_features: np.ndarray, clusters: int, seed: int = 0, n
     x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
     km = faiss.Kmeans(x.shape[1], clusters, niter=niter, seed=seed, verbose=False, spherical=False)
     km.train(x)
+    assert km.centroids is not None  # set by train()
     return km.centroids.astype(np.float32)

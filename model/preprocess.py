@@ -88,7 +88,7 @@ def to_input(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     """RGB PIL image -> normalised float tensor (3, H, W) for the network."""
     size = target_size(*img.size, cfg)
     if size != img.size:
-        img = img.resize(size, Image.BICUBIC)
+        img = img.resize(size, Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     if cfg.mode == "caffe":
         x = x[[2, 1, 0]] - torch.tensor(CAFFE_BGR_MEAN).view(3, 1, 1)

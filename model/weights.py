@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 import torchvision
 from safetensors.torch import load_file
+from torch import nn
 
 from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.network import VPRNet, build_model
@@ -54,7 +56,7 @@ def load_vgg16_features(net: VPRNet, path: Path) -> None:
         raise WeightsError(f"{path}: no such file") from None
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
-    feats = net.backbone.features
+    feats = cast(nn.Module, net.backbone.features)
     check_state_dict(feats.state_dict(), sd, str(path))
     feats.load_state_dict(sd, strict=True)
 

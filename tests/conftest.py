@@ -46,7 +46,7 @@ def random_images(folder: Path, n: int, size=(96, 72), seed: int = 0) -> list[Pa
     paths = []
     for i in range(n):
         base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-        img = Image.fromarray(base).resize(size, Image.BILINEAR)
+        img = Image.fromarray(base).resize(size, Image.Resampling.BILINEAR)
         p = folder / f"img{i:03d}.jpg"
         img.save(p, quality=90)
         paths.append(p)

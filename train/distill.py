@@ -317,6 +317,7 @@ class Distiller:
         if "ickd" in self.losses:
             parts["ickd"] = ickd_loss(fmap, self.targets.grams(ids).to(self.device))
         if "triplet" in self.losses:
+            assert self.miner is not None  # _prepare makes a miner whenever the losses include triplet
             pos, neg, mask = self.miner.select(ids, desc, step)
             t = self.targets.desc
             parts["triplet"] = triplet_loss(
@@ -404,11 +405,12 @@ class Distiller:
         return ddp.all_mean(means, self.ctx)
 
     @torch.no_grad()
-    def describe(self, ids: list[int], quality: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student descriptors and conv maps of images `ids` degraded to `quality` (eval, no grad)."""
+    def describe(self, ids: list[int], quality: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Student descriptors (stacked) and conv maps (one per image: sizes may differ) of
+        images `ids` degraded to `quality` (eval, no grad)."""
         inputs = [self.student_input(i, quality) for i in ids]
-        descs: list[torch.Tensor | None] = [None] * len(ids)
-        maps: list[torch.Tensor | None] = [None] * len(ids)
+        descs: dict[int, torch.Tensor] = {}
+        maps: dict[int, torch.Tensor] = {}
         for members in group_by_shape(inputs):
             for start in range(0, len(members), self.cfg.batch_size):
                 part = members[start : start + self.cfg.batch_size]
@@ -416,7 +418,8 @@ class Distiller:
                     d, f = self.head(torch.stack([inputs[k] for k in part]).to(self.device))
                 for k, dd, ff in zip(part, d.float().cpu(), f.float().cpu()):
                     descs[k], maps[k] = dd, ff
-        return torch.stack(descs), maps  # type: ignore[arg-type]
+        order = range(len(ids))  # group_by_shape puts each input in exactly one group: all filled
+        return torch.stack([descs[k] for k in order]), [maps[k] for k in order]
 
     def validate(self) -> dict[str, Any] | None:
         """Recall of held-out images (positions) or their loss (label-free), over all qualities."""
@@ -481,6 +484,7 @@ class Distiller:
         if self.state.registered and self.state.epoch >= cfg.epochs:
             log.info("%s: this run already finished and registered %s", self.files.dir, self.state.registered)
             name, _, ver = self.state.registered.partition("@")
+            assert self.state.best is not None  # a registered run has finished epochs, so a best one
             return DistillResult(
                 ModelRef(name, int(ver)),
                 self.files.dir,
@@ -513,7 +517,7 @@ class Distiller:
             val = self.validate() if self.ctx.is_main else None
             seconds = time.time() - started
             self.state.train_seconds += seconds
-            record = {
+            record: dict[str, Any] = {
                 "kind": "epoch",
                 "epoch": epoch,
                 "step": self.state.step,

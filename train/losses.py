@@ -150,7 +150,10 @@ class LossSet:
         missing = [t for t in self.terms if t not in parts]
         if missing:
             raise ValueError(f"loss terms {missing} were not computed")
-        return sum(self.weight(t) * parts[t] for t in self.terms)
+        total = sum(self.weight(t) * parts[t] for t in self.terms)
+        # sum() starts from the int 0; parse_loss never makes an empty set, so a term was added
+        assert isinstance(total, torch.Tensor)
+        return total
 
 
 def parse_loss(spec: str, weights: str | dict[str, float] | None = None) -> LossSet:

@@ -252,7 +252,7 @@ SECTIONS: tuple[type[BaseSettings], ...] = (HomeSettings, IndexSettings, ServerS
 
 def env_variables() -> list[str]:
     """Every `VPR_*` variable the tree reads, sorted (the README documents each)."""
-    names = set()
+    names: set[str] = set()
     for section in SECTIONS:
         prefix = section.model_config.get("env_prefix", "")
         names.update(f"{prefix}{field}".upper() for field in section.model_fields)

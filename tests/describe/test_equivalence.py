@@ -1,6 +1,6 @@
 """The one description path gives the descriptors the code before it gave.
 
-`tests/data/describe_reference.safetensors` was written by the description
+`tests/fixtures/describe_reference.safetensors` was written by the description
 code before `describe/` existed (`train.evaluate.describe_images` at main
 @3631e4d, the script is in its metadata's `source`): a VGG16+NetVLAD teacher
 on the shared caffe weights (max side 320, NetVLAD from seeded centroids,
@@ -29,7 +29,7 @@ from vpr.model.network import build_model
 from vpr.model.registry import Registry
 from vpr.model.weights import load_vgg16_features
 
-REFERENCE = Path(__file__).resolve().parents[1] / "data" / "describe_reference.safetensors"
+REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "describe_reference.safetensors"
 QUALITIES = ("orig", "h180-jpeg20", "h240-h264-qp38")
 
 

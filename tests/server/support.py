@@ -52,7 +52,7 @@ def place_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = SI
     for i in range(n):
         base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
         p = folder / f"place{i:02d}.jpg"
-        Image.fromarray(base).resize(size, Image.BILINEAR).save(p, quality=95)
+        Image.fromarray(base).resize(size, Image.Resampling.BILINEAR).save(p, quality=95)
         paths.append(p)
     return paths
 

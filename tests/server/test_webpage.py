@@ -62,7 +62,7 @@ def _place_images(folder: Path) -> list[Path]:
     for i in range(N_PLACES):
         base = rng.integers(0, 255, (9, 12, 3), dtype=np.uint8)
         p = folder / f"place{i:02d}.jpg"
-        Image.fromarray(base).resize(IMG_SIZE, Image.BILINEAR).save(p, quality=92)
+        Image.fromarray(base).resize(IMG_SIZE, Image.Resampling.BILINEAR).save(p, quality=92)
         paths.append(p)
     return paths
 

@@ -17,7 +17,8 @@ from vpr.media.degrade import Quality, degrade, degrade_image, degrade_sequence,
 def textured(width: int = 323, height: int = 241, seed: int = 0) -> Image.Image:
     """Smooth colour blobs plus fine detail, so that codecs have work to do."""
     rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    blobs = Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8))
+    coarse = blobs.resize((width, height), Image.Resampling.BICUBIC)
     fine = rng.normal(0, 18, (height, width, 3))
     return Image.fromarray(np.clip(np.asarray(coarse, np.float64) + fine, 0, 255).astype(np.uint8))
 
@@ -109,19 +110,19 @@ def test_degraded_image_has_requested_height(spec):
     assert d.image.mode == "RGB"
     assert d.image.size == (round(323 * n / 241), n)
     if parse_quality(spec).codec:
-        assert d.bytes and d.bytes > 0 and d.encoded is not None and len(d.encoded) == d.bytes
+        assert d.nbytes and d.nbytes > 0 and d.encoded is not None and len(d.encoded) == d.nbytes
     # really a (lossy) copy of the picture, not noise or a blank frame
-    ref = img.resize(d.image.size, Image.BICUBIC)
+    ref = img.resize(d.image.size, Image.Resampling.BICUBIC)
     assert psnr(ref, d.image) > 20
 
 
 def test_orig_and_no_upsampling():
     img = textured(160, 120)
     d = degrade(img, "orig")
-    assert d.bytes is None and d.bitrate_kbps is None
+    assert d.nbytes is None and d.bitrate_kbps is None
     assert np.array_equal(np.asarray(d.image), np.asarray(img))
     big = degrade(img, "h480-jpeg50")  # smaller than the target: kept at its size, still compressed
-    assert big.image.size == (160, 120) and big.bytes > 0
+    assert big.image.size == (160, 120) and big.nbytes > 0
     gray = degrade_image(img.convert("L"), "h60")
     assert gray.mode == "RGB" and gray.height == 60
 
@@ -130,7 +131,7 @@ def test_orig_and_no_upsampling():
 def test_bitrate_falls_as_qp_rises(codec):
     img = textured(320, 240)
     runs = [degrade(img, f"h240-{codec}-qp{qp}") for qp in (18, 28, 38, 48)]
-    sizes = [d.bytes for d in runs]
+    sizes = [d.nbytes for d in runs]
     rates = [d.bitrate_kbps for d in runs]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
     assert rates == sorted(rates, reverse=True)
@@ -144,9 +145,9 @@ def test_bitrate_falls_as_qp_rises(codec):
 def test_target_bitrate_and_image_codecs_order_by_size():
     img = textured(320, 240)
     low, high = degrade(img, "h240-h264-kbps100"), degrade(img, "h240-h264-kbps3000")
-    assert low.bytes < high.bytes
+    assert low.nbytes < high.nbytes
     for codec in ("jpeg", "webp"):
-        s = [degrade(img, f"h240-{codec}{q}").bytes for q in (90, 50, 10)]
+        s = [degrade(img, f"h240-{codec}{q}").nbytes for q in (90, 50, 10)]
         assert s[0] > s[1] > s[2], (codec, s)
         assert degrade(img, f"h240-{codec}50").bitrate_kbps is None
 
@@ -157,7 +158,7 @@ def test_target_bitrate_and_image_codecs_order_by_size():
 def test_degradation_is_deterministic(spec):
     img = textured(200, 150, seed=3)
     a, b = degrade(img, spec), degrade(img.copy(), spec)
-    assert a.bytes == b.bytes and a.encoded == b.encoded
+    assert a.nbytes == b.nbytes and a.encoded == b.encoded
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
 
 
@@ -167,14 +168,14 @@ def test_sequence_is_one_clip_with_inter_frames():
     clip = degrade_sequence(frames, "h120-h264-qp30")
     assert len(clip.images) == 10 and all(im.size == (160, 120) for im in clip.images)
     assert clip.settings["gop"] == dg.VIDEO_SETTINGS["gop"] and clip.settings["bframes"] == 0
-    intra = sum(degrade(f, "h120-h264-qp30").bytes for f in frames)
-    assert clip.bytes < 0.7 * intra  # P-frames predict from the previous frame
+    intra = sum(degrade(f, "h120-h264-qp30").nbytes for f in frames)
+    assert clip.nbytes < 0.7 * intra  # P-frames predict from the previous frame
     assert clip.frame_bytes[0] > max(clip.frame_bytes[1:])  # the key frame is the largest
-    assert clip.bitrate_kbps == pytest.approx(clip.bytes * 8 * dg.VIDEO_SETTINGS["fps"] / 10 / 1000)
+    assert clip.bitrate_kbps == pytest.approx(clip.nbytes * 8 * dg.VIDEO_SETTINGS["fps"] / 10 / 1000)
     with pytest.raises(ValueError, match="same size"):
         degrade_sequence([frames[0], textured(100, 90)], "h120-h264-qp30")
     jpeg = degrade_sequence(frames[:3], "h120-jpeg40")
-    assert jpeg.bitrate_kbps is None and jpeg.bytes == sum(jpeg.frame_bytes)
+    assert jpeg.bitrate_kbps is None and jpeg.nbytes == sum(jpeg.frame_bytes)
 
 
 def test_cli_degrade_writes_same_names(tmp_path: Path, capsys):

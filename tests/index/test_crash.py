@@ -18,7 +18,7 @@ from vpr.index.meta import Entry
 from vpr.index.store import IndexStore, ModelStamp
 from vpr.index.synthetic import clustered_descriptors
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAMP = ModelStamp("teacher@1", "a" * 64, 32)
 
 BUILDER = textwrap.dedent("""

@@ -192,7 +192,7 @@ def _index_imports() -> set[str]:
     import ast
 
     mods = set()
-    for f in (Path(__file__).resolve().parents[1] / "index").glob("*.py"):
+    for f in (Path(__file__).resolve().parents[2] / "index").glob("*.py"):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
                 mods |= {a.name for a in node.names}

@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.conftest import TINY_CONFIG, random_images
 from vpr.cli.main import main as vpr
 from vpr.evaluation.explain import descriptor_shares, output_names
 from vpr.model.network import build_model
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
-
-from .conftest import TINY_CONFIG, random_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

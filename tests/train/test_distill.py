@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import TINY_CONFIG, random_images
 from vpr.cli.main import main as vpr
 from vpr.media.degrade import degrade_image
 from vpr.model.network import build_model
@@ -21,8 +22,6 @@ from vpr.train.distill import DistillConfig, Distiller, lr_factor, run_distill
 from vpr.train.distill_cache import TensorCache
 from vpr.train.distill_data import PrefixRunner, split_student, trainable_names
 from vpr.train.mining import NegativeMiner, TripletConfig
-
-from .conftest import TINY_CONFIG, random_images
 
 QUALITIES = ["orig", "h48-jpeg30", "h36"]
 
