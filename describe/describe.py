@@ -46,14 +46,14 @@ from tqdm import tqdm
 
 from vpr.describe.cache import CachedRows, Context, DescriptorCache, Lookup, device_kind, image_sha256
 from vpr.media.degrade import Degraded, Quality, degrade, parse_quality
-from vpr.model.config import PreprocessConfig
+from vpr.model.config import SMALL_POLICIES, PreprocessConfig
 from vpr.model.extract import embed_inputs, model_device
 from vpr.model.preprocess import ImageDecodeError, ImageTooLarge, load_image, to_input
 from vpr.model.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("native", "upsample")
+POLICIES = SMALL_POLICIES  # the small-image policies an override may name
 AHEAD = 4  # batches decoded and degraded ahead of the network
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # conv map (1, C, h, w) -> (1, ...)

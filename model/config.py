@@ -7,7 +7,7 @@ choices with messages that list what is allowed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,6 +43,10 @@ class NetVLADConfig(BaseModel):
     alpha: float = Field(100.0, gt=0)
 
 
+SmallPolicy = Literal["native", "upsample"]
+SMALL_POLICIES: tuple[str, ...] = get_args(SmallPolicy)
+
+
 class PreprocessConfig(BaseModel):
     """How a decoded image becomes the network's input tensor.
 
@@ -59,7 +63,7 @@ class PreprocessConfig(BaseModel):
 
     mode: Literal["caffe", "imagenet"] = "caffe"
     max_side: int = Field(640, ge=32, le=4096)
-    small_policy: Literal["native", "upsample"] = "upsample"
+    small_policy: SmallPolicy = "upsample"
 
 
 class ModelConfig(BaseModel):
