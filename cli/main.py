@@ -37,12 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CHATTY_LOGGERS = ("httpx", "httpcore", "faiss.loader")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # libraries' INFO lines (each HTTP request, faiss' loader) stay out of the output
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -12,8 +12,6 @@ _SERVER = ServerSettings.model_fields  # the defaults `--help` shows; flags left
 
 
 def main_serve(args: argparse.Namespace) -> int:
-    from vpr.server.app import serve
-
     overrides = {
         k: v
         for k, v in {
@@ -27,10 +25,22 @@ def main_serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     settings = ServerSettings(home=home_from(args).home, **overrides)
+    preflight(settings)
     if args.demo and settings.model is None and settings.index is None:
         settings = with_demo(settings)
+    from vpr.server.app import serve  # after the quieting: it imports faiss
+
     print(f"vpr: serving on http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True)
     return serve(settings)
+
+
+def preflight(settings: ServerSettings) -> None:
+    """What the app would refuse at start-up (a missing GPU, a broken admin token
+    file), refused now: before a demo is built and before "serving on" is printed."""
+    from vpr.model.extract import resolve_device
+
+    resolve_device(settings.device)
+    settings.resolved_admin_token()
 
 
 def with_demo(settings):
@@ -46,6 +56,8 @@ def with_demo(settings):
     return settings.model_copy(update={"model": STUDENT, "index": INDEX})
 
 
+# Libraries that log routine events at INFO: httpx every request (the clients print
+# their own line per image or frame), faiss which CPU build it loaded.
 def main_query(args: argparse.Namespace) -> int:
     from vpr.server.client import ServerError, query_command
 
@@ -77,13 +89,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the HTTP/websocket server",
-        description="Serve the active query model and index (env VPR_* configures the rest, see vpr/settings.py).",
+        description="Serve a query model and an index, chosen as --model and --index tell "
+        "(env VPR_* configures the rest, see vpr/settings.py).",
     )
     p.add_argument("--host", help=f"address to listen on (default {_SERVER['host'].default}; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help=f"port (default {_SERVER['port'].default})")
-    p.add_argument("--model", help="query model NAME or NAME@VERSION (default: the active student)")
-    p.add_argument("--index", help="index NAME or NAME@VERSION (default: the only / last served index)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument(
+        "--model",
+        help="query model NAME or NAME@VERSION (default: $VPR_MODEL, else the model last chosen through the admin "
+        "API ($VPR_HOME/serving.json), else the active version of the newest student that can query the index, "
+        "else of a teacher that can)",
+    )
+    p.add_argument(
+        "--index",
+        help="index NAME or NAME@VERSION (default: $VPR_INDEX, else the index last chosen through the admin API, "
+        "else the only index the model can query)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: $VPR_DEVICE, else cuda when present); checked first")
     p.add_argument("--admin-token-file", help="file holding the admin token (enables /v1/admin)")
     p.add_argument(
         "--demo",
@@ -94,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     url_help = "server URL (default $VPR_URL or http://127.0.0.1:8000)"
     p = sub.add_parser("query", help="send images to a server, print the top matches")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (their images, sorted by name)")
     p.add_argument("--url", help=url_help)
     p.add_argument("--top-k", type=positive_int, help="matches per image (server default 5)")
     p.add_argument("--json", action="store_true", help="one JSON answer per line")

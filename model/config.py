@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BACKBONES = ("vgg16", "resnet18", "resnet50")
 
@@ -44,6 +44,10 @@ class NetVLADConfig(BaseModel):
 
 
 SmallPolicy = Literal["native", "upsample"]
+# The largest total stride of any backbone: vgg16 at conv5_3 and the ResNets cut
+# at layer3 divide by 16, ResNets cut at layer4 by 32. VGG16's max-pools floor,
+# so a side under 16 px leaves it no feature map at all.
+MIN_INPUT_SIDE = 32
 SMALL_POLICIES: tuple[str, ...] = get_args(SmallPolicy)
 
 
@@ -62,8 +66,19 @@ class PreprocessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["caffe", "imagenet"] = "caffe"
-    max_side: int = Field(640, ge=32, le=4096)
+    max_side: int = Field(640, ge=MIN_INPUT_SIDE, le=4096)
     small_policy: SmallPolicy = "upsample"
+    # A shorter side after resizing is padded up to this (mean colour), so that a
+    # 1000x60 strip still leaves a feature map. At least the largest stride of any
+    # backbone (MIN_INPUT_SIDE), so every backbone keeps one cell at least;
+    # manifests written before this field load with the default.
+    min_side: int = Field(MIN_INPUT_SIDE, ge=MIN_INPUT_SIDE, le=4096)
+
+    @model_validator(mode="after")
+    def _sides(self) -> PreprocessConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} exceeds max_side {self.max_side}")
+        return self
 
 
 class ModelConfig(BaseModel):

@@ -37,6 +37,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(spec: str | None) -> torch.device:
+    """The device `spec` names (None: `default_device()`), refused at once when it
+    names a GPU this machine lacks, so that a server fails before it starts."""
+    device = torch.device(spec) if spec else default_device()
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device} requested but CUDA (or that GPU) is not available; use --device cpu")
+    return device
+
+
 def autocast_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; nothing on CPU (where it is slower)."""
     if enabled and device.type == "cuda":

@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from vpr.server.batcher import MicroBatcher
+from vpr.server.connections import header_deadline_protocol
 from vpr.server.errors import install_error_handlers
 from vpr.server.inputs import BodyLimitMiddleware
 from vpr.server.jobs import JobManager
@@ -90,7 +91,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     state.streams = OpenStreams(metrics)
 
     limits = {"/v1/query": settings.max_body_bytes, "/v1/query/batch": settings.max_batch_body_bytes}
-    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: limits.get(path, settings.max_admin_body_bytes))
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit_for=lambda path: limits.get(path, settings.max_admin_body_bytes),
+        timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)
 
@@ -128,6 +133,12 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
         "access_log": settings.access_log,
         "ws_max_size": settings.stream_max_message_bytes + 4096,  # the largest frame and its framing
         "timeout_graceful_shutdown": 15,
+        # Slow clients: a deadline on each request head (uvicorn has none), idle
+        # keep-alive connections closed, and a cap on open connections (503 beyond);
+        # BodyLimitMiddleware puts the deadline on bodies.
+        "http": header_deadline_protocol(settings.header_timeout_s),
+        "timeout_keep_alive": settings.keep_alive_s,
+        "limit_concurrency": settings.max_connections,
     }
 
 

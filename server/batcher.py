@@ -47,6 +47,11 @@ class BatcherStopped(RuntimeError):
     """The server is shutting down."""
 
 
+class ItemFailed(RuntimeError):
+    """The forward pass failed on this item alone (its batch-mates were
+    answered): the input, not the server, is at fault."""
+
+
 @dataclass
 class Answer:
     """One item's result: ranked hits and where its time went."""
@@ -182,8 +187,13 @@ class MicroBatcher:
             try:
                 out = embed_tensors(serving.model.net, torch.stack([it.tensor for it in group]), serving.device)
             except Exception as e:
-                log.exception("forward pass of %d items failed", len(group))
-                _fail(group, e)
+                if len(group) == 1:
+                    _fail_item(group[0], e)
+                    continue
+                # One bad item must not fail its batch-mates: retry each alone.
+                log.warning("forward pass of %d items failed (%s); retrying them one by one", len(group), e)
+                for it in group:
+                    self.run_batch([it])
                 continue
             ms = (time.perf_counter() - t) * 1000
             if self.metrics:
@@ -220,6 +230,14 @@ class MicroBatcher:
             if self.metrics:
                 self.metrics.stage.labels("queue").observe(queue_ms / 1000)
             it.future.set_result(Answer(list(h)[: it.k], queue_ms, embed_ms[id(it)], ms, sizes[id(it)]))
+
+
+def _fail_item(item: _Item, error: Exception) -> None:
+    log.warning("forward pass failed on one %s input: %s: %s", tuple(item.tensor.shape), type(error).__name__, error)
+    if not item.future.done():
+        item.future.set_exception(
+            ItemFailed(f"the model could not process this input ({type(error).__name__}: {error})")
+        )
 
 
 def _fail(items: list[_Item], error: BaseException) -> None:

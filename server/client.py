@@ -42,6 +42,15 @@ class ServerError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
+class UnreadableImage(OSError):
+    """A local image that cannot be read (missing, a folder, no permission, an
+    empty folder given as images...): about this path only, never the server."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
 def default_url() -> str:
     return ClientSettings().url
 
@@ -230,8 +239,29 @@ def _image(image: Path | str | bytes, content_type: str | None) -> tuple[bytes, 
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
+        raise UnreadableImage(path, "no such image file") from None
+    except OSError as e:  # a folder, no permission, an I/O error
+        raise UnreadableImage(path, f"cannot read ({e.strerror or type(e).__name__})") from None
     return data, content_type or content_type_for(path, data)
+
+
+def expand_images(paths: Sequence[Path]) -> Iterator[Path | UnreadableImage]:
+    """The images to send, in order: a folder stands for its images (by suffix,
+    sorted by name; not its subfolders). A folder that cannot be listed or holds
+    no image comes out as an `UnreadableImage`, so that the caller reports it
+    and goes on."""
+    for path in paths:
+        if not path.is_dir():
+            yield path
+            continue
+        try:
+            images = sorted(p for p in path.iterdir() if p.suffix.lower() in CONTENT_TYPES and not p.is_dir())
+        except OSError as e:
+            yield UnreadableImage(path, f"cannot list the folder ({e.strerror or type(e).__name__})")
+            continue
+        if not images:
+            yield UnreadableImage(path, f"no images ({', '.join(CONTENT_TYPES)}) in this folder")
+        yield from images
 
 
 def _send_all(ws: Any, source: Iterator[tuple[float, bytes]], realtime: bool, speed: float, sent: dict) -> None:
@@ -369,16 +399,28 @@ def query_command(
     as_json: bool = False,
     out: Callable[[str], None] = print,
 ) -> int:
-    """`vpr query`: each image in turn; a bad image is reported, the rest go on.
-    Exit status 0 when all succeeded, 1 otherwise."""
+    """`vpr query`: each image in turn (a folder: its images, sorted); an image the
+    server refuses or that cannot be read is reported in one line, the rest go
+    on. Exit status 0 when all succeeded, 1 otherwise."""
     failed = 0
+
+    def report(path: Path, reason: str) -> None:
+        nonlocal failed
+        failed += 1
+        out(json.dumps({"image": str(path), "error": reason}) if as_json else f"{path}: error: {reason}")
+
     with VPRClient(url) as client:
-        for path in images:
+        for path in expand_images(images):
+            if isinstance(path, UnreadableImage):
+                report(path.path, path.reason)
+                continue
             try:
                 answer = client.query(path, top_k=top_k)
-            except (ServerError, FileNotFoundError) as e:
-                failed += 1
-                out(json.dumps({"image": str(path), "error": str(e)}) if as_json else f"{path}: error: {e}")
+            except UnreadableImage as e:  # about this image only: report it, go on
+                report(path, e.reason)
+                continue
+            except ServerError as e:
+                report(path, str(e))
                 continue
             if as_json:
                 out(json.dumps({"image": str(path), **answer}))

@@ -115,6 +115,12 @@ class ShuttingDown(Unavailable):
     default_code = "shutting_down"
 
 
+class RequestTimeout(ApiError):
+    """The client did not send its whole request in time (a stalled or trickling upload)."""
+
+    default_code = "request_timeout"
+
+
 class QueryTimeout(ApiError):
     """The model did not answer within the query timeout."""
 
@@ -127,6 +133,7 @@ HTTP_STATUS: dict[type[ApiError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     NotFound: 404,
+    RequestTimeout: 408,
     Conflict: 409,
     TooLarge: 413,
     UnsupportedMedia: 415,
@@ -141,6 +148,7 @@ FRAMEWORK_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",

@@ -7,13 +7,14 @@ branch on `error` and show `detail`; the server itself keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vpr.server.errors import BadImage, TooLarge, UnsupportedMedia
+from vpr.server.errors import BadImage, RequestTimeout, TooLarge, UnsupportedMedia
 
 # Accepted query image types -> the Pillow format name.
 ACCEPTED_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
@@ -33,13 +34,30 @@ class BodyTooLarge(TooLarge, HTTPException):
         self.status_code, self.headers = 413, None
 
 
+class BodyTimeout(RequestTimeout, HTTPException):
+    """Raised from inside `receive` when the body is late (an HTTPException for
+    the reason given in `BodyTooLarge`): 408, and the connection is closed."""
+
+    def __init__(self, timeout_s: float, received: int) -> None:
+        detail = f"the request body did not arrive within {timeout_s:g} s ({received} bytes received)"
+        RequestTimeout.__init__(self, detail, code="body_timeout")
+        self.status_code, self.headers = 408, None
+
+
 class BodyLimitMiddleware:
     """Enforce a per-route body limit on the bytes actually received (a lying or
     absent Content-Length does not help), and on the declared length as soon as
-    the body is first read."""
+    the body is first read.
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
-        self.app, self.limit_for = app, limit_for
+    With `timeout_s`, the whole body must have arrived that long after the
+    request's head (uvicorn has no such deadline, and a client trickling its
+    body would hold the connection and the request's resources for ever): a
+    late body is a 408 and the connection is closed after it. Once the body is
+    complete, `receive` is passed through unbounded (a response may wait on it
+    for the client's disconnect)."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], timeout_s: float | None = None) -> None:
+        self.app, self.limit_for, self.timeout_s = app, limit_for, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,20 +65,37 @@ class BodyLimitMiddleware:
             return
         limit = self.limit_for(scope["path"])
         declared = _content_length(scope)
-        received = 0
+        timeout_s = self.timeout_s
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        received, complete, late = 0, False, False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, complete, late
             if declared is not None and declared > limit:
                 raise BodyTooLarge(limit, declared)
-            message = await receive()
+            if complete or deadline is None or timeout_s is None:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                late = True
+                raise BodyTimeout(timeout_s, received) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
+            else:  # http.disconnect
+                complete = True
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def closing_send(message: Message) -> None:
+            if late and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, limited_receive, closing_send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -96,8 +131,9 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def check_media(declared: str | None, data: bytes, source: str) -> None:
-    """Refuse what is not a JPEG, PNG or WebP before decoding.
+def check_media(declared: str | None, data: bytes, source: str) -> str:
+    """Refuse what is not a JPEG, PNG or WebP before decoding; the Pillow
+    format to decode it with (its signature's, whatever the header said).
 
     The declared type must be one we accept (or generic, for multipart parts
     sent as octet-stream); bytes that are clearly another image format are
@@ -115,3 +151,4 @@ def check_media(declared: str | None, data: bytes, source: str) -> None:
         raise UnsupportedMedia(f"{source}: the data is {actual}, which is not supported; send one of {accepted}")
     if actual is None:
         raise BadImage(f"{source}: not a decodable image (the data does not start like a JPEG, PNG or WebP file)")
+    return ACCEPTED_TYPES[actual]

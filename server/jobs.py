@@ -6,6 +6,13 @@ always read a whole, current document, also after a restart: jobs that were
 queued or running when the server stopped are marked failed on the next
 start, with the reason. Rebuilds run one at a time on their own thread, so
 queries keep being served (more slowly, on the same cores) meanwhile.
+
+A request is checked before it is queued, so that what cannot work is a 4xx
+with the reason rather than a failed job: the index name, the model, the
+factory spec (and whether there are images enough to train it), and the
+images themselves, listed now, each of which must resolve (links followed) to
+a file under a data root (`VPR_DATA_ROOTS`, by default `$VPR_HOME/data` and
+`$VPR_HOME/demo`): an admin token is not a licence to index the host.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vpr.data.datasets import list_images_recursive
 from vpr.data.spec import DatasetSpec
+from vpr.index.faiss_backend import min_train_vectors
 from vpr.index.store import IndexMismatch, IndexRef, check_name
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import list_images
@@ -48,7 +57,9 @@ class RebuildRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    folder: Path | None = Field(None, description="a folder of database images (file stems become labels)")
+    folder: Path | None = Field(
+        None, description="a folder of database images under a data root (file stems become labels)"
+    )
     recursive: bool = Field(False, description="with `folder`: include sub-folders")
     dataset: DatasetSpec | None = Field(None, description="a dataset whose database side is indexed")
     name: str | None = Field(None, description="index name; default: the served index's name")
@@ -67,6 +78,22 @@ class RebuildRequest(BaseModel):
         if (self.folder is None) == (self.dataset is None):
             raise ValueError("give exactly one of `folder` or `dataset`")
         return self
+
+
+@dataclass
+class Plan:
+    """A rebuild as checked at request time; `items` is None only for a synthetic
+    route the job writes first."""
+
+    name: str
+    model: str
+    source: Path
+    items: list[Any] | None = None
+    root: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        images = None if self.items is None else len(self.items)
+        return {"name": self.name, "model": self.model, "source": str(self.source), "images": images}
 
 
 class JobManager:
@@ -146,7 +173,7 @@ class JobManager:
             "finished": None,
             "progress": {"stage": "queued", "done": 0, "total": None},
             "request": json.loads(req.model_dump_json()),
-            "plan": {k: str(v) for k, v in plan.items()},
+            "plan": plan.summary(),
             "result": None,
             "error": None,
         }
@@ -156,34 +183,60 @@ class JobManager:
         self._prune()
         self._futures = [f for f in self._futures if not f.done()]
         self._futures.append(self._executor.submit(self._run, job, req, plan))
-        log.info("job %s: rebuild of index %s with %s queued", job["id"], plan["name"], plan["model"])
+        log.info("job %s: rebuild of index %s with %s queued", job["id"], plan.name, plan.model)
         return json.loads(json.dumps(job))
 
-    def _plan(self, req: RebuildRequest) -> dict[str, Any]:
-        cur = self.runtime.current
+    def _plan(self, req: RebuildRequest) -> Plan:
+        """Everything a request names, checked now: the index name, the model, the
+        factory spec, the source under the data roots and the images it holds."""
+        rt = self.runtime
+        cur = rt.current
         name = req.name or (cur.index.ref.name if cur else None)
         model = req.model or (cur.index.manifest["model"] if cur else None)
         if name is None or model is None:
             raise ValueError("nothing is served yet: give the index `name` and the `model` that describes it")
         check_name(name)
-        self.runtime.registry.resolve(model)  # RegistryError: unknown model
+        dim = rt.registry.manifest(rt.registry.resolve(model)).get("descriptor_dim")  # RegistryError: unknown
+        if isinstance(dim, int):
+            rt.store.validate_factory(req.factory, dim)  # FactoryError (a ValueError): a bad spec
         source = req.folder if req.folder is not None else req.dataset.path  # type: ignore[union-attr]
         source = self._allowed(Path(source))
         if req.folder is not None and not source.is_dir():
             raise FileNotFoundError(f"{source}: not a folder")
         if req.dataset is not None and not source.exists() and req.dataset.kind != "synthetic":
             raise FileNotFoundError(f"{source}: no such file or folder")
-        return {"name": name, "model": model, "source": source}
+        plan = Plan(name, model, source)
+        if req.dataset is None or req.dataset.kind != "synthetic":  # a synthetic route may first be written
+            plan.items, plan.root = self._items(req, source)
+            self._check_images(plan.items, req.factory)
+        return plan
 
     def _allowed(self, path: Path) -> Path:
+        """`path` resolved, if it lies under a data root; PermissionError (403) otherwise."""
         path = path.expanduser().resolve()
-        roots = self.runtime.settings.data_roots
-        if roots and not any(path.is_relative_to(Path(r).resolve()) for r in roots):
-            raise PermissionError(f"{path}: outside the allowed data roots ({', '.join(map(str, roots))})")
+        roots = self.runtime.settings.resolved_data_roots()
+        if not any(path.is_relative_to(r) for r in roots):
+            raise PermissionError(
+                f"{path}: outside the data roots this server may read ({', '.join(map(str, roots))}); "
+                "set VPR_DATA_ROOTS to allow more"
+            )
         return path
 
+    def _check_images(self, items: list[Any], factory: str) -> None:
+        """Every image under a data root (a link or a dataset option could point
+        elsewhere), and enough of them to train `factory`."""
+        for item in items:
+            path = Path(getattr(item, "path", item))
+            try:
+                self._allowed(path)
+            except PermissionError as e:
+                raise PermissionError(f"image {path} resolves to {e}") from None
+        need = min_train_vectors(factory)
+        if len(items) < need:
+            raise ValueError(f"factory {factory!r} needs at least {need} images to train; the source has {len(items)}")
+
     # ---- running -------------------------------------------------------------------------
-    def _run(self, job: dict, req: RebuildRequest, plan: dict) -> None:
+    def _run(self, job: dict, req: RebuildRequest, plan: Plan) -> None:
         t0 = time.perf_counter()
         self._update(job, state="running", started=now_iso())
         try:
@@ -215,14 +268,17 @@ class JobManager:
         self.metrics.jobs.labels(job["kind"], "succeeded").inc()
         log.info("job %s succeeded: %s", job["id"], result)
 
-    def _rebuild(self, job: dict, req: RebuildRequest, plan: dict) -> dict[str, Any]:
+    def _rebuild(self, job: dict, req: RebuildRequest, plan: Plan) -> dict[str, Any]:
         rt = self.runtime
         self._stage(job, "loading model")
         cur = rt.current
-        ref = rt.registry.resolve(plan["model"])
+        ref = rt.registry.resolve(plan.model)
         model = cur.model if cur is not None and cur.model.ref == ref else rt.registry.load(ref, rt.device)
-        self._stage(job, "listing images")
-        items, root = self._items(req, plan["source"])
+        if plan.items is None or plan.root is None:
+            self._stage(job, "opening the synthetic route")
+            plan.items, plan.root = self._items(req, plan.source)
+            self._check_images(plan.items, req.factory)
+        items, root = plan.items, plan.root
         log.info("job %s: describing %d images under %s with %s", job["id"], len(items), root, ref)
         self._stage(job, "describing", total=len(items))
         last = [0.0]
@@ -239,7 +295,7 @@ class JobManager:
                 self._update(job, progress={"stage": "describing", "done": int(done), "total": int(total)})
 
         new: IndexRef = rt.store.build(
-            plan["name"],
+            plan.name,
             model,
             items,
             root,
@@ -257,18 +313,19 @@ class JobManager:
             "model": manifest["model"],
             "activated": False,
         }
+        cur = rt.current
         if req.activate:
             self._stage(job, "activating")
-            if rt.current is not None:
+            if cur is not None:
                 try:
-                    rt.swap(index_spec=str(new))
+                    cur = rt.swap(index_spec=str(new)).current  # what this swap published
                 except IndexMismatch as e:
                     raise IndexMismatch(f"built {new} but did not activate it: {e}") from None
             else:
                 rt.store.activate(new)
                 rt.load()
+                cur = rt.current
             result["activated"] = True
-        cur = rt.current
         result["served"] = {"model": cur.model_spec, "index": cur.index_spec} if cur else None
         return result
 

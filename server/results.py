@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from vpr.server.errors import ApiError, http_status
+
 POSITION_KEYS = ("utm_e", "utm_n", "utm_zone", "lat", "lon")
 
 
@@ -37,32 +39,41 @@ class Timings(BaseModel):
     total: float = Field(description="from request start to answer, ms")
 
 
+TOP_K_DOC = "matches each answer holds at most: the top_k asked for, capped at the places in the index"
+
+
 class QueryResponse(BaseModel):
     results: list[Match]
     model: str = Field(description="query model NAME@VERSION")
     index: str = Field(description="index NAME@VERSION")
-    top_k: int
+    top_k: int = Field(description=TOP_K_DOC)
     timings_ms: Timings
     batch_size: int = Field(description="images in the forward pass this one shared")
-
-
-class BatchItem(BaseModel):
-    file: str
-    results: list[Match]
-    timings_ms: Timings
-
-
-class BatchResponse(BaseModel):
-    items: list[BatchItem]
-    model: str
-    index: str
-    top_k: int
-    timings_ms: dict[str, float]
 
 
 class ErrorResponse(BaseModel):
     error: str = Field(description="stable machine-readable code")
     detail: Any = Field(description="what is wrong, for humans")
+
+
+class ItemError(ErrorResponse):
+    status: int = Field(description="the HTTP status this error has when it is a whole request's")
+
+
+class BatchItem(BaseModel):
+    file: str = Field(description="the form field, index and file name of this image")
+    results: list[Match] = Field(description="empty when the item has an error")
+    timings_ms: Timings | None = Field(None, description="absent when the item has an error")
+    error: ItemError | None = Field(None, description="why this image got no results; the others are unaffected")
+
+
+class BatchResponse(BaseModel):
+    items: list[BatchItem] = Field(description="one per file, in the order sent")
+    failed: int = Field(0, description="items with an error")
+    model: str
+    index: str
+    top_k: int = Field(description=TOP_K_DOC)
+    timings_ms: dict[str, float]
 
 
 class Readiness(BaseModel):
@@ -99,6 +110,11 @@ def answer_json(hits: Sequence[Any], serving: Any) -> dict[str, Any]:
         "model": serving.model_spec,
         "index": serving.index_spec,
     }
+
+
+def error_json(error: ApiError) -> dict[str, Any]:
+    """An `ApiError` as one batch item's `ItemError`."""
+    return {"error": error.code, "detail": error.detail, "status": http_status(error)}
 
 
 def rounded(timings: dict[str, float]) -> dict[str, float]:

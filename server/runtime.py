@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 SERVING_FILE = "serving.json"  # $VPR_HOME/serving.json: the last pair chosen through the admin API
 
 
+@dataclass(frozen=True)
+class Swap:
+    """What one hot swap replaced and what it published, read in one step under
+    the swap lock: overlapping swaps each report their own link of the chain."""
+
+    previous: Serving | None
+    current: Serving
+
+
 @dataclass
 class Status:
     state: str  # starting | loading | ready | not_ready
@@ -274,9 +283,10 @@ class Runtime:
         log.info("warm-up of %s at %dx%d took %.0f ms", model.ref, w, h, (time.perf_counter() - t) * 1000)
 
     # ---- hot swaps -----------------------------------------------------------------
-    def swap(self, model_spec: str | None = None, index_spec: str | None = None, persist: bool = True) -> Serving:
+    def swap(self, model_spec: str | None = None, index_spec: str | None = None, persist: bool = True) -> Swap:
         """Serve another model and/or index; both are loaded before anything
-        changes, checked against each other, then published atomically.
+        changes, checked against each other, then published atomically. Returns
+        the pair replaced and the pair published (by this swap, not by another).
 
         Raises RegistryError / FileNotFoundError (unknown), IndexMismatch (the
         pair is incompatible: nothing changes), NotReady (no counterpart)."""
@@ -313,7 +323,7 @@ class Runtime:
                     if a != b:
                         self.metrics.swaps.labels(kind).inc()
                         log.info("hot swap: %s %s -> %s", kind, a, b)
-            return new
+            return Swap(cur, new)
 
 
 def _compatible(index_manifest: dict[str, Any], model_manifest: dict[str, Any]) -> bool:

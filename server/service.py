@@ -28,11 +28,20 @@ import torch
 from PIL import Image
 
 from vpr.model.preprocess import ImageDecodeError, ImageTooLarge, decode_image, to_input
-from vpr.server.batcher import Answer, BatcherStopped, MicroBatcher, QueueFull
-from vpr.server.errors import BadImage, Overloaded, QueryTimeout, ShuttingDown, TooLarge
+from vpr.server.batcher import Answer, BatcherStopped, ItemFailed, MicroBatcher, QueueFull
+from vpr.server.errors import (
+    ApiError,
+    BadImage,
+    BadRequest,
+    Overloaded,
+    QueryTimeout,
+    ShuttingDown,
+    TooLarge,
+    UnsupportedMedia,
+)
 from vpr.server.inputs import check_media
 from vpr.server.metrics import Metrics
-from vpr.server.results import answer_json, rounded
+from vpr.server.results import answer_json, error_json, rounded
 from vpr.server.runtime import Runtime
 from vpr.server.serving import Serving
 from vpr.settings import ServerSettings
@@ -73,26 +82,46 @@ class QueryService:
         """One image -> `QueryResponse`; `started` (perf_counter) dates the request."""
         prepared = await self.prepare(serving, upload)
         (answer,) = await self.search(serving, [prepared], top_k, source="http")
-        return {**self.answer(serving, prepared, answer, started), "top_k": top_k, "batch_size": answer.batch_size}
+        body = self.answer(serving, prepared, answer, started)
+        return {**body, "top_k": answered_top_k(serving, top_k), "batch_size": answer.batch_size}
 
     async def query_batch(
         self, serving: Serving, uploads: Sequence[Upload], top_k: int, started: float
     ) -> dict[str, Any]:
-        """Several images -> `BatchResponse`; all are queued together or none."""
-        prepared = await asyncio.gather(*(self.prepare(serving, u) for u in uploads))
-        answers = await self.search(serving, prepared, top_k, source="http")
+        """Several images -> `BatchResponse`, answered per item: a bad image (or one
+        the model cannot process) is that item's `error`, the others get results.
+        Refusals of the whole request (full queue, timeout) still fail it all."""
+        outcomes: list[Prepared | ApiError] = list(
+            await asyncio.gather(*(self._prepare_or_error(serving, u) for u in uploads))
+        )
+        good = [o for o in outcomes if isinstance(o, Prepared)]
+        answers = iter(await self.search_each(serving, good, top_k, source="http"))
         total = _ms_since(started)
-        items = [
-            {"file": u.name, "results": answer_json(a.hits, serving)["results"], "timings_ms": _timings(p, a, total)}
-            for u, p, a in zip(uploads, prepared, answers)
-        ]
+        items: list[dict[str, Any]] = []
+        for upload, outcome in zip(uploads, outcomes):
+            result = next(answers) if isinstance(outcome, Prepared) else outcome
+            if isinstance(result, ApiError):
+                items.append({"file": upload.name, "results": [], "timings_ms": None, "error": error_json(result)})
+                continue
+            assert isinstance(outcome, Prepared)
+            timings = _timings(outcome, result, total)
+            items.append(
+                {"file": upload.name, "results": answer_json(result.hits, serving)["results"], "timings_ms": timings}
+            )
         return {
             "items": items,
+            "failed": sum(1 for it in items if "error" in it),
             "model": serving.model_spec,
             "index": serving.index_spec,
-            "top_k": top_k,
+            "top_k": answered_top_k(serving, top_k),
             "timings_ms": rounded({"total": total}),
         }
+
+    async def _prepare_or_error(self, serving: Serving, upload: Upload) -> Prepared | ApiError:
+        try:
+            return await self.prepare(serving, upload)
+        except (BadRequest, TooLarge, UnsupportedMedia) as e:  # this item's own fault
+            return e
 
     # ---- the steps ---------------------------------------------------------------------------
     def lease(self) -> AbstractContextManager[Serving]:
@@ -101,11 +130,23 @@ class QueryService:
 
     async def prepare(self, serving: Serving, upload: Upload) -> Prepared:
         """Media check here, decoding and preprocessing on the pool."""
-        check_media(upload.declared, upload.data, upload.name)
-        return await self.offload(self.decode, serving, upload.data, upload.name)
+        fmt = check_media(upload.declared, upload.data, upload.name)
+        return await self.offload(self.decode, serving, upload.data, upload.name, fmt)
 
     async def search(self, serving: Serving, items: Sequence[Prepared], top_k: int, source: str) -> list[Answer]:
-        """Queue all items (all or none), then wait for their answers with a deadline."""
+        """Answers for all items, or the first item's error (see `search_each`)."""
+        answers = await self.search_each(serving, items, top_k, source)
+        for a in answers:
+            if isinstance(a, ApiError):
+                raise a
+        return [a for a in answers if isinstance(a, Answer)]
+
+    async def search_each(
+        self, serving: Serving, items: Sequence[Prepared], top_k: int, source: str
+    ) -> list[Answer | ApiError]:
+        """Queue all items (all or none), then wait for their answers with a
+        deadline. An item the model could not process gets its own `BadImage`;
+        the others are answered."""
         s = self.settings
         futures: list[Future[Answer]] = []
         try:
@@ -118,14 +159,23 @@ class QueryService:
         except BatcherStopped as e:
             raise ShuttingDown(str(e)) from None
         try:
-            waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-            return list(await asyncio.wait_for(waiting, s.query_timeout_s))
+            waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            done = list(await asyncio.wait_for(waiting, s.query_timeout_s))
         except TimeoutError:
             for f in futures:
                 f.cancel()
             raise QueryTimeout(f"no answer from the model within {s.query_timeout_s:g} s") from None
-        except BatcherStopped as e:
-            raise ShuttingDown(str(e)) from None
+        out: list[Answer | ApiError] = []
+        for result in done:
+            if isinstance(result, ItemFailed):
+                out.append(BadImage(str(result), code="unprocessable_image"))
+            elif isinstance(result, BatcherStopped):
+                raise ShuttingDown(str(result)) from None
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                out.append(result)
+        return out
 
     def answer(self, serving: Serving, prepared: Prepared, answer: Answer, started: float) -> dict[str, Any]:
         """Matches with their metadata, the pair that answered, and where the time went."""
@@ -136,11 +186,12 @@ class QueryService:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ---- blocking parts (run on the pool) -------------------------------------------------------
-    def decode(self, serving: Serving, data: bytes, source: str) -> Prepared:
-        """Decode (pixel-capped) and preprocess one image for the served model."""
+    def decode(self, serving: Serving, data: bytes, source: str, fmt: str | None = None) -> Prepared:
+        """Decode (pixel-capped; only as `fmt` when given: the format its
+        signature announced) and preprocess one image for the served model."""
         t = time.perf_counter()
         try:
-            img = decode_image(data, self.settings.max_pixels, source=source)
+            img = decode_image(data, self.settings.max_pixels, source=source, formats=(fmt,) if fmt else None)
         except ImageTooLarge as e:
             raise TooLarge(str(e), code="image_too_large") from None
         except ImageDecodeError as e:
@@ -156,6 +207,11 @@ class QueryService:
         seconds = time.perf_counter() - start
         self.metrics.stage.labels("decode").observe(seconds)
         return Prepared(x, seconds * 1000)
+
+
+def answered_top_k(serving: Serving, top_k: int) -> int:
+    """The `top_k` a reply states: as asked, but never more than the index holds."""
+    return min(top_k, serving.index.count)
 
 
 def _ms_since(start: float) -> float:

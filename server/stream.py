@@ -63,8 +63,9 @@ class StreamError(Exception):
     The stream's own protocol errors are raised as these; the query service's
     typed errors become one in `StreamSession._answer` (or a warning, or a
     dropped frame): TooLarge -> 1009, Unavailable (not ready, shutting down)
-    -> 1013, BadImage -> a `bad_frame` warning (1007 after too many),
-    Overloaded / QueryTimeout -> the frame is dropped."""
+    -> 1013, BadImage -> a `bad_frame` warning (1007 after too many), a
+    frame the model could not process -> an `unprocessable_image` warning
+    (the stream goes on), Overloaded / QueryTimeout -> the frame is dropped."""
 
     def __init__(self, close_code: int, error: str, detail: str) -> None:
         super().__init__(detail)
@@ -250,6 +251,7 @@ class StreamSession:
         except (WebSocketDisconnect, _Gone):
             pass
         except Exception as e:
+            self.metrics.stream_errors.labels("internal").inc()
             log.exception("stream failed")
             await self._send_quietly(
                 {"type": "error", "error": "internal", "detail": f"{type(e).__name__}: {e}", "close_code": INTERNAL}
@@ -404,11 +406,15 @@ class StreamSession:
                 except QueryTimeout:
                     self._drop("timeout")
                     return
+                except BadImage as e:  # the model could not process this frame: the stream goes on
+                    self._drop("unprocessable")
+                    await self._send({"type": "warning", "error": e.code, "frame": frame.number, "detail": e.detail})
+                    return
                 self.processed += 1
                 self.metrics.frames_processed.labels(self.codec).inc()
                 body = self.service.answer(serving, prepared, answer, started=frame.received)
         except TooLarge as e:
-            raise StreamError(TOO_BIG, "frame_too_large", f"frame {frame.number}: {e.detail}") from None
+            raise StreamError(TOO_BIG, "frame_too_large", e.detail) from None  # names the frame
         except Unavailable as e:  # not ready, shutting down
             raise StreamError(TRY_LATER, e.code, e.detail) from None
         fps = self.hello.fps if self.hello else None

@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny model configs, temporary homes, the optional ../shared."""
+"""Shared fixtures: tiny model configs, temporary homes, the optional ../shared;
+`skip_or_fail` for optional test dependencies, and the browser tests' count in
+the terminal summary (so that a CI log shows how many ran)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -11,6 +14,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VPR_SHARED", REPO.parent / "shared"))
+
+IN_CI = os.environ.get("CI") == "true"  # what CI services set; the Makefile's `test` checks the same
+BROWSER = "browser"  # the marker of the tests that drive Chromium (those using the `browser` fixture)
 
 TINY_CONFIG = {
     "backbone": {"name": "resnet18", "cut": "layer3"},
@@ -69,3 +75,40 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def skip_or_fail(reason: str, *, module: bool = False) -> NoReturn:
+    """Skip a test whose optional dependency (Chromium, Milvus Lite) is missing,
+    except in CI (CI=true), where that must fail the run with the reason
+    instead of going green without the test. `module`: called at import time."""
+    __tracebackhide__ = True  # the skip's reported location is the caller's
+    if IN_CI:
+        pytest.fail(f"CI=true, so this is a failure, not a skip: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{BROWSER}: drives headless Chromium (set on every test using `browser`)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if BROWSER in getattr(item, "fixturenames", ()):
+            item.add_marker(BROWSER)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line with what happened to the browser tests, when any were collected."""
+    outcomes: dict[str, str] = {}  # nodeid -> the outcome of its worst phase
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if not isinstance(r, pytest.TestReport) or BROWSER not in r.keywords:
+                continue
+            if r.when == "call" or r.outcome != "passed":
+                outcomes[r.nodeid] = "failed" if r.outcome == "failed" else outcomes.get(r.nodeid, r.outcome)
+    if outcomes:
+        counts = {o: list(outcomes.values()).count(o) for o in ("passed", "failed", "skipped")}
+        terminalreporter.write_line(
+            f"browser tests (headless Chromium): {len(outcomes)} collected, {counts['passed']} passed, "
+            f"{counts['failed']} failed, {counts['skipped']} skipped"
+        )

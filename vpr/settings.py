@@ -17,13 +17,15 @@ The README's configuration table lists every variable (a test checks it).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import stat
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,16 @@ class ServerSettings(HomeSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     access_log: bool = True  # one line per request (uvicorn's access log)
+    # ---- slow clients: every connection is bounded in time, and their number ----
+    # A request's headers must have arrived this long after the connection opened
+    # (or its previous response ended); else the connection is closed.
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    # A request's body must have arrived this long after its headers; else 408 and close.
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # An idle keep-alive connection is closed after this long (uvicorn's timeout_keep_alive).
+    keep_alive_s: int = Field(5, ge=1, le=3600)
+    # Open HTTP and websocket connections; a request beyond them gets 503 at once.
+    max_connections: int = Field(512, ge=2)
 
     # ---- what is served -------------------------------------------------
     # Query model: "name" (its active version) or "name@version". None: the
@@ -144,9 +156,14 @@ class ServerSettings(HomeSettings):
     # ---- admin ------------------------------------------------------------
     admin_token: SecretStr | None = None
     admin_token_file: Path | None = None
-    # When set, rebuild jobs may only read folders under these roots.
-    data_roots: list[Path] | None = None
+    # Folders whose images the server may read: rebuild jobs index only files
+    # under them, and the place-image route serves only files under them.
+    # JSON list or os.pathsep-separated (like PATH); unset: `default_data_roots`.
+    data_roots: Annotated[list[Path] | None, NoDecode] = None
     jobs_keep: int = Field(200, ge=1)  # job files kept in $VPR_HOME/jobs
+    # GET /v1/places/{id}/image (the web page's thumbnails): "public", "token"
+    # (the admin token, as for /v1/admin), or "off" (404).
+    place_images: Literal["public", "token", "off"] = "public"
 
     @field_validator("device")
     @classmethod
@@ -156,6 +173,22 @@ class ServerSettings(HomeSettings):
         if v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError(f"bad device {v!r}: use cpu, cuda, cuda:N or auto")
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _roots(cls, v: object) -> object:
+        """A JSON list, or folders separated by os.pathsep as in PATH; empty: unset."""
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if not text:
+            return None
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"data_roots {text!r}: not a JSON list ({e})") from None
+        return [part for part in text.split(os.pathsep) if part.strip()]
 
     @field_validator("log_level")
     @classmethod
@@ -176,7 +209,18 @@ class ServerSettings(HomeSettings):
             )
         if self.admin_token is not None and self.admin_token_file is not None:
             raise ValueError("set either VPR_ADMIN_TOKEN or VPR_ADMIN_TOKEN_FILE, not both")
+        if self.place_images == "token" and self.admin_token is None and self.admin_token_file is None:
+            raise ValueError("place_images 'token' needs an admin token (VPR_ADMIN_TOKEN or VPR_ADMIN_TOKEN_FILE)")
         return self
+
+    def default_data_roots(self) -> list[Path]:
+        """`$VPR_HOME/data` (put database folders there) and `$VPR_HOME/demo` (the demo's route)."""
+        return [self.home / "data", self.home / "demo"]
+
+    def resolved_data_roots(self) -> list[Path]:
+        """The data roots as absolute paths with links resolved (what paths are checked against)."""
+        roots = self.data_roots if self.data_roots is not None else self.default_data_roots()
+        return [Path(r).expanduser().resolve() for r in roots]
 
     def resolved_admin_token(self) -> str | None:
         """The admin token, or None when admin routes are off.

@@ -37,6 +37,7 @@ from vpr.server.errors import (
 from vpr.server.jobs import RebuildRequest
 from vpr.server.results import ErrorResponse
 from vpr.server.runtime import Runtime
+from vpr.server.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -145,22 +146,26 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS, depende
 
 
 def served(runtime: Runtime) -> dict[str, Any]:
-    cur = runtime.current
+    return described(runtime.current)
+
+
+def described(pair: Serving | None) -> dict[str, Any]:
     return {
-        "model": cur.model_spec if cur else None,
-        "index": cur.index_spec if cur else None,
-        "index_size": cur.index.count if cur else None,
+        "model": pair.model_spec if pair else None,
+        "index": pair.index_spec if pair else None,
+        "index_size": pair.index.count if pair else None,
     }
 
 
 async def swap(runtime: Runtime, model: str | None, index: str | None) -> dict[str, Any]:
-    """Hot-swap off the event loop (loading weights takes seconds)."""
-    before = served(runtime)
+    """Hot-swap off the event loop (loading weights takes seconds). The reply's
+    `previous` and `served` are the pairs this swap replaced and published, as
+    the runtime recorded them in one step (another activation may follow at once)."""
     try:
-        await run_in_threadpool(runtime.swap, model, index)
+        done = await run_in_threadpool(runtime.swap, model, index)
     except Exception as e:
         raise admin_error(e) from None
-    return {"previous": before, "served": served(runtime)}
+    return {"previous": described(done.previous), "served": described(done.current)}
 
 
 @router.get("/models", summary="Registered models and which one is served")

@@ -13,7 +13,10 @@ from vpr.server.results import Readiness
 router = APIRouter(tags=["probes"])
 
 
+# HEAD answers as GET does, without a body (load balancers and `curl -I` probe with it);
+# it is left out of the schema so that each operation id stays unique.
 @router.get("/healthz", summary="Liveness: the process answers")
+@router.head("/healthz", include_in_schema=False)
 def healthz() -> dict[str, Any]:
     return {"status": "ok"}
 
@@ -24,6 +27,7 @@ def healthz() -> dict[str, Any]:
     summary="Readiness: model and index loaded",
     responses={503: {"model": Readiness}},
 )
+@router.head("/readyz", include_in_schema=False)
 def readyz(runtime: RuntimeDep, settings: SettingsDep) -> JSONResponse:
     cur, st = runtime.current, runtime.status
     body = Readiness(

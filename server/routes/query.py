@@ -4,7 +4,7 @@ request, then hand them to the query service (server/service.py)."""
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +27,10 @@ IMAGE_BODY_DOC = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "top_k": {"type": "integer", "description": "instead of the query parameter"},
+                    },
                 }
             },
         },
@@ -36,12 +39,16 @@ IMAGE_BODY_DOC = {
 BATCH_BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "several images as files of one multipart form (any field names)",
+        "description": "several images as files of one multipart form (any field names); each "
+        "is answered on its own: a bad image gets an `error` in its item, the others their results",
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer", "description": "instead of the query parameter"},
+                    },
                 }
             }
         },
@@ -68,22 +75,28 @@ def top_k_param(
 ) -> int:
     """The `top_k` of a query: the server's default when absent, refused above
     its maximum. Checked here rather than in the signature because both are
-    settings; `document_top_k` shows them in the OpenAPI schema."""
+    settings; `document_top_k` shows them in the OpenAPI schema. A multipart
+    form may carry it as a field instead (`form_top_k`)."""
     if top_k is None:
         return settings.top_k_default
+    return checked_top_k(top_k, settings, ("query", "top_k"))
+
+
+def checked_top_k(value: int | str, settings: ServerSettings, loc: tuple[str, str]) -> int:
+    """`value` as a top_k in 1..top_k_max, or the 422 a bad query parameter gets."""
+    try:
+        top_k = int(value)
+    except ValueError:
+        _invalid(loc, "int_parsing", "Input should be a valid integer, unable to parse string as an integer", value)
+    if top_k < 1:
+        _invalid(loc, "greater_than_equal", "Input should be greater than or equal to 1", value)
     if top_k > settings.top_k_max:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "less_than_equal",
-                    "loc": ("query", "top_k"),
-                    "msg": f"Input should be less than or equal to {settings.top_k_max}",
-                    "input": top_k,
-                    "ctx": {"le": settings.top_k_max},
-                }
-            ]
-        )
+        _invalid(loc, "less_than_equal", f"Input should be less than or equal to {settings.top_k_max}", value)
     return top_k
+
+
+def _invalid(loc: tuple[str, str], kind: str, msg: str, value: object) -> NoReturn:
+    raise RequestValidationError([{"type": kind, "loc": loc, "msg": msg, "input": value}])
 
 
 TopK = Annotated[int, Depends(top_k_param)]
@@ -116,7 +129,7 @@ def document_top_k(schema: dict[str, Any], settings: ServerSettings) -> None:
 async def query(request: Request, service: ServiceDep, settings: SettingsDep, top_k: TopK) -> dict[str, Any]:
     started = time.perf_counter()
     with service.lease() as serving:
-        upload = await one_image(request, settings)
+        upload, top_k = await one_image(request, settings, top_k)
         return await service.query(serving, upload, top_k, started)
 
 
@@ -130,22 +143,23 @@ async def query(request: Request, service: ServiceDep, settings: SettingsDep, to
 async def query_batch(request: Request, service: ServiceDep, settings: SettingsDep, top_k: TopK) -> dict[str, Any]:
     started = time.perf_counter()
     with service.lease() as serving:
-        uploads = await all_files(request, settings)
+        uploads, top_k = await all_files(request, settings, top_k)
         return await service.query_batch(serving, uploads, top_k, started)
 
 
 # ---- reading the request ------------------------------------------------------------------
-async def one_image(request: Request, settings: ServerSettings) -> Upload:
-    """The image of a single query: raw body, or the one file of a multipart form."""
+async def one_image(request: Request, settings: ServerSettings, top_k: int) -> tuple[Upload, int]:
+    """The image of a single query (raw body, or the one file of a multipart
+    form) and its top_k (a form may carry it as a field)."""
     kind = media_type(request.headers.get("content-type"))
     if kind == "multipart/form-data":
-        files = await form_files(request, settings)
+        files, top_k = await read_form(request, settings, top_k)
         if len(files) != 1:
             raise BadRequest(
                 f"the multipart form has {len(files)} files; /v1/query takes "
                 "exactly one (use /v1/query/batch for several)"
             )
-        return files[0]
+        return files[0], top_k
     if kind not in ACCEPTED_TYPES:
         raise UnsupportedMedia(
             f"content type {kind or 'missing'!r} is not supported; send "
@@ -154,24 +168,27 @@ async def one_image(request: Request, settings: ServerSettings) -> Upload:
     data = await request.body()
     if not data:
         raise BadRequest("the request body is empty; send the image bytes", code="empty_body")
-    return Upload(data, kind, "body")
+    return Upload(data, kind, "body"), top_k
 
 
-async def all_files(request: Request, settings: ServerSettings) -> list[Upload]:
+async def all_files(request: Request, settings: ServerSettings, top_k: int) -> tuple[list[Upload], int]:
     kind = media_type(request.headers.get("content-type"))
     if kind != "multipart/form-data":
         raise UnsupportedMedia(
             f"content type {kind or 'missing'!r}: /v1/query/batch takes multipart/form-data with one file per image"
         )
-    files = await form_files(request, settings)
+    files, top_k = await read_form(request, settings, top_k)
     if not files:
         raise BadRequest("the multipart form has no files")
-    return files
+    return files, top_k
 
 
-async def form_files(request: Request, settings: ServerSettings) -> list[Upload]:
-    """Each file part of a multipart form. The body limit applies while the
-    form is parsed (BodyLimitMiddleware), so nothing big is buffered."""
+async def read_form(request: Request, settings: ServerSettings, top_k: int) -> tuple[list[Upload], int]:
+    """Each file part of a multipart form, and the top_k of the query: a
+    `top_k` text field counts like the query parameter (both: they must agree).
+    Any other text field is refused rather than ignored. The body limit
+    applies while the form is parsed (BodyLimitMiddleware), so nothing big is
+    buffered."""
     limit = settings.max_batch_files
     form = await request.form(max_files=limit, max_fields=limit)
     out = []
@@ -183,6 +200,18 @@ async def form_files(request: Request, settings: ServerSettings) -> list[Upload]
                 if not data:
                     raise BadRequest(f"{name}: empty file", code="empty_body")
                 out.append(Upload(data, value.content_type, name))
+            elif field == "top_k":
+                top_k = form_top_k(request, settings, value, top_k)
+            else:
+                raise BadRequest(f"unknown form field {field!r}: the form takes image files and an optional top_k")
     finally:
         await form.close()
-    return out
+    return out, top_k
+
+
+def form_top_k(request: Request, settings: ServerSettings, value: str, top_k: int) -> int:
+    """A `top_k` form field, checked like the query parameter."""
+    from_form = checked_top_k(value.strip(), settings, ("form", "top_k"))
+    if "top_k" in request.query_params and from_form != top_k:
+        _invalid(("form", "top_k"), "conflict", f"top_k is {top_k} in the query but {from_form} in the form", value)
+    return from_form

@@ -12,7 +12,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.server.support import build_home, gated, place_images, wait_ready
+from tests.server.support import build_home, entries_for, gated, place_images, wait_ready
+from vpr.index.store import IndexStore
 from vpr.model.registry import Registry
 from vpr.server.app import create_app
 from vpr.server.jobs import JobManager
@@ -26,7 +27,7 @@ JPEG = {"content-type": "image/jpeg"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served_module(tmp_path_factory):
     root = tmp_path_factory.mktemp("admin")
     h = build_home(root)
     stale = uuid.uuid4().hex  # a job a killed server left running
@@ -35,11 +36,31 @@ def served(tmp_path_factory):
         json.dumps({"id": stale, "kind": "index.rebuild", "state": "running"})
     )
     settings = ServerSettings(
-        home=h.home, model="student", device="cpu", admin_token=TOKEN, warmup=False, decode_threads=2
+        home=h.home,
+        model="student",
+        device="cpu",
+        admin_token=TOKEN,
+        warmup=False,
+        decode_threads=2,
+        data_roots=[root],  # the database folders of these tests lie beside the home
     )
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client, h, root, stale
+
+
+@pytest.fixture
+def served(served_module):
+    """The module's server, back on the first student and places@1 before each
+    test, so that no test depends on what an earlier one activated."""
+    client, h, _, _ = served_module
+    for path, body in (
+        ("/v1/admin/models/activate", {"model": h.student}),
+        ("/v1/admin/index/activate", {"index": h.index}),
+    ):
+        r = client.post(path, headers=AUTH, json=body)
+        assert r.status_code == 200, r.text
+    return served_module
 
 
 class Querier(threading.Thread):
@@ -192,16 +213,17 @@ def test_rebuild_swaps_the_index_while_queries_go_on(served):
     assert job["state"] == "succeeded", job
     assert n > at_submit  # queries were answered while the job ran
     assert job["progress"]["done"] == job["progress"]["total"] == 10
-    assert job["result"]["index"] == "places@2" and job["result"]["activated"] and job["result"]["count"] == 10
+    new = job["result"]["index"]  # places@2, or later when another test published a version first
+    assert new.startswith("places@") and new != h.index and job["result"]["activated"] and job["result"]["count"] == 10
     assert job["result"]["model"] == h.teacher  # the index's own model described the new images
     assert json.loads((h.home / "jobs" / f"{job_id}.json").read_text())["state"] == "succeeded"
     assert all(s == 200 for s, *_ in seen), [x for x in seen if x[0] != 200]
     indexes = [i for _, _, i, _ in seen]
-    assert indexes[0] == h.index and indexes[-1] == "places@2"
+    assert indexes[0] == h.index and indexes[-1] == new
     ready = client.get("/readyz").json()
-    assert ready["index"] == "places@2" and ready["index_size"] == 10
+    assert ready["index"] == new and ready["index_size"] == 10
     r = client.post("/v1/query", content=images2[9].read_bytes(), headers=JPEG).json()
-    assert r["index"] == "places@2" and r["results"][0]["id"] == 9 and r["results"][0]["path"] == "place09.jpg"
+    assert r["index"] == new and r["results"][0]["id"] == 9 and r["results"][0]["path"] == "place09.jpg"
     listed = client.get("/v1/admin/jobs", headers=AUTH).json()["jobs"]
     assert job_id in [j["id"] for j in listed]
 
@@ -216,19 +238,36 @@ def test_failed_rebuilds_leave_the_served_index(served):
     assert r.status_code == 202
     job = _wait(client, r.json()["job"])
     assert job["state"] == "failed" and "did not activate" in job["error"], job
-    r = client.post("/v1/admin/index/rebuild", headers=AUTH, json={"folder": str(root / "db"), "factory": "Bogus9"})
-    job = _wait(client, r.json()["job"])
-    assert job["state"] == "failed" and "Bogus9" in job["error"]
     assert client.get("/readyz").json()["index"] == before
-    for body, code in [
-        ({"folder": str(root / "missing")}, 422),
-        ({}, 422),
-        ({"folder": str(root / "db"), "dataset": {"kind": "folder", "path": str(root)}}, 422),
-        ({"folder": str(root / "db"), "model": "nosuch"}, 404),
-        ({"folder": str(root / "db"), "name": "../evil"}, 422),
+
+
+def test_rebuilds_that_cannot_work_are_refused_at_once(served):
+    """What the request alone shows to be wrong is a 4xx with the reason, and no job."""
+    client, h, root, _ = served
+    (root / "empty").mkdir()
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("no images here")
+    jobs_before = sorted(p.name for p in (h.home / "jobs").glob("*.json"))
+    db = str(root / "db")
+    for body, code, reason in [
+        ({"folder": str(root / "missing")}, 422, "not a folder"),
+        ({"folder": str(root / "empty")}, 422, "no images"),
+        ({"folder": str(root / "notes"), "recursive": True}, 422, "no images"),
+        ({"folder": db, "factory": "Bogus9"}, 422, "Bogus9"),
+        ({"folder": db, "factory": "IVF64,Flat"}, 422, "at least 64 images"),  # 8 images cannot train it
+        ({"dataset": {"kind": "bogus", "path": db}}, 422, "folder, mat, traversal, synthetic"),
+        ({"dataset": {"kind": "folder", "path": str(root / "missing")}}, 422, "no such file"),
+        ({}, 422, "exactly one"),
+        ({"folder": db, "dataset": {"kind": "folder", "path": str(root)}}, 422, "exactly one"),
+        ({"folder": db, "model": "nosuch"}, 404, "nosuch"),
+        ({"folder": db, "name": "../evil"}, 422, "evil"),
+        ({"folder": "../../etc"}, 403, "outside the data roots"),
+        ({"folder": str(root.parent)}, 403, "outside the data roots"),
     ]:
         r = client.post("/v1/admin/index/rebuild", headers=AUTH, json=body)
         assert r.status_code == code, (body, r.text)
+        assert reason in r.json()["detail"], (body, r.json())
+    assert sorted(p.name for p in (h.home / "jobs").glob("*.json")) == jobs_before
 
 
 def _wait(client, job_id: str, timeout: float = 120) -> dict:
@@ -241,8 +280,25 @@ def _wait(client, job_id: str, timeout: float = 120) -> dict:
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
-def test_index_roll_back_with_a_search_in_flight_and_reload(served):
-    client, h, _, _ = served
+@pytest.fixture
+def on_a_second_index(tmp_path):
+    """A server of its own serving places@2 (10 other places) over places@1 (8),
+    so that rolling back depends on no other test having rebuilt the index."""
+    h = build_home(tmp_path)
+    images2 = place_images(tmp_path / "db2", 10, seed=5)
+    teacher = Registry(h.home / "models").load(h.teacher)
+    second = IndexStore(h.home / "indexes").build("places", teacher, entries_for(images2), root=tmp_path / "db2")
+    assert str(second) == "places@2"
+    settings = ServerSettings(
+        home=h.home, model="student", device="cpu", admin_token=TOKEN, warmup=False, decode_threads=2
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        yield client, h
+
+
+def test_index_roll_back_with_a_search_in_flight_and_reload(on_a_second_index):
+    client, h = on_a_second_index
     rt = client.app.state.runtime
     orig = rt.current
     assert orig.index_spec == "places@2"
@@ -284,5 +340,57 @@ def test_rebuilds_only_read_under_the_data_roots(tmp_path):
     jobs = JobManager(tmp_path / "h" / "jobs", rt)
     (tmp_path / "data" / "x").mkdir(parents=True)
     assert jobs._allowed(tmp_path / "data" / "x") == (tmp_path / "data" / "x").resolve()
-    with pytest.raises(PermissionError, match="outside the allowed data roots"):
+    with pytest.raises(PermissionError, match="outside the data roots"):
         jobs._allowed(tmp_path / "data" / ".." / "elsewhere")
+
+
+def _chain(start: str, steps: list[tuple[str, str]], end: str) -> list[int] | None:
+    """An order in which every (previous, served) step follows the one before,
+    from `start` to `end`; None when there is none."""
+
+    def walk(at: str, left: list[int]) -> list[int] | None:
+        if not left:
+            return [] if at == end else None
+        for i in left:
+            if steps[i][0] == at and (rest := walk(steps[i][1], [j for j in left if j != i])) is not None:
+                return [i, *rest]
+        return None
+
+    return walk(start, list(range(len(steps))))
+
+
+def test_overlapping_activations_each_report_their_own_swap(served, monkeypatch):
+    """Activations whose loads overlap: each reply's `previous` is the pair that
+    very swap replaced, so the replies chain from the first pair to the last."""
+    client, h, _, _ = served
+    rt = client.app.state.runtime
+    models = [h.student2, h.teacher, h.student, h.student2, h.teacher, h.student]
+    together = threading.Barrier(len(models), timeout=60)
+    load = rt.registry.load
+
+    def load_together(*args, **kwargs):
+        together.wait()  # every activation has read the state it starts from
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(rt.registry, "load", load_together)
+    ready = client.get("/readyz").json()
+    start, index = ready["model"], ready["index"]
+    replies: list = [None] * len(models)
+
+    def activate(i: int) -> None:
+        replies[i] = client.post("/v1/admin/models/activate", headers=AUTH, json={"model": models[i]})
+
+    threads = [threading.Thread(target=activate, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    monkeypatch.undo()
+    assert all(r is not None and r.status_code == 200 for r in replies), [r and r.text for r in replies]
+    bodies = [r.json() for r in replies]
+    assert sorted(b["served"]["model"] for b in bodies) == sorted(models)
+    end = client.get("/readyz").json()["model"]
+    steps = [(b["previous"]["model"], b["served"]["model"]) for b in bodies]
+    assert _chain(start, steps, end) is not None, (start, steps, end)
+    assert all(b["previous"]["index"] == b["served"]["index"] == index for b in bodies)
+    assert client.post("/v1/admin/models/activate", headers=AUTH, json={"model": h.student}).status_code == 200

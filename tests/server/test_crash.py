@@ -2,8 +2,10 @@
 
 The server runs as a real subprocess on a free loopback port with an admin
 token. After a hot swap to the second student (so the state to come back to
-is not merely the default), a rebuild of a larger folder starts; once the job
-reports progress the process is killed (no shutdown handler runs). Restarted
+is not merely the default), a rebuild of a larger folder starts while the test
+holds the index's writer lock, so that the job describes every image and then
+waits to publish: the process is killed then (no shutdown handler runs), inside
+the job for certain, whatever the machine's speed. Restarted
 on the same home, the server must come up ready on the previous model and
 index with no manual repair, answer queries exactly as before, report the
 interrupted job as failed, and run a new rebuild to completion.
@@ -22,10 +24,11 @@ import pytest
 from tests.server.live_support import serve_process
 from tests.server.support import build_home, place_images
 from vpr.index.store import IndexStore
+from vpr.model.store import VersionedStore
 
 TOKEN = "crash-test-admin-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-EXTRA_IMAGES = 300
+EXTRA_IMAGES = 60  # enough to be a real rebuild; the timing no longer depends on it
 
 
 def _poll(client: httpx.Client, job_id: str, until, timeout: float = 120.0) -> dict:
@@ -36,6 +39,13 @@ def _poll(client: httpx.Client, job_id: str, until, timeout: float = 120.0) -> d
             return job
         assert time.monotonic() < deadline, f"job {job_id} never reached the expected state: {job}"
         time.sleep(0.05)
+
+
+def _described_or_over(job: dict) -> bool:
+    """The job has described every image (or ended)."""
+    progress = job["progress"]
+    described = job["state"] == "running" and progress["total"] is not None and progress["done"] == progress["total"]
+    return described or job["state"] in ("succeeded", "failed")
 
 
 def _query(client: httpx.Client, path) -> dict:
@@ -55,7 +65,7 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
         p.rename(big / f"extra{i:03d}.jpg")
         for i, p in enumerate(place_images(tmp_path / "extra", EXTRA_IMAGES, seed=4))
     ]
-    env = {"VPR_ADMIN_TOKEN": TOKEN}
+    env = {"VPR_ADMIN_TOKEN": TOKEN, "VPR_DATA_ROOTS": str(tmp_path)}  # the rebuilds read `big`
     log = tmp_path / "serve.log"
 
     first = serve_process(h.home, log, env=env).start()
@@ -66,25 +76,20 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
             before = _query(c, h.images[3])
             assert (before["model"], before["index"]) == (h.student2, h.index)
             assert before["results"][0]["id"] == 3
-            r = c.post("/v1/admin/index/rebuild", json={"folder": str(big), "batch_size": 1})
-            assert r.status_code == 202, r.text
-            job_id = r.json()["job"]
-            running = _poll(
-                c,
-                job_id,
-                lambda j: (
-                    j["state"] == "running" and j["progress"]["done"] > 0 or j["state"] in ("succeeded", "failed")
-                ),
-            )
-            assert running["state"] == "running", running
-            first.kill()  # SIGKILL in the middle of describing the images
+            with VersionedStore(h.home / "indexes", "index").writer("places"):  # the rebuild cannot publish
+                r = c.post("/v1/admin/index/rebuild", json={"folder": str(big), "batch_size": 8})
+                assert r.status_code == 202, r.text
+                job_id = r.json()["job"]
+                running = _poll(c, job_id, _described_or_over)
+                assert running["state"] == "running", running
+                first.kill()  # SIGKILL between describing the images and publishing them
         assert first.returncode == -signal.SIGKILL
     finally:
         first.kill()
 
     # what a killed server leaves: a job file that still says running, nothing published
     stale = json.loads((h.home / "jobs" / f"{job_id}.json").read_text())
-    assert stale["state"] == "running" and 0 < stale["progress"]["done"] < stale["progress"]["total"]
+    assert stale["state"] == "running" and stale["progress"]["done"] == stale["progress"]["total"] == 8 + EXTRA_IMAGES
     store = IndexStore(h.home / "indexes")
     assert store.versions("places") == [1] and str(store.active("places")) == h.index
 
@@ -110,8 +115,8 @@ def test_sigkill_during_a_rebuild_restarts_on_the_previous_index_and_model(tmp_p
             assert done["result"]["count"] == 8 + EXTRA_IMAGES
             ready = c.get("/readyz").json()
             assert (ready["model"], ready["index"], ready["index_size"]) == (h.student2, "places@2", 8 + EXTRA_IMAGES)
-            q = _query(c, extra[123])
-            assert q["index"] == "places@2" and q["results"][0]["path"] == extra[123].name
+            q = _query(c, extra[42])
+            assert q["index"] == "places@2" and q["results"][0]["path"] == extra[42].name
             assert _query(c, h.images[3])["results"][0]["path"] == h.images[3].name
     finally:
         second.stop()

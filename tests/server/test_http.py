@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -226,8 +227,6 @@ def test_batch_query(served):
 def test_batch_errors(served):
     client, h = served
     good = ("files", ("ok.jpg", h.images[0].read_bytes(), "image/jpeg"))
-    r = client.post("/v1/query/batch", files=[good, ("files", ("broken.jpg", b"\xff\xd8\xff\xe0junk", "image/jpeg"))])
-    assert r.status_code == 400 and "broken.jpg" in r.json()["detail"]
     r = client.post("/v1/query/batch", content=h.images[0].read_bytes(), headers=JPEG)
     assert r.status_code == 415
     r = client.post("/v1/query/batch", files=[good] * 5)  # max_batch_files = 4
@@ -283,6 +282,7 @@ def test_every_error_type_has_its_own_http_answer():
         e.Unauthorized: 401,
         e.Forbidden: 403,
         e.NotFound: 404,
+        e.RequestTimeout: 408,
         e.Conflict: 409,
         e.TooLarge: 413,
         e.UnsupportedMedia: 415,
@@ -417,3 +417,204 @@ def test_serving_selection(served, tmp_path):
     assert Runtime(ServerSettings(home=home, device="cpu", index="places")).select() == (h.student, "places")
     rt = Runtime(ServerSettings(home=home, device="cpu", index="places", model=h.other))
     assert not rt.load() and rt.current is None and "neither that model nor a student" in rt.status.reason
+
+
+# ---- every decodable image gets an answer (issue 13) ------------------------------------------
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1000, 60), (60, 1000), (1, 1), (1, 300), (300, 2), (15, 15)])
+@pytest.mark.parametrize("fmt,ctype", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_extreme_sizes_and_aspect_ratios_get_an_answer(served, size, fmt, ctype):
+    client, h = served
+    img = Image.open(h.images[2]).convert("RGB").resize(size)
+    r = client.post("/v1/query", content=_encoded(img, fmt), headers={"content-type": ctype}, params={"top_k": 3})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 3
+
+
+def test_exif_rotated_photo_finds_its_place_like_the_upright_one(served):
+    """A phone stores the pixels sideways with orientation 6: same answer as upright."""
+    client, h = served
+    upright = Image.open(h.images[4]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways = _encoded(upright.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif)
+    want = client.post("/v1/query", content=_encoded(upright, "PNG"), headers={"content-type": "image/png"}).json()
+    got = client.post("/v1/query", content=sideways, headers={"content-type": "image/png"})
+    assert got.status_code == 200, got.text
+    assert got.json()["results"] == want["results"] and want["results"][0]["id"] == 4
+
+
+def test_transparent_sixteen_bit_cmyk_and_animated_images_are_answered(served):
+    client, h = served
+    rgb = Image.open(h.images[1]).convert("RGB")
+    grey16 = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    frames = [rgb, Image.new("RGB", rgb.size, "blue")]
+    cases = {
+        "rgba": (_encoded(rgb.convert("RGBA"), "PNG"), "image/png"),
+        "palette+transparency": (_encoded(rgb.convert("P"), "PNG", transparency=0), "image/png"),
+        "la": (_encoded(rgb.convert("LA"), "PNG"), "image/png"),
+        "16-bit": (_encoded(grey16, "PNG"), "image/png"),
+        "cmyk": (_encoded(rgb.convert("CMYK"), "JPEG", quality=95), "image/jpeg"),
+        "apng": (_encoded(rgb, "PNG", save_all=True, append_images=frames[1:]), "image/png"),
+        "animated webp": (_encoded(rgb, "WEBP", save_all=True, append_images=frames[1:], lossless=True), "image/webp"),
+    }
+    for name, (data, ctype) in cases.items():
+        r = client.post("/v1/query", content=data, headers={"content-type": ctype})
+        assert r.status_code == 200, (name, r.text)
+        if name in ("rgba", "apng", "animated webp"):  # the same pixels as the place itself
+            assert r.json()["results"][0]["id"] == 1 and r.json()["results"][0]["score"] == pytest.approx(1, abs=1e-4)
+
+
+def test_bomb_error_quotes_the_configured_limit(served):
+    client, _ = served
+    r = client.post("/v1/query", content=_png_header_only(60_000, 60_000), headers={"content-type": "image/png"})
+    assert r.status_code == 413 and "limit of 100000" in r.json()["detail"]
+    assert "178956970" not in r.json()["detail"] and "3600000000" in r.json()["detail"]
+
+
+def test_top_k_as_a_form_field_and_as_answered(served):
+    client, h = served
+    jpeg = ("q.jpg", h.images[0].read_bytes(), "image/jpeg")
+    r = client.post("/v1/query", data={"top_k": "2"}, files={"file": jpeg})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2 and r.json()["top_k"] == 2
+    r = client.post("/v1/query/batch", data={"top_k": "3"}, files=[("files", jpeg), ("files", jpeg)])
+    assert r.status_code == 200 and r.json()["top_k"] == 3
+    assert [len(it["results"]) for it in r.json()["items"]] == [3, 3]
+    # both places: they must agree
+    r = client.post("/v1/query", data={"top_k": "2"}, files={"file": jpeg}, params={"top_k": 2})
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+    r = client.post("/v1/query", data={"top_k": "2"}, files={"file": jpeg}, params={"top_k": 4})
+    assert r.status_code == 422 and "top_k" in r.json()["detail"]
+    for bad in ("0", "21", "x", "2.5"):
+        r = client.post("/v1/query", data={"top_k": bad}, files={"file": jpeg})
+        assert r.status_code == 422 and "top_k" in r.json()["detail"], bad
+    r = client.post("/v1/query", data={"topk": "2"}, files={"file": jpeg})
+    assert r.status_code == 400 and "topk" in r.json()["detail"]
+    # more than the index holds: the reply says how many it could give
+    r = client.post("/v1/query", content=h.images[1].read_bytes(), headers=JPEG, params={"top_k": 20})
+    assert len(r.json()["results"]) == 8 and r.json()["top_k"] == 8
+    r = client.post("/v1/query/batch", files=[("files", jpeg)], params={"top_k": 20})
+    assert r.json()["top_k"] == 8 and len(r.json()["items"][0]["results"]) == 8
+
+
+def test_batch_answers_each_item(served):
+    """Bad items get their own error; the good ones their results."""
+    client, h = served
+    big = io.BytesIO()
+    Image.new("RGB", (400, 400), "gray").save(big, format="PNG")
+    ok0 = ("files", ("ok0.jpg", h.images[0].read_bytes(), "image/jpeg"))
+    files = [
+        ok0,
+        ("files", ("broken.jpg", b"\xff\xd8\xff\xe0junk", "image/jpeg")),
+        ("files", ("big.png", big.getvalue(), "image/png")),
+        ("files", ("ok3.jpg", h.images[3].read_bytes(), "image/jpeg")),
+    ]
+    r = client.post("/v1/query/batch", files=files, params={"top_k": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    items = body["items"]
+    assert [it["file"].split(":")[1] for it in items] == ["ok0.jpg", "broken.jpg", "big.png", "ok3.jpg"]
+    assert body["failed"] == 2
+    assert items[0]["results"][0]["id"] == 0 and items[3]["results"][0]["id"] == 3 and items[0]["error"] is None
+    assert items[0]["timings_ms"]["embed"] >= 0 and len(items[3]["results"]) == 2
+    errors = [(it["error"]["error"], it["error"]["status"]) for it in items[1:3]]
+    assert errors == [("bad_image", 400), ("image_too_large", 413)]
+    assert all(it["results"] == [] and it["timings_ms"] is None for it in items[1:3])
+    assert "broken.jpg" in items[1]["error"]["detail"]
+    r = client.post("/v1/query/batch", files=[("files", ("anim.gif", _gif(), "image/gif")), ok0])
+    assert r.status_code == 200 and r.json()["failed"] == 1
+    assert r.json()["items"][0]["error"]["status"] == 415 and r.json()["items"][1]["results"][0]["id"] == 0
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"error", "timings_ms"} <= set(schema["BatchItem"]["properties"]) and "failed" in schema["BatchResponse"][
+        "properties"
+    ]
+
+
+class PoisonNet(torch.nn.Module):
+    """Wraps a VPRNet; a batch holding any NaN input fails, like a forward pass
+    that cannot take one of its inputs."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.config = net, net.config
+
+    @property
+    def descriptor_dim(self) -> int:
+        return self.inner.descriptor_dim
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        if torch.isnan(x).any():
+            raise RuntimeError("Output size is too small")
+        return self.inner(x, return_features=return_features)
+
+
+def test_one_failing_item_does_not_fail_its_batch_mates(served):
+    """The batch [good, poison, good] fails as a whole; each item is retried
+    alone, so only the poisoned one gets an error (ItemFailed -> 400)."""
+    from tests.server.support import gated
+    from vpr.model.registry import LoadedModel
+    from vpr.server.batcher import ItemFailed, MicroBatcher
+    from vpr.server.serving import Serving
+
+    client, h = served
+    rt, service = client.app.state.runtime, client.app.state.service
+    cur = rt.current
+    poison_model = LoadedModel(cur.model.ref, PoisonNet(cur.model.net), cur.model.manifest)
+    model, net = gated(poison_model)
+    serving = Serving(model, cur.index, rt.device)
+    xs = [service.decode(serving, p.read_bytes(), p.name).tensor for p in h.images[:4]]
+    bad = torch.full_like(xs[0], float("nan"))
+    b = MicroBatcher(max_batch_size=8, max_wait_ms=0, queue_size=8)
+    b.start()
+    try:
+        first = b.submit(xs[0], serving, 1)
+        assert net.entered.wait(10)  # the next three wait together behind it
+        waiting = [b.submit(x, serving, 1) for x in (xs[1], bad, xs[2])]
+        net.gate.set()
+        assert first.result(30).hits[0].id == 0
+        one, two = waiting[0].result(30), waiting[2].result(30)
+        with pytest.raises(ItemFailed, match="could not process"):
+            waiting[1].result(30)
+    finally:
+        net.gate.set()
+        b.stop()
+    assert (one.hits[0].id, two.hits[0].id) == (1, 2)
+    assert one.batch_size == two.batch_size == 1  # answered alone after the batch failed
+
+
+def test_an_item_the_model_cannot_process_is_a_400_and_the_server_goes_on(served, monkeypatch):
+    from concurrent.futures import Future
+
+    from vpr.server.batcher import ItemFailed
+
+    client, h = served
+
+    def failing(*a, **k):
+        f: Future = Future()
+        f.set_exception(ItemFailed("the model could not process this input (RuntimeError: too small)"))
+        return f
+
+    monkeypatch.setattr(client.app.state.batcher, "submit", failing)
+    r = client.post("/v1/query", content=h.images[0].read_bytes(), headers=JPEG)
+    assert r.status_code == 400 and r.json()["error"] == "unprocessable_image" and "too small" in r.json()["detail"]
+    monkeypatch.undo()
+    assert client.post("/v1/query", content=h.images[0].read_bytes(), headers=JPEG).json()["results"][0]["id"] == 0
+
+
+def test_bytes_are_decoded_only_as_the_format_their_signature_announces(served):
+    """A multi-picture JPEG (a camera's MPO) is a JPEG; a file that starts like a
+    JPEG but is not one is a bad image, never retried with another decoder."""
+    client, h = served
+    place = Image.open(h.images[7]).convert("RGB")
+    mpo = _encoded(place, "MPO", save_all=True, append_images=[place.rotate(90)], quality=95)
+    r = client.post("/v1/query", content=mpo, headers=JPEG)
+    assert r.status_code == 200 and r.json()["results"][0]["id"] == 7
+    tga = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(tga, format="TGA")
+    r = client.post("/v1/query", content=b"\xff\xd8\xff" + tga.getvalue()[3:], headers=JPEG)
+    assert r.status_code == 400 and r.json()["error"] == "bad_image"

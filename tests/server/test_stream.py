@@ -342,3 +342,61 @@ def test_stream_connection_limit(served, monkeypatch):
         first.send_bytes(h.images[2].read_bytes())
         assert first.receive_json()["results"][0]["id"] == 2
     _still_works(client, h)
+
+
+# ---- every decodable frame gets an answer (issue 13) ------------------------------------------
+def _jpeg(img, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_extreme_aspect_ratio_and_tiny_frames_are_answered(served):
+    """A 1000x60 strip once closed the stream with 1011; every size gets a result."""
+    from PIL import Image
+
+    client, h, _ = served
+    place = Image.open(h.images[5]).convert("RGB")
+    sizes = [(1000, 60), (60, 1000), (1, 1), (2, 500), (15, 15)]
+    with client.websocket_connect("/v1/stream") as ws:
+        start(ws, codec="jpeg", top_k=2)
+        for i, size in enumerate(sizes):
+            ws.send_bytes(_jpeg(place.resize(size)))
+            msg = ws.receive_json()
+            assert msg["type"] == "result" and msg["frame"] == i and len(msg["results"]) == 2, (size, msg)
+        ws.send_bytes(h.images[5].read_bytes())
+        assert ws.receive_json()["results"][0]["id"] == 5
+        ws.send_text(json.dumps({"type": "end"}))
+        msgs, code = read_all(ws)
+    assert code == 1000 and msgs[-1]["processed"] == len(sizes) + 1 and msgs[-1]["bad_frames"] == 0
+
+
+def test_a_frame_the_model_cannot_process_is_a_warning_and_the_stream_goes_on(served, monkeypatch):
+    from concurrent.futures import Future
+
+    from vpr.server.batcher import ItemFailed
+
+    client, h, _ = served
+    batcher = client.app.state.batcher
+
+    def failing(*a, **k):
+        f: Future = Future()
+        f.set_exception(ItemFailed("the model could not process this input (RuntimeError: too small)"))
+        return f
+
+    with client.websocket_connect("/v1/stream") as ws:
+        start(ws, codec="jpeg", top_k=1)
+        monkeypatch.setattr(batcher, "submit", failing)
+        for i in range(4):  # more than stream_max_bad_frames (2): not a bad stream
+            ws.send_bytes(h.images[0].read_bytes())
+            warning = ws.receive_json()
+            assert warning["type"] == "warning" and warning["frame"] == i, warning
+            assert warning["error"] == "unprocessable_image" and "too small" in warning["detail"]
+        monkeypatch.undo()
+        ws.send_bytes(h.images[2].read_bytes())
+        assert ws.receive_json()["results"][0]["id"] == 2
+        ws.send_text(json.dumps({"type": "end"}))
+        msgs, code = read_all(ws)
+    assert code == 1000 and msgs[-1] == {"type": "end", "received": 5, "processed": 1, "dropped": 4, "bad_frames": 0}

@@ -2,9 +2,10 @@
 
 A tiny registered model and its index (database images with UTM positions)
 are served by uvicorn in a thread on a free loopback port; Selenium drives
-Debian's chromium through /usr/bin/chromedriver. The browser tests skip with
-the reason when chromium, chromedriver or selenium are missing
-(`.ci/install-browser.sh` installs them); the image route behind the
+Debian's chromium through /usr/bin/chromedriver (never Selenium Manager, which
+would download a driver). The browser tests skip with the reason when
+chromium, chromedriver or selenium are missing, and fail instead in CI
+(CI=true; `.ci/install-browser.sh` installs them); the image route behind the
 thumbnails is also checked without a browser.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, skip_or_fail
 from vpr.index.meta import Entry
 from vpr.index.store import IndexStore
 from vpr.model.network import build_model
@@ -70,7 +71,7 @@ def _place_images(folder: Path) -> list[Path]:
 def _build_home(home: Path) -> tuple[list[Path], str, str]:
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    images = _place_images(home.parent / "db")
+    images = _place_images(home / "data" / "db")  # under a default data root: thumbnails out of the box
     reg = Registry(home / "models")
     ref = reg.register("webteacher", build_model(TINY_CONFIG), role="teacher")
     loaded = reg.load(ref, "cpu")
@@ -103,7 +104,7 @@ def _browser_binaries() -> tuple[str, str]:
         "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
     )
     if chrome is None or driver is None:
-        pytest.skip(
+        skip_or_fail(
             "headless browser test needs Debian's chromium and chromium-driver (run .ci/install-browser.sh as root)"
         )
     return chrome, driver
@@ -116,7 +117,7 @@ def browser() -> Iterator[object]:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.skip("headless browser test needs the selenium package (pip install -e '.[dev]')")
+        skip_or_fail("headless browser test needs the selenium package (pip install -e '.[dev]')")
     opts = webdriver.ChromeOptions()
     opts.binary_location = chrome
     for flag in CHROME_FLAGS:
@@ -209,29 +210,41 @@ def test_place_image_route(served):
 
 def test_place_image_path_stays_under_the_index_root(tmp_path):
     """A metadata row pointing outside the index root (tampered) or at a vanished
-    file is a 404, never a read of that file."""
+    file is a 404, and a file outside the data roots a 403, never a read of that file."""
     import contextlib
     from types import SimpleNamespace
 
-    from vpr.server.errors import NotFound
+    from vpr.server.errors import Forbidden, NotFound
     from vpr.server.routes.web import place_image_path
 
     root = tmp_path / "root"
-    root.mkdir()
+    (root / "private").mkdir(parents=True)
     (root / "ok.jpg").write_bytes(b"x")
+    (root / "private" / "ok.jpg").write_bytes(b"y")
+    (root / "link.jpg").symlink_to(root / "private" / "ok.jpg")
     (tmp_path / "secret.txt").write_text("private")
     rows = {
         0: {"path": "ok.jpg"},
         1: {"path": "../secret.txt"},
         2: {"path": str(tmp_path / "secret.txt")},
         3: {"path": "gone.jpg"},
+        5: {"path": "private/ok.jpg"},
+        6: {"path": "link.jpg"},
     }
     index = SimpleNamespace(root=root, meta=lambda ids: {i: rows[i] for i in ids if i in rows})
     runtime = SimpleNamespace(lease=lambda: contextlib.nullcontext(SimpleNamespace(index=index)))
-    assert place_image_path(runtime, 0) == (root / "ok.jpg").resolve()
+    assert place_image_path(runtime, 0, [tmp_path]) == (root / "ok.jpg").resolve()
+    assert place_image_path(runtime, 6, [tmp_path]) == (root / "private" / "ok.jpg").resolve()
     for bad in (1, 2, 3, 4):
         with pytest.raises(NotFound):
-            place_image_path(runtime, bad)
+            place_image_path(runtime, bad, [tmp_path])
+    # data roots that hold only part of the index root: the rest is not served, links included
+    assert place_image_path(runtime, 0, [root / "ok.jpg"]) == (root / "ok.jpg").resolve()
+    for outside in (5, 6):
+        with pytest.raises(Forbidden, match="outside the data roots"):
+            place_image_path(runtime, outside, [root / "ok.jpg"])
+    with pytest.raises(Forbidden):
+        place_image_path(runtime, 0, [])
 
 
 def test_image_query_shows_thumbnails_scores_positions_and_timings(page, served, tmp_path):
