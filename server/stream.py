@@ -47,7 +47,7 @@ from vpr.server.errors import (
 )
 from vpr.server.inputs import sniff
 from vpr.server.metrics import Metrics
-from vpr.server.service import Prepared, QueryService, Upload
+from vpr.server.service import Prepared, QueryService, Upload, answered_top_k
 from vpr.server.serving import Serving
 from vpr.settings import ServerSettings
 
@@ -303,6 +303,7 @@ class StreamSession:
         try:
             with self.service.lease() as serving:
                 model, index = serving.model_spec, serving.index_spec
+                stated_top_k = answered_top_k(serving, self.top_k)  # never more than the index holds
         except NotReady as e:
             raise StreamError(TRY_LATER, e.code, e.detail) from None
         if hello.codec == "h264":
@@ -312,7 +313,7 @@ class StreamSession:
             {
                 "type": "ready",
                 "codec": hello.codec,
-                "top_k": self.top_k,
+                "top_k": stated_top_k,
                 "fps": hello.fps,
                 "model": model,
                 "index": index,

@@ -60,6 +60,15 @@ def results(msgs: list[dict]) -> list[dict]:
     return [m for m in msgs if m["type"] == "result"]
 
 
+def test_ready_states_top_k_no_larger_than_the_index(served):
+    client, h, _ = served
+    with client.websocket_connect("/v1/stream") as ws:
+        ready = start(ws, codec="jpeg", top_k=100)
+        assert ready["top_k"] == len(h.images) < 100
+        ws.send_bytes(h.images[0].read_bytes())
+        assert len(ws.receive_json()["results"]) == len(h.images)
+
+
 def test_jpeg_frames(served):
     client, h, _ = served
     with client.websocket_connect("/v1/stream") as ws:
