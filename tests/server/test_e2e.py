@@ -19,6 +19,9 @@ from tests.server.support import build_home, encode_mp4, frames_of
 from vpr.cli.main import main
 from vpr.server.harness import VPR_COMMAND, free_port
 
+# real `vpr` subprocesses end to end: `make test` runs it, `make test-fast` does not
+pytestmark = pytest.mark.slow
+
 
 def vpr(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*VPR_COMMAND, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)

@@ -51,6 +51,9 @@ from vpr.server.harness import ThreadServer
 from vpr.server.inputs import BodyLimitMiddleware, BodyTooLarge
 from vpr.settings import ServerSettings
 
+# fuzzing the server takes the longest of the server tests: `make test` runs it, `make test-fast` does not
+pytestmark = pytest.mark.slow
+
 TOKEN = "reliability-admin-token-0123456789abcdef"
 KB = 1024
 LIMIT = 256 * KB  # max_body_bytes of the served app

@@ -29,6 +29,9 @@ from vpr.server.app import create_app
 from vpr.server.harness import ThreadServer
 from vpr.settings import ServerSettings
 
+# real servers held by slow connections: `make test` runs it, `make test-fast` does not
+pytestmark = pytest.mark.slow
+
 JPEG = {"content-type": "image/jpeg"}
 PER_KIND = 8  # slow connections of each kind
 WAIT_S = 60.0  # for anything the server must do; every wait ends at its event
