@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vpr.index.store import IndexMismatch, IndexStore, LoadedIndex, check_compatible
-from vpr.model.extract import default_device, embed_tensors
+from vpr.model.extract import embed_tensors, resolve_device
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import target_size
 from vpr.model.registry import LoadedModel, Registry, RegistryError, now_iso
@@ -70,13 +70,7 @@ class Runtime:
         self.metrics = metrics or Metrics()  # a private registry when nobody reads them
         self.registry = Registry(settings.models_dir)
         self.store = IndexStore(settings.indexes_dir)
-        self.device = torch.device(settings.device) if settings.device else default_device()
-        if self.device.type == "cuda" and (
-            not torch.cuda.is_available() or (self.device.index or 0) >= torch.cuda.device_count()
-        ):
-            raise ValueError(
-                f"device {self.device} requested but CUDA (or that GPU) is not available; use --device cpu"
-            )
+        self.device = resolve_device(settings.device)
         self.current: Serving | None = None
         self.status = Status("starting", "the server is starting", time.time())
         self.last_error: str | None = None
