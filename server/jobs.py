@@ -103,7 +103,8 @@ class JobManager:
         self.metrics = metrics or Metrics()
         self.keep = keep
         self._jobs: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the in-memory jobs
+        self._persist = threading.Lock()  # one job-file write at a time, in update order
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vpr-job")
         self._futures: list[Future] = []
         self._stopping = threading.Event()
@@ -177,9 +178,9 @@ class JobManager:
             "result": None,
             "error": None,
         }
+        self._write(job)  # on disk before anyone can see it
         with self._lock:
             self._jobs[job["id"]] = job
-        self._write(job)
         self._prune()
         self._futures = [f for f in self._futures if not f.done()]
         self._futures.append(self._executor.submit(self._run, job, req, plan))
@@ -349,11 +350,16 @@ class JobManager:
         self._update(job, progress=progress)
 
     def _update(self, job: dict, **changes: Any) -> None:
-        with self._lock:
-            job.update(changes)
-            job["updated"] = now_iso()
-            snapshot = json.loads(json.dumps(job))
-        self._write(snapshot)
+        """Write the changed job to its file, then show it: whatever the API has
+        reported is on disk, so a process killed right after a report leaves a
+        file that says at least as much."""
+        with self._persist:
+            with self._lock:
+                snapshot = json.loads(json.dumps({**job, **changes, "updated": now_iso()}))
+            self._write(snapshot)
+            with self._lock:
+                job.update(changes)
+                job["updated"] = snapshot["updated"]
 
     def _write(self, job: dict) -> None:
         try:
