@@ -118,8 +118,11 @@ def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple
 
 # ---- student -------------------------------------------------------------------------
 def run_tag(args: argparse.Namespace) -> str:
+    share = "d" if args.orig_share is None else f"{args.orig_share:g}"  # d: DistillConfig's default
+    val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
     tag = (
-        f"ms{args.max_side}-{args.policy}-{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
+        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-"
+        f"{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
         f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}"
     )
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", tag)[:180]
@@ -143,6 +146,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         device=args.device,
         progress=True,
         run_dir=home.home / "runs" / run_tag(args),
+        **{k: v for k, v in (("orig_share", args.orig_share), ("val_fraction", args.val_fraction)) if v is not None},
     )
     clock = Clock()
     result = run_distill(cfg, home, resume=cfg.run_dir.joinpath("state.json").exists())
@@ -152,6 +156,8 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         **clock.done(),
         "train_seconds": details["train_seconds"],
         "best_epoch": result.best_epoch,
+        "chosen_by": details.get("validation"),  # the label-free validation (train.validation), not the test
+        "stopped": details.get("stopped"),
         "history": details["history"],
         "run_dir": str(result.run_dir),
     }
@@ -239,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=Path, default=SHARED / "weights" / "vgg16_imagenet_caffe_features.safetensors")
     p.add_argument("--home", type=Path, default=REPO / "var" / "bench-distill")
     p.add_argument("--max-side", type=int, default=640)
-    p.add_argument("--policy", default="upsample", choices=["native", "upsample"])
+    # `database` (the default size rule) equals `upsample` on these 960x540 / 640x360 frames
+    # at any --max-side up to 640: the database is capped at max_side, so its recorded side
+    # is max_side and queries are upsampled to it; `evaluate` (no index) prepares them so.
+    p.add_argument("--policy", default="database", choices=["database", "native", "upsample"])
+    p.add_argument("--orig-share", type=float, help="full-quality share of training samples (default: DistillConfig's)")
+    p.add_argument("--val-fraction", type=float, help="held-out share for the label-free validation (default: its)")
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--name", default="gardens-student")

@@ -8,6 +8,15 @@ Model alone, at 480x640, batch 1 to 64, one row per (mode, batch):
   bf16             bf16 autocast, NCHW (what the server runs on CUDA)
   bf16-cl          bf16 autocast, channels_last
   bf16-cl-compile  the same under torch.compile (default mode)
+  fp16-cl          fp16 autocast, channels_last
+Then the serving engines (`vpr.model.engines`, what VPR_ENGINE picks), on a
+registered model with its ONNX export made in the temporary home, the same
+batches: eager-bf16 (CUDA's default), eager-bf16-cl, eager-fp16,
+compile-bf16-cl, onnx-fp32 (ONNX Runtime's CUDA provider) and onnx-trt (its
+TensorRT provider, fp16). An engine's time is `Engine.embed` from a prepared
+batch to descriptors on the host, i.e. with the copies a query pays (ONNX
+Runtime takes its input from host memory). An engine this machine cannot run
+(no onnxruntime-gpu, no TensorRT provider) gets a row saying why.
 FLOPs per image are counted once per input size with
 torch.utils.flop_counter on the meta device (every convolution, NetVLAD's
 1x1 convolution and its aggregation matmul; 2 FLOPs per multiply-add) and
@@ -24,6 +33,7 @@ beside the model-alone bf16 figure at the server's batch size.
 
     python bench/gpu.py --json bench/out/gpu.json    # GPU machine: about 5 minutes on an H100
     python bench/gpu.py --dry-run                    # CPU, tiny sizes: checks that everything runs
+    python bench/gpu.py --skip-server --engines onnx-trt,eager-fp16 --json bench/out/gpu_engines.json
 
 Everything is bounded: --budget-s caps the model-alone part (rows left over
 are reported as skipped) and each server setting runs --duration seconds.
@@ -59,8 +69,26 @@ from httpload import run_clients_in_process
 
 log = logging.getLogger("gpu_bench")
 
-MODES = ("fp32", "tf32", "bf16", "bf16-cl", "bf16-cl-compile")
-PRECISION = {"fp32": "fp32", "tf32": "tf32", "bf16": "bf16", "bf16-cl": "bf16", "bf16-cl-compile": "bf16"}
+MODES = ("fp32", "tf32", "bf16", "bf16-cl", "bf16-cl-compile", "fp16-cl")
+PRECISION = {
+    "fp32": "fp32",
+    "tf32": "tf32",
+    "bf16": "bf16",
+    "bf16-cl": "bf16",
+    "bf16-cl-compile": "bf16",
+    "fp16-cl": "fp16",
+}
+# The serving engines measured after the modes, and the precision whose peak each is held to.
+GPU_ENGINES = ("eager-bf16", "eager-bf16-cl", "eager-fp16", "compile-bf16-cl", "onnx-fp32", "onnx-trt")
+ENGINE_PRECISION = {
+    "eager-fp32": "fp32",
+    "eager-bf16": "bf16",
+    "eager-bf16-cl": "bf16",
+    "eager-fp16": "fp16",
+    "compile-bf16-cl": "bf16",
+    "onnx-fp32": "tf32",  # ONNX Runtime's CUDA provider allows TF32 by default
+    "onnx-trt": "fp16",
+}
 MODEL_CONFIG = {
     "backbone": {"name": "vgg16"},
     "netvlad": {"clusters": 64},
@@ -97,7 +125,8 @@ def peak_for(device_name: str, precision: str, override: float | None = None) ->
         return override
     for pattern, peaks in PEAKS:
         if pattern.lower() in device_name.lower():
-            return peaks.get(precision)
+            # dense fp16 tensor-core peaks equal the bf16 ones on every card listed that has bf16
+            return peaks.get(precision) or (peaks.get("bf16") if precision == "fp16" else None)
     return None
 
 
@@ -149,16 +178,16 @@ def set_tf32(on: bool) -> None:
 def mode_setup(mode: str, net: nn.Module, device: torch.device) -> tuple[Callable, Callable]:
     """(forward(x), make_input(b, h, w)) for one mode."""
     set_tf32(mode == "tf32")
-    cl = mode.startswith("bf16-cl")
+    cl = "-cl" in mode
     model = net.to(memory_format=torch.channels_last) if cl else net.to(memory_format=torch.contiguous_format)
     if mode.endswith("compile"):
         model = torch.compile(model)
-    bf16 = PRECISION[mode] == "bf16"
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(PRECISION[mode])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with (
             torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
+            torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext(),
         ):
             return model(x)
 
@@ -261,6 +290,92 @@ def format_row(r: dict) -> str:
         return f"{head} {r.get('error') or r.get('skipped')}"
     pct = f"{r['pct_of_peak']:5.1f}% of peak" if r.get("pct_of_peak") is not None else "peak unknown"
     return f"{head} {r['images_per_s']:9.2f} img/s {r['ms_per_batch']:9.2f} ms/batch {r['tflops']:8.2f} TFLOP/s {pct}"
+
+
+# ---- the serving engines ------------------------------------------------------------------------------------
+def engine_rows(
+    engines: list[str],
+    config: dict,
+    h: int,
+    w: int,
+    batches: list[int],
+    device: torch.device,
+    min_seconds: float,
+    deadline: float,
+    flops: float,
+    peak: Callable[[str], float | None],
+    min_iters: int = 3,
+) -> list[dict]:
+    """images/s of each engine's `embed` at h x w, per batch size; a row with the
+    reason for an engine that cannot run here or fails."""
+    from vpr.model.engines import prepare, unavailable
+    from vpr.model.network import build_model
+    from vpr.model.registry import Registry
+
+    work = Path(tempfile.mkdtemp(prefix="vpr-gpu-engines-"))
+    rows: list[dict] = []
+    try:
+        reg = Registry(work / "models")
+        torch.manual_seed(0)
+        ref = reg.register("gpu-engines", build_model(config), role="teacher")
+        if any(e.startswith("onnx") for e in engines) and unavailable("onnx-fp32", "cpu") is None:
+            from vpr.model.export import export_model
+
+            t = time.perf_counter()
+            export_model(reg, ref, "onnx")
+            print(f"  ONNX export of the benchmark model: {time.perf_counter() - t:.1f} s", flush=True)
+        model = reg.load(ref, device)
+        for name in engines:
+            precision = ENGINE_PRECISION.get(name, "fp32")
+            base: dict[str, Any] = {"mode": f"engine:{name}", "precision": precision, "size": f"{h}x{w}"}
+            why = unavailable(name, device, model)
+            if why is not None:
+                rows += [{**base, "batch": b, "skipped": why} for b in batches]
+                print(f"  engine {name}: {why}", flush=True)
+                continue
+            try:
+                t = time.perf_counter()
+                eng = prepare(model, name, device)
+                base["prepare_s"] = round(time.perf_counter() - t, 2)
+            except Exception as e:
+                rows += [{**base, "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"} for b in batches]
+                continue
+            for b in batches:
+                row = {**base, "batch": b}
+                if time.monotonic() > deadline:
+                    rows.append({**row, "skipped": "time budget spent"})
+                    continue
+                try:
+                    x = torch.randn(b, 3, h, w, device=device) * 60
+                    t = time.perf_counter()
+                    eng.embed(x)  # compiles / builds the TensorRT engine for this shape
+                    eng.embed(x)
+                    row["warmup_s"] = round(time.perf_counter() - t, 2)
+                    n, t0 = 0, time.perf_counter()
+                    while n < min_iters or (time.perf_counter() - t0 < min_seconds and n < 500):
+                        eng.embed(x)  # returns host numpy: synchronised
+                        n += 1
+                    took = time.perf_counter() - t0
+                    ips = b * n / took
+                    tflops = flops * ips / 1e12
+                    top = peak(precision)
+                    row.update(
+                        iters=n,
+                        ms_per_batch=round(took / n * 1000, 3),
+                        images_per_s=round(ips, 2),
+                        tflops=round(tflops, 4),
+                        pct_of_peak=round(100 * tflops / top, 1) if top else None,
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                    torch.cuda.empty_cache()
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(format_row(row), flush=True)
+                rows.append(row)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
 
 
 # ---- end to end -------------------------------------------------------------------------------------------
@@ -368,7 +483,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.dry_run:
         device = torch.device("cpu")
         h, w = 64, 80
-        batches, modes = [1, 2], [m for m in MODES if not m.endswith("compile")]
+        batches, modes = [1, 2], [m for m in MODES if not m.endswith("compile") and "fp16" not in m]
+        engines = ["eager-fp32", "eager-bf16-cl", "onnx-fp32", "onnx-trt"]  # onnx-trt: its "cannot run" row
         config = {**MODEL_CONFIG, "netvlad": {"clusters": 8}, "preprocess": {"mode": "caffe", "max_side": 80}}
         args.clients, args.duration, args.warmup = "1,2", min(args.duration, 1.0), min(args.warmup, 0.5)
         args.db_images, args.query_images, args.server_batches = 4, 4, "4"
@@ -379,7 +495,8 @@ def main(args: argparse.Namespace) -> dict:
         device = torch.device("cuda")
         h, w = (int(v) for v in args.size.split("x"))
         batches = [int(b) for b in args.batches.split(",")]
-        modes = [m for m in args.modes.split(",")]
+        modes = [m for m in args.modes.split(",") if m]
+        engines = [e for e in args.engines.split(",") if e]
         config = MODEL_CONFIG
         unknown = set(modes) - set(MODES)
         if unknown:
@@ -420,7 +537,26 @@ def main(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     set_tf32(True)
+    report["engines"] = []
+    if engines:
+        print("the serving engines (vpr.model.engines)", flush=True)
+        report["engines"] = engine_rows(
+            engines,
+            config,
+            h,
+            w,
+            batches,
+            device,
+            args.min_seconds,
+            deadline + args.engine_budget_s,
+            flops,
+            lambda precision: peak_for(name, precision, args.peak_tflops),
+            args.min_iters,
+        )
+    report["peaks_tflops"]["fp16"] = peak_for(name, "fp16", args.peak_tflops)
     print(f"\nimages/s at {h}x{w} (% of the precision's peak)\n" + table(report["model_alone"], batches), flush=True)
+    if report["engines"]:
+        print(f"\nengines, images/s at {h}x{w}\n" + table(report["engines"], batches), flush=True)
     best = [r for r in report["model_alone"] if "images_per_s" in r]
     if best:
         top = max(best, key=lambda r: r["images_per_s"])
@@ -451,6 +587,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-iters", type=int, default=3)
     p.add_argument("--min-iters", type=int, default=3, help="timed passes per row, at least")
     p.add_argument("--budget-s", type=float, default=330.0, help="cap on the model-alone part (rows after it skip)")
+    p.add_argument("--engines", default=",".join(GPU_ENGINES), help="serving engines to time after the modes")
+    p.add_argument("--engine-budget-s", type=float, default=240.0, help="extra seconds the engine rows may take")
     p.add_argument("--peak-tflops", type=float, help="the card's peak for every precision (overrides the table)")
     p.add_argument("--skip-server", action="store_true")
     p.add_argument("--clients", default="1,4,16,64")

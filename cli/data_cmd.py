@@ -100,6 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output and running")
     EVAL.add(g, "--json", field="json_out", type=Path, metavar="OUT", help="write the JSON report here")
     EVAL.add(g, "--plot", field="plot_out", type=Path, metavar="OUT.png", help="plot recall@1 against quality")
+    EVAL.add(
+        g,
+        "--track",
+        action="store_true",
+        help="also track_recall: each query folder (sorted by name) is a sequence through the causal "
+        "tracker (VPR_TRACK_* settings); video qualities encode each sequence as one video",
+    )
     EVAL.add(g, "--batch-size", type=positive_int, help="images per forward pass")
     EVAL.add(g, "--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     EVAL.add(

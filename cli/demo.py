@@ -3,8 +3,11 @@
 `vpr serve --demo` calls `ensure_demo` before serving. The first run builds
 everything under $VPR_HOME (about a minute or two on a laptop CPU); a later
 run finds the registered student and the active index and returns at once.
-Real VGG16 weights are used when found; otherwise the demo says so plainly
-and uses a randomly initialised backbone.
+Real VGG16 weights are used when found, or fetched (torchvision's ImageNet
+VGG16 from the weights catalogue, sha256-checked) when downloads are allowed;
+with VPR_OFFLINE=1 (or in CI) and no file, or when the fetch fails, the demo
+says so plainly, with the command that brings the file, and uses a randomly
+initialised backbone.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from vpr.data.datasets import open_dataset
 from vpr.data.synthetic import make_route
 from vpr.index.ops import build_index, store_for
 from vpr.index.store import IndexStoreError
+from vpr.model.catalogue import imagenet_entry
 from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import default_device
+from vpr.model.fetch import FetchError, OfflineError
 from vpr.model.registry import Registry, RegistryError
 from vpr.model.teacher import init_teacher
-from vpr.model.weights import torchvision_cache_file
+from vpr.model.weights import WeightsError, ensure_imagenet
 from vpr.settings import DemoSettings, HomeSettings
 from vpr.train.distill import DistillConfig, run_distill
 
@@ -39,10 +44,13 @@ class Demo:
 
 
 def find_weights(home: HomeSettings) -> tuple[str, str]:
-    """(weights argument for init_teacher, preprocessing mode) from what is on disk.
+    """(weights argument for init_teacher, preprocessing mode).
 
     Looked for, in order: $VPR_DEMO_WEIGHTS, $VPR_HOME/weights/<VGG_FILE>, the
-    `shared/weights` folder beside this checkout, torchvision's local cache."""
+    `shared/weights` folder beside this checkout; then the catalogue's
+    torchvision ImageNet VGG16 (in $VPR_HOME/weights, torchvision's local cache,
+    or fetched unless downloads are off). ("none", "caffe") when there is none,
+    after saying why."""
     candidates = [
         DemoSettings().weights,
         home.home / "weights" / VGG_FILE,
@@ -51,8 +59,19 @@ def find_weights(home: HomeSettings) -> tuple[str, str]:
     for c in candidates:
         if c and Path(c).is_file():
             return str(c), "caffe"
-    if torchvision_cache_file("vgg16").is_file():
+    entry = imagenet_entry("vgg16")
+    try:
+        ensure_imagenet("vgg16", home.weights_dir, offline=home.forbid_downloads)
         return "imagenet", "imagenet"
+    except OfflineError as e:
+        reason = str(e)
+    except (FetchError, WeightsError) as e:
+        reason = f"could not fetch {entry.name} ({e})"
+    log.warning(
+        "demo: no pretrained VGG16 weights: %s. Using a RANDOMLY INITIALISED backbone: the demo runs, but its "
+        "matches are weak",
+        reason,
+    )
     return "none", "caffe"
 
 
@@ -75,13 +94,7 @@ def ensure_demo(home: HomeSettings, places: int = 60, epochs: int = 2, max_side:
         log.info("demo: serving %s on index %s (built earlier)", found.model, found.index)
         return found
     weights, mode = find_weights(home)
-    if weights == "none":
-        log.warning(
-            "demo: no pretrained VGG16 weights found (set VPR_DEMO_WEIGHTS to a "
-            "torchvision-layout VGG16 features .safetensors file); using a RANDOMLY "
-            "INITIALISED backbone: the demo runs, but its matches are weak"
-        )
-    else:
+    if weights != "none":
         log.info("demo: teacher backbone weights from %s", weights)
     route = make_route(home.home / "demo" / "route", places=places, seed=0, progress=True)
     ds = open_dataset("folder", route)

@@ -20,11 +20,11 @@ import sys
 
 from pydantic import ValidationError
 
-from vpr.cli import data_cmd, index_cmd, model_cmd, server_cmd, train_cmd
+from vpr.cli import data_cmd, index_cmd, model_cmd, server_cmd, train_cmd, weights_cmd
 from vpr.cli.common import CLIError, validation_message
 
 # Command modules, in the order they appear in --help.
-COMMAND_MODULES = (model_cmd, data_cmd, train_cmd, index_cmd, server_cmd)
+COMMAND_MODULES = (model_cmd, weights_cmd, data_cmd, train_cmd, index_cmd, server_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

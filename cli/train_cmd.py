@@ -113,9 +113,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         q,
         "--val-fraction",
         type=float,
-        help="held-out share of the images (default 0.1 with positions, else 0: best epoch by training loss)",
+        help="held-out share of the images for the label-free validation that picks the epoch and stops "
+        "training (0: off, the training loss picks)",
     )
-    DISTILL.add(q, "--val-radius", type=float, help="validation positives within metres")
+    DISTILL.add(q, "--val-radius", type=float, help="validation: neighbours within metres count as right")
+    DISTILL.add(q, "--patience", type=int, help="stop after this many epochs without a better validation score")
+    DISTILL.add(q, "--orig-share", type=float, help="share of training samples at full quality (orig)")
     DISTILL.add(q, "--margin", field="triplet.margin", type=float, help="triplet margin (squared distance)")
     DISTILL.add(q, "--pos-dist", field="triplet.pos_dist", type=float, help="triplet positives within metres")
     DISTILL.add(q, "--neg-dist", field="triplet.neg_dist", type=float, help="triplet negatives beyond metres")

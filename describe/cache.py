@@ -7,7 +7,11 @@ Key. An entry is one image, named by its content (`image_sha256`), under one
 - its preprocessing (`PreprocessConfig`, small-image policy included) as canonical JSON,
 - the quality (canonical spec), the degradation code version
   (`media.degrade.DEGRADE_VERSION`) and, for video codecs, the PyAV version,
-- the device kind (`cpu-fp32`, or `cuda-bf16`: CUDA runs under bf16 autocast),
+- the engine's `cache_kind` (`model.engines`): how the forward pass ran. The
+  reference engines keep the keys of before engines (`cpu-fp32`, `cuda-bf16`:
+  CUDA runs under bf16 autocast); others add their name (`cpu-eager-bf16-cl`)
+  and, for an exported file, its sha256 (`cpu-onnx-int8-<sha16>`), so bf16 or
+  int8 descriptors never mix with fp32 ones,
 - the names of the extra per-image arrays stored beside the descriptor
   (e.g. the distillation's channel correlation), and this module's format.
 
@@ -98,7 +102,9 @@ def image_sha256(path: Path | str) -> str:
 
 
 def device_kind(device: Any) -> str:
-    """Part of cache keys: CUDA runs under bf16 autocast, so its numbers differ from the CPU's."""
+    """The reference engine's cache kind on `device` (see `model.engines`): CUDA
+    runs under bf16 autocast, so its numbers differ from the CPU's. Describing
+    with another engine keys entries by that engine's `cache_kind` instead."""
     import torch
 
     return "cuda-bf16" if torch.device(device).type == "cuda" else "cpu-fp32"
@@ -117,7 +123,7 @@ class Context:
     weights_sha256: str
     preprocess: PreprocessConfig
     quality: Quality
-    device_kind: str
+    device_kind: str  # the engine's cache_kind
     extras: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:

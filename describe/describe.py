@@ -17,7 +17,8 @@ How a call goes:
 3. The images some model still needs are decoded and degraded by the thread
    pool a few batches ahead of the network, once for all models.
 4. Each model's inputs (`preprocess.to_input` with its preprocessing) go
-   through `model.extract.embed_inputs`, THE forward pass (same-size batches).
+   through `model.extract.embed_inputs`, THE forward pass (same-size batches),
+   run by the model's engine (`model.engines`, part of the cache context).
 5. Every `chunk_size` new images, each model's new entries are appended to
    the cache as one shard, so a killed run resumes from its last finished
    chunk (the next call skips what the cache holds).
@@ -44,11 +45,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vpr.describe.cache import CachedRows, Context, DescriptorCache, Lookup, device_kind, image_sha256
+from vpr.describe.cache import CachedRows, Context, DescriptorCache, Lookup, image_sha256
 from vpr.media.degrade import Degraded, Quality, degrade, parse_quality
 from vpr.model.config import SMALL_POLICIES, PreprocessConfig
+from vpr.model.engines import Engine, prepare, reference_engine
 from vpr.model.extract import embed_inputs, model_device
-from vpr.model.preprocess import ImageDecodeError, ImageTooLarge, load_image, to_input
+from vpr.model.preprocess import ImageDecodeError, ImageTooLarge, load_image, query_config, to_input
 from vpr.model.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ POLICIES = SMALL_POLICIES  # the small-image policies an override may name
 AHEAD = 4  # batches decoded and degraded ahead of the network
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # conv map (1, C, h, w) -> (1, ...)
+# A model's preprocessing -> the one to describe with (e.g. `model.preprocess.database_config`,
+# or `query_config` with a database's side); the result is part of the cache key.
+Resize = Callable[[PreprocessConfig], PreprocessConfig]
 Progress = Callable[[int, int], None]  # (images done, total)
 
 
@@ -107,6 +112,8 @@ def describe(
     on_progress: Progress | None = None,
     skip_bad: bool = False,
     extras: Mapping[str, FeatureFn] | None = None,
+    resize: Resize | None = None,
+    engine: str | None = None,
 ) -> Described:
     """Descriptors of the image files `paths` degraded to `quality`, by one model
     (see `describe_many`)."""
@@ -123,6 +130,8 @@ def describe(
         on_progress=on_progress,
         skip_bad=skip_bad,
         extras=extras,
+        resize=resize,
+        engine=engine,
     )[0]
 
 
@@ -140,6 +149,8 @@ def describe_many(
     on_progress: Progress | None = None,
     skip_bad: bool = False,
     extras: Mapping[str, FeatureFn] | None = None,
+    resize: Resize | None = None,
+    engine: str | None = None,
 ) -> list[Described]:
     """Descriptors of `paths` degraded to `quality`, for each of `models`.
 
@@ -149,7 +160,12 @@ def describe_many(
     is called with (done, total) once for what the cache held, then per batch.
     `extras` maps a name to a function of one image's conv map whose result is
     stored beside the descriptor; the name is part of the cache key, so it must
-    stand for one computation (version it when the function changes)."""
+    stand for one computation (version it when the function changes).
+    `resize` maps each model's preprocessing (after `policy`) to the one used,
+    which is how the `database` size rule reaches this loop.
+    `engine`: how each model's forward pass runs (`model.engines`; None: the
+    device's reference, `eager-fp32` on the CPU, `eager-bf16` on CUDA); its
+    `cache_kind` is part of the cache key, so engines never share entries."""
     if not models:
         raise ValueError("describe: no model given")
     if batch_size < 1 or chunk_size < 1:
@@ -161,7 +177,7 @@ def describe_many(
     n = len(files)
     with ThreadPoolExecutor(_workers()) as pool:
         hashes = list(pool.map(image_sha256, files))
-        jobs = [_Job.start(m, hashes, q, policy, cache, device, fns) for m in models]
+        jobs = [_Job.start(m, hashes, q, policy, cache, device, fns, resize, engine) for m in models]
         need = np.flatnonzero(np.any(np.stack([j.todo for j in jobs]), axis=0)) if n else np.zeros(0, np.int64)
         done = n - len(need)
         if on_progress is not None and done:
@@ -240,6 +256,7 @@ class _Job:
     unsaved: list[int] = field(default_factory=list)  # computed, not yet in the cache
     unsaved_extras: dict[str, list[np.ndarray]] = field(default_factory=dict)
     memory_extras: dict[str, list[np.ndarray | None]] = field(default_factory=dict)  # without a cache
+    engine: Engine | None = None  # how the forward pass runs (set by `start`)
 
     @classmethod
     def start(
@@ -251,10 +268,17 @@ class _Job:
         cache: DescriptorCache | None,
         device: torch.device | str | None,
         fns: dict[str, FeatureFn],
+        resize: Resize | None = None,
+        engine: str | None = None,
     ) -> _Job:
         cfg = with_policy(model.net.config.preprocess, policy)
+        # without a rule, `database` prepares images as `upsample` does (no database size known)
+        cfg = resize(cfg) if resize is not None else query_config(cfg, None)
         dev = torch.device(device) if device is not None else model_device(model.net)
-        ctx = Context(model.sha256, cfg, q, device_kind(dev), tuple(sorted(fns)))
+        eng = prepare(model, engine or reference_engine(dev), dev)
+        if fns and not eng.features:
+            raise ValueError(f"engine {eng.name} returns no conv feature maps, which extras {sorted(fns)} need")
+        ctx = Context(model.sha256, cfg, q, eng.cache_kind, tuple(sorted(fns)))
         n, dim = len(hashes), int(model.net.descriptor_dim)
         out = Described(np.zeros((n, dim), np.float32), np.full(n, -1, np.int64), np.full(n, np.nan))
         todo = np.ones(n, bool)
@@ -273,6 +297,7 @@ class _Job:
                 todo[hit] = False
             out.cached = int(hit.size)
         job = cls(model, cfg, dev, ctx, fns, hashes, out, todo)
+        job.engine = eng
         job.unsaved_extras = {k: [] for k in fns}
         job.memory_extras = {k: [None] * n for k in fns} if cache is None else {}
         return job
@@ -293,7 +318,10 @@ class _Job:
         if not good:
             return
         inputs = [to_input(images[j].image, self.cfg) for j in good]  # type: ignore[union-attr]
-        desc, fmaps = embed_inputs(self.model.net, inputs, batch_size, self.device, return_features=bool(self.fns))
+        forward = self.engine.embed if self.engine is not None else None
+        desc, fmaps = embed_inputs(
+            self.model.net, inputs, batch_size, self.device, return_features=bool(self.fns), forward=forward
+        )
         idx = [int(batch[j]) for j in good]
         self.out.desc[idx] = desc
         self.out.computed += len(idx)

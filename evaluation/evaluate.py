@@ -23,22 +23,34 @@ import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import torch
 
-from vpr.data.datasets import PlaceDataset
+from vpr.data.datasets import Item, PlaceDataset
 from vpr.data.spec import DatasetSpec
-from vpr.describe.cache import DescriptorCache
-from vpr.describe.describe import POLICIES, describe, describe_many
+from vpr.describe.cache import DescriptorCache, image_sha256
+from vpr.describe.describe import POLICIES, Described, describe, describe_many, with_policy
 from vpr.index.knn import exact_knn
-from vpr.media.degrade import Quality, codec_info, parse_qualities, parse_quality
+from vpr.index.meta import description_record
+from vpr.media.degrade import (
+    DEGRADE_VERSION,
+    VIDEO_SETTINGS,
+    Quality,
+    codec_info,
+    degrade_sequence_files,
+    parse_qualities,
+    parse_quality,
+)
 from vpr.model.extract import default_device
 from vpr.model.fileio import atomic_write_bytes, atomic_write_json
+from vpr.model.preprocess import database_config, query_config
 from vpr.model.registry import LoadedModel, Registry
-from vpr.settings import HomeSettings
+from vpr.settings import HomeSettings, TrackSettings
+from vpr.track.tracker import PROFILE_SAMPLE, DatabaseProfile, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +181,19 @@ def evaluate(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = True,
+    track: TrackSettings | None = None,
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Recall of each query model at each quality against the database model at orig."""
+    """Recall of each query model at each quality against the database model at orig.
+
+    With `track`, each query folder (sorted by name) is a sequence fed to THE
+    tracker (track/tracker.py) frame by frame, and every result also gets
+    `track_recall` (same keys as `recall`): the share of queries whose first
+    positive is among the top N of the tracker's ranking (its belief, most
+    likely first, then the frame's own candidates). A video quality then
+    degrades each sequence as one encode (`degrade_sequence_files`, frames
+    kept under `work_dir`), and `recall` is measured on those same frames, so
+    both numbers of a result see the same pixels."""
     t0 = time.perf_counter()
     ns = _check_ns(ns)
     quals = parse_qualities(qualities) if isinstance(qualities, str) else [parse_quality(q) for q in qualities]
@@ -191,41 +214,60 @@ def evaluate(
         used,
         source,
     )
+    # the size rule as the index and the server apply it (policy `database`): the
+    # database at its own size, queries resized to the side the database was described at
+    db_paths = [i.path for i in dataset.database]
+    record = description_record(db_paths, database_config(with_policy(db.net.config.preprocess, used)))
+    side = int(record["side"]) if record else None
     db_out = describe(
         db,
-        [i.path for i in dataset.database],
+        db_paths,
         "orig",
         cache=cache,
         policy=used,
+        resize=database_config,
         batch_size=batch_size,
         device=device,
         progress=f"database ({db.ref})" if progress else False,
     )
     results: list[dict[str, Any]] = []
+    seqs = query_sequences(dataset.queries) if track is not None else []
     for q in quals:
-        outs = describe_many(
-            qms,
-            [i.path for i in dataset.queries],
-            q,
-            cache=cache,
-            policy=used,
-            batch_size=batch_size,
-            device=device,
-            progress=f"queries {q}" if progress else False,
-        )
+        kw: dict[str, Any] = {
+            "cache": cache,
+            "policy": used,
+            "batch_size": batch_size,
+            "device": device,
+            "resize": partial(query_config, side=side),
+        }
+        label = f"queries {q}" if progress else False
+        cost: dict[str, Any] | None = None
+        if track is not None and q.is_video:
+            outs, cost = _describe_sequences(qms, dataset.queries, seqs, q, work_dir, cache, label, kw)
+        else:
+            outs = describe_many(qms, [i.path for i in dataset.queries], q, progress=label, **kw)
         for m, out in zip(qms, outs):
             t1 = time.perf_counter()
             ranks = first_positive_ranks(db_out.desc, out.desc, dataset.positives, max(ns))
             rec = recall_from_ranks(ranks, ns)
+            tracked: dict[str, Any] = {}
+            if track is not None:
+                t_ranks = tracked_ranks(db_out.desc, out.desc, dataset, seqs, track, max(ns))
+                t_rec = recall_from_ranks(t_ranks, ns)
+                tracked = {
+                    "track_recall": {str(n): t_rec[n] for n in ns},
+                    "track": {"sequences": len(seqs), "sequence_encoded": q.is_video, **track.model_dump()},
+                }
             results.append(
                 {
                     "query_model": str(m.ref),
                     "quality": str(q),
                     "recall": {str(n): rec[n] for n in ns},
+                    **tracked,
                     "num_queries": int((ranks != NO_POSITIVE).sum()),
                     "num_queries_without_positive": int((ranks == NO_POSITIVE).sum()),
                     "policy": used,
-                    **out.cost(),
+                    **(cost if cost is not None else out.cost()),
                     "describe_seconds": round(out.seconds, 3),
                     "search_seconds": round(time.perf_counter() - t1, 4),
                     "computed": out.computed,
@@ -259,6 +301,107 @@ def evaluate(
     }
 
 
+# ---- sequences and the tracker -------------------------------------------------------
+
+
+def query_sequences(queries: Sequence[Item]) -> list[np.ndarray]:
+    """Query indices grouped by folder (folders by name), each sorted by file name:
+    the sequences `--track` feeds to the tracker."""
+    by_folder: dict[str, list[int]] = {}
+    for i, item in enumerate(queries):
+        by_folder.setdefault(str(Path(item.path).parent), []).append(i)
+    return [
+        np.array(sorted(ids, key=lambda i: Path(queries[i].path).name), np.int64)
+        for _, ids in sorted(by_folder.items())
+    ]
+
+
+def tracked_ranks(
+    db_desc: np.ndarray,
+    q_desc: np.ndarray,
+    dataset: PlaceDataset,
+    seqs: Sequence[np.ndarray],
+    settings: TrackSettings,
+    k: int,
+) -> np.ndarray:
+    """Per query, the rank of its first positive in the tracker's ranking after
+    that frame (NOT_FOUND / NO_POSITIVE as in `first_positive_ranks`). The
+    tracker sees each sequence causally, one frame at a time, with the same
+    candidates (`settings.candidates` nearest database places) a server would give it."""
+    metas = [it.meta() for it in dataset.database]
+    profile = DatabaseProfile.from_rows(metas[:PROFILE_SAMPLE], len(metas))
+    depth = max(1, min(max(settings.candidates, k), len(db_desc)))
+    scores, ids = exact_knn(db_desc, q_desc, depth)
+    ranks = np.full(len(q_desc), NOT_FOUND, np.int64)
+    for seq in seqs:
+        tracker = Tracker(settings, profile)
+        for t, qi in enumerate(seq):
+            cand = ids[qi, : settings.candidates]
+            tracker.observe(cand, scores[qi, : settings.candidates], [metas[j] if j >= 0 else None for j in cand], at=t)
+            order = list(dict.fromkeys([*tracker.ranking().tolist(), *ids[qi].tolist()]))[:k]
+            pos = np.asarray(dataset.positives[qi], np.int64)
+            if pos.size == 0:
+                ranks[qi] = NO_POSITIVE
+                continue
+            hit = np.flatnonzero(np.isin(order, pos))
+            if hit.size:
+                ranks[qi] = hit[0]
+    return ranks
+
+
+def _describe_sequences(
+    models: Sequence[LoadedModel],
+    queries: Sequence[Item],
+    seqs: Sequence[np.ndarray],
+    q: Quality,
+    work_dir: Path | None,
+    cache: DescriptorCache | None,
+    label: str | bool,
+    kw: dict[str, Any],
+) -> tuple[list[Described], dict[str, Any]]:
+    """Each sequence degraded as one video encode, its frames described at orig
+    (THE description path, with its cache); rows in the dataset's query order."""
+    import tempfile
+
+    if work_dir is None and cache is not None:
+        work_dir = cache.root.parent / "sequences"
+    tmp = tempfile.TemporaryDirectory() if work_dir is None else None
+    root = Path(tmp.name) if tmp is not None else Path(work_dir)  # type: ignore[arg-type]
+    try:
+        files: list[Path] = [Path()] * len(queries)
+        nbytes, frames = 0, 0
+        for seq in seqs:
+            paths = [Path(queries[i].path) for i in seq]
+            key = _sequence_key(paths, q)
+            written, clip = degrade_sequence_files(paths, q, root / key)
+            for i, f in zip(seq, written):
+                files[i] = f
+            nbytes += clip.nbytes or 0
+            frames += len(seq)
+        outs = describe_many(models, files, "orig", progress=label, **kw)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    fps = float(VIDEO_SETTINGS["fps"])
+    cost = {
+        "mean_bytes": nbytes / frames if frames else None,
+        "mean_bitrate_kbps": nbytes * 8 * fps / frames / 1000.0 if frames else None,
+    }
+    return outs, cost
+
+
+def _sequence_key(paths: Sequence[Path], q: Quality) -> str:
+    """Names the folder of one degraded sequence: its frames' contents, their order, the spec."""
+    import hashlib
+
+    import av
+
+    h = hashlib.sha256(f"{q}|{DEGRADE_VERSION}|{av.__version__}".encode())
+    for p in paths:
+        h.update(image_sha256(p).encode())
+    return h.hexdigest()[:24]
+
+
 # ---- reporting -------------------------------------------------------------------
 
 
@@ -271,12 +414,19 @@ def format_table(report: dict[str, Any]) -> str:
         + f"{'n':>7}{'kbps':>10}{'bytes':>9}"
     )
     lines = [f"database {report.get('db_model')} at orig; policy {report.get('policy')}", head, "-" * len(head)]
+    tracked = any("track_recall" in r for r in report["results"])
+    if tracked:
+        lines[1] = (
+            lines[1][: 43 + 8 * len(ns)] + "".join(f"{'T@' + str(n):>8}" for n in ns) + lines[1][43 + 8 * len(ns) :]
+        )
+        lines[2] = "-" * len(lines[1])
     for r in report["results"]:
         kbps = r.get("mean_bitrate_kbps")
         nb = r.get("mean_bytes")
         lines.append(
             f"{r['query_model']:<24} {r['quality']:<18}"
             + "".join(f"{r['recall'][str(n)]:>8.3f}" for n in ns)
+            + ("".join(f"{r['track_recall'][str(n)]:>8.3f}" for n in ns) if tracked else "")
             + f"{r['num_queries']:>7}"
             + (f"{kbps:>10.0f}" if kbps is not None else f"{'-':>10}")
             + (f"{nb:>9.0f}" if nb is not None else f"{'-':>9}")
@@ -338,7 +488,12 @@ def plot_report(report: dict[str, Any], out: Path) -> Path:
     series: dict[str, list[tuple[str, float]]] = {}
     for r in report["results"]:
         series.setdefault(r["query_model"], []).append((r["quality"], r["recall"]["1"]))
+    for r in report["results"]:  # tracked recall@1 beside each model's per-frame line
+        if "track_recall" in r:
+            series.setdefault(f"{r['query_model']} tracked", []).append((r["quality"], r["track_recall"]["1"]))
     title = f"{report['dataset']['name']}: database {report['db_model']} at orig, policy {report['policy']}"
+    if any("track_recall" in r for r in report["results"]):
+        title += "; tracked: each query folder a sequence"
     return plot_series(series, out, title)
 
 
@@ -360,6 +515,7 @@ class EvalConfig:
     use_cache: bool = True
     limit: int | None = None
     progress: bool = True
+    track: bool = False  # also track_recall: each query folder a sequence through the tracker
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -385,6 +541,8 @@ def run_eval(cfg: EvalConfig, out: TextIO | None = None) -> dict[str, Any]:
         cfg.batch_size,
         cfg.device,
         cfg.progress,
+        track=TrackSettings() if cfg.track else None,
+        work_dir=cfg.home.cache_dir / "sequences" if cfg.use_cache else None,
     )
     report["source"] = str(cfg.source)
     report.update(cfg.extra)

@@ -13,10 +13,14 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the index package stays importable without torch (model.preprocess needs it)
+    from vpr.model.config import PreprocessConfig
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -31,6 +35,7 @@ CREATE INDEX IF NOT EXISTS items_label ON items(label);
 """
 COLUMNS = ("id", "path", "label", "utm_e", "utm_n", "utm_zone", "lat", "lon", "extra")
 QUERY_CHUNK = 900  # stay under SQLite's default limit of bound variables
+DESCRIPTION_KEY = "description"  # the manifest's record of the size the database was described at
 
 
 @dataclass(frozen=True)
@@ -200,3 +205,63 @@ class MetaReader:
     def close(self) -> None:
         with self._lock:
             self._con.close()
+
+
+# ---- the size the database was described at ---------------------------------------------------
+# Recorded in every index manifest under DESCRIPTION_KEY, so that the server can
+# prepare queries like the database (`model.preprocess.query_config`, policy
+# `database`): {"side": the median longer side of the network inputs,
+# "sides": {side: count}, "count", "min", "max"}. Sides come from the image
+# headers (no decoding) and the database's preprocessing, so they are exact
+# without touching the description loop.
+
+
+def side_record(counts: Mapping[int, int]) -> dict[str, Any] | None:
+    """The record of a distribution of input sides (None when empty). The
+    median is the lower one, so it is always a size some database image has."""
+    hist = {int(k): int(v) for k, v in counts.items() if int(v) > 0}
+    if not hist:
+        return None
+    ordered = sorted(hist)
+    total = sum(hist.values())
+    seen, median = 0, ordered[0]
+    for side in ordered:
+        seen += hist[side]
+        if 2 * seen >= total:
+            median = side
+            break
+    return {
+        "side": median,
+        "sides": {str(k): hist[k] for k in ordered},
+        "count": total,
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
+
+
+def description_record(paths: Sequence[Path], cfg: PreprocessConfig) -> dict[str, Any] | None:
+    """The record of database images `paths` prepared with `cfg` (the database
+    side of the rule: `model.preprocess.database_config`); unreadable files are
+    left out (the description step reports them)."""
+    from vpr.model.preprocess import image_side, input_side
+
+    sides = (image_side(p) for p in paths)
+    return side_record(Counter(input_side(s, cfg) for s in sides if s is not None))
+
+
+def merge_records(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The record after adding images described as `new` to an index recorded as `old`."""
+    counts: Counter[int] = Counter()
+    for rec in (old, new):
+        for k, v in ((rec or {}).get("sides") or {}).items():
+            counts[int(k)] += int(v)
+    return side_record(counts)
+
+
+def query_side(manifest: Mapping[str, Any]) -> int | None:
+    """The side queries against this index are resized to under the `database`
+    policy; None for an index built before the record (today's behaviour then)."""
+    rec = manifest.get(DESCRIPTION_KEY)
+    if not isinstance(rec, Mapping) or not isinstance(rec.get("side"), int):
+        return None
+    return int(rec["side"])

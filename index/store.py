@@ -376,12 +376,15 @@ class IndexStore:
         activate: bool = True,
         ids: Sequence[int] | None = None,
         details: dict | None = None,
+        description: dict | None = None,
     ) -> IndexRef:
         """Publish a new version of `name` from ready descriptors.
 
         `items[i]` (Entry or any object with path/label/utm/utm_zone/latlon)
         describes row i; `model` is what produced them (LoadedModel, model
-        manifest or ModelStamp). Ids are 0..N-1 unless given."""
+        manifest or ModelStamp). Ids are 0..N-1 unless given. `description`:
+        the size the images were described at (`meta.description_record`),
+        recorded for the server's query size rule; None for unknown."""
         stamp = ModelStamp.of(model)
         entries = [Entry.of(i) for i in items]
         x = fb.l2_normalize(descriptors)
@@ -419,6 +422,7 @@ class IndexStore:
                 "operation": f"build {len(x)}",
                 "build_seconds": round(time.perf_counter() - t0, 3),
                 "details": details or {},
+                **({meta_db.DESCRIPTION_KEY: description} if description else {}),
                 **fields,
             }
             return self._publish(tmp, manifest, activate)
@@ -454,7 +458,10 @@ class IndexStore:
             descs,
             entries,
         ):
-            return self.build_from_descriptors(name, descs, entries, root, stamp, factory, activate=activate)
+            size = meta_db.description_record(paths, _db_cfg(model))
+            return self.build_from_descriptors(
+                name, descs, entries, root, stamp, factory, activate=activate, description=size
+            )
 
     @contextlib.contextmanager
     def _described(
@@ -475,11 +482,13 @@ class IndexStore:
         caller's block has published (kept when it fails, for the retry)."""
         from vpr.describe.cache import DescriptorCache  # needs torch
         from vpr.describe.describe import describe
+        from vpr.model.preprocess import database_config
 
         work = self.root / ".work" / f"{name}-{stamp.sha256[:16]}"
         descs = describe(
             model,
             paths,
+            resize=database_config,  # the database side of the size rule (policy `database`)
             cache=DescriptorCache(work),
             batch_size=batch_size,
             chunk_size=self.settings.chunk_size,
@@ -543,7 +552,8 @@ class IndexStore:
             descs,
             entries,
         ):
-            return self._edit(spec, stamp, descs, entries, None, root, activate)
+            size = meta_db.description_record(paths, _db_cfg(model))
+            return self._edit(spec, stamp, descs, entries, None, root, activate, size)
 
     def remove(
         self,
@@ -599,6 +609,7 @@ class IndexStore:
         select: Callable[[IndexRef, dict], list[int]] | None,
         root: Path | None,
         activate: bool,
+        added_size: dict | None = None,
     ) -> IndexRef:
         """Copy-on-write edit, resolved under the writer lock (held by the
         staged folder) so that two concurrent edits of the active version both land."""
@@ -651,6 +662,8 @@ class IndexStore:
                 "operation": op,
                 "next_id": int(old["next_id"]) + len(add_ids),
             }
+            if added_size and old.get(meta_db.DESCRIPTION_KEY):  # removals keep the record (sizes are not per id)
+                manifest[meta_db.DESCRIPTION_KEY] = meta_db.merge_records(old[meta_db.DESCRIPTION_KEY], added_size)
             return self._publish(tmp, manifest, activate)
 
     def prune(self, name: str, keep: int = 3) -> list[IndexRef]:
@@ -686,6 +699,13 @@ class IndexStore:
                 }
             )
         return out
+
+
+def _db_cfg(model: Any) -> Any:
+    """How `model` prepares database images (the database side of the size rule)."""
+    from vpr.model.preprocess import database_config  # needs torch
+
+    return database_config(model.net.config.preprocess)
 
 
 def _drop_bad(descs: np.ndarray, entries: list[Entry]) -> tuple[np.ndarray, list[Entry]]:

@@ -349,6 +349,28 @@ def degrade_sequence(frames: Sequence[Image.Image], spec: str | Quality) -> Degr
     return DegradedClip(images, q, len(stream), _kbps(len(stream), len(frames)), frame_sizes, dict(VIDEO_SETTINGS))
 
 
+def degrade_sequence_files(paths: Sequence[Path], spec: str | Quality, dst: Path) -> tuple[list[Path], DegradedClip]:
+    """Degrade image files as ONE clip (`degrade_sequence`: for H.26x one encode of
+    the whole sequence, as a real stream would be) and write the frames
+    losslessly as `dst/frame-NNNNNN.png`, so that THE description path can
+    describe them at `orig` like any image files. Written atomically; a `dst`
+    that already holds the frames (same count) is reused as is."""
+    from vpr.model.fileio import atomic_write_bytes
+    from vpr.model.preprocess import load_image
+
+    dst = Path(dst)
+    out = [dst / f"frame-{i:06d}.png" for i in range(len(paths))]
+    clip = degrade_sequence([load_image(p) for p in paths], spec)
+    if all(p.is_file() for p in out):
+        return out, clip
+    dst.mkdir(parents=True, exist_ok=True)
+    for path, img in zip(out, clip.images):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        atomic_write_bytes(path, buf.getvalue())
+    return out, clip
+
+
 def codec_info() -> dict:
     """Versions and settings that determine degraded pixels (for reports)."""
     import av

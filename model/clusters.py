@@ -12,7 +12,7 @@ from tqdm import tqdm
 from vpr.model.extract import embed_inputs
 from vpr.model.netvlad import kmeans_centroids
 from vpr.model.network import VPRNet
-from vpr.model.preprocess import load_image, to_input
+from vpr.model.preprocess import database_config, load_image, to_input
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ def sample_local_features(
     out = []
     net.eval().to(device)
     for path in tqdm(images, desc="local features", unit="img"):
-        x = to_input(load_image(path), net.config.preprocess).unsqueeze(0).to(device)
+        # the database side of the size rule: database images at their own size (policy `database`)
+        x = to_input(load_image(path), database_config(net.config.preprocess)).unsqueeze(0).to(device)
         with torch.inference_mode():
             f = net.backbone(x)[0].flatten(1).T.float().cpu().numpy()  # (h*w, C)
         take = rng.choice(len(f), size=min(per_image, len(f)), replace=False)
@@ -59,7 +60,8 @@ def fit_pca(net: VPRNet, images: list[Path], device: torch.device | str = "cpu")
     try:
         # model/ cannot use the describe loop (nor needs its cache: the weights are
         # not registered yet); the forward pass is the same, streamed image by image
-        inputs = (to_input(load_image(p), net.config.preprocess) for p in tqdm(images, desc="pca descriptors"))
+        cfg = database_config(net.config.preprocess)
+        inputs = (to_input(load_image(p), cfg) for p in tqdm(images, desc="pca descriptors"))
         descs, _ = embed_inputs(net, inputs, device=device)
     finally:
         net.pca = saved

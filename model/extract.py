@@ -6,13 +6,18 @@ that describes a list of images (decode, degrade, cache) is
 do the few callers inside `model/` that cannot import `describe/` (PCA
 fitting in `model.clusters`); the server's micro-batcher calls
 `embed_tensors` on batches it has already stacked.
+
+How the pass runs (fp32, bf16, channels_last, compiled, ONNX Runtime, int8)
+is an engine's business (`vpr.model.engines`): `embed_inputs` takes an
+engine's `embed` as its `forward`; without one it runs the reference, eager
+`embed_tensors` (fp32 on the CPU, bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal, overload
 
@@ -20,6 +25,9 @@ import numpy as np
 import torch
 
 from vpr.model.network import VPRNet
+
+# One forward pass of a stacked batch: (descriptors (B, D) float32, conv maps (B, C, h, w) on the CPU or None).
+Forward = Callable[[torch.Tensor, bool], tuple[np.ndarray, torch.Tensor | None]]
 
 
 def cpu_name() -> str:
@@ -101,23 +109,31 @@ def embed_inputs(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     return_features: bool = False,
+    forward: Forward | None = None,
 ) -> tuple[np.ndarray, list[torch.Tensor]]:
     """Descriptors (N, D) float32 of prepared inputs (each (3, H, W), see
     `preprocess.to_input`), batched; `inputs` may be a generator (streamed).
 
+    `forward`: an engine's `embed` (None: the reference `embed_tensors` on `device`).
     Returns the descriptors and, with `return_features`, each input's conv
     feature map (C, h, w) on the CPU (an empty list otherwise)."""
-    dev = torch.device(device) if device is not None else model_device(net)
+    if forward is None:
+        dev = torch.device(device) if device is not None else model_device(net)
+
+        def forward(x: torch.Tensor, features: bool) -> tuple[np.ndarray, torch.Tensor | None]:
+            if features:
+                return embed_tensors(net, x, dev, return_features=True)
+            return embed_tensors(net, x, dev), None
+
     net.eval()
     descs: list[np.ndarray] = []
     feats: list[torch.Tensor] = []
     for batch in same_shape_batches(inputs, batch_size):
-        x = torch.stack(batch)
+        d, f = forward(torch.stack(batch), return_features)
         if return_features:
-            d, f = embed_tensors(net, x, dev, return_features=True)
+            if f is None:
+                raise ValueError("this forward pass returns no feature maps; describe with an eager engine")
             feats.extend(f.unbind(0))
-        else:
-            d = embed_tensors(net, x, dev)
         descs.append(d)
     out = np.concatenate(descs) if descs else np.zeros((0, net.descriptor_dim), np.float32)
     return out, feats

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vpr.model.backbones import Backbone, build_backbone
 from vpr.model.config import ModelConfig
-from vpr.model.netvlad import NetVLAD
+from vpr.model.netvlad import MATCONVNET_FINAL_EPS, NetVLAD, l2_normalize
 
 
 class PCAWhitening(nn.Module):
     """y = L2norm(W x + b): a PCA projection with whitening, fit on descriptors."""
 
-    def __init__(self, in_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, norm_eps: float | None = None) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
+        self.norm_eps = norm_eps  # see l2_normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(x), p=2, dim=1)
+        return l2_normalize(self.proj(x), 1, self.norm_eps)
 
     def fit(self, descriptors: np.ndarray, eps: float = 1e-9) -> None:
         """Fit on (N, D) descriptors. Uses the N x N Gram matrix, since N << D
@@ -49,8 +49,10 @@ class VPRNet(nn.Module):
         super().__init__()
         self.config = config
         self.backbone: Backbone = build_backbone(config.backbone)
-        self.netvlad = NetVLAD(config.netvlad.clusters, self.backbone.out_channels, config.netvlad.alpha)
-        self.pca = PCAWhitening(self.netvlad.out_dim, config.pca_dim) if config.pca_dim else None
+        nv = config.netvlad
+        self.netvlad = NetVLAD(nv.clusters, self.backbone.out_channels, nv.alpha, nv.norm_eps)
+        final_eps = None if nv.norm_eps is None else MATCONVNET_FINAL_EPS
+        self.pca = PCAWhitening(self.netvlad.out_dim, config.pca_dim, final_eps) if config.pca_dim else None
 
     @property
     def descriptor_dim(self) -> int:

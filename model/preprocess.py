@@ -169,13 +169,54 @@ def list_images(folder: Path) -> list[Path]:
 
 def target_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
     """Size the image is resized to: longer side capped at max_side; smaller
-    images are upsampled to max_side under the `upsample` policy, kept under
-    `native`. `to_input` then pads a short side below `min_side`."""
+    images are upsampled to max_side under the `upsample` policy (and under an
+    unresolved `database` policy, see `PreprocessConfig`), kept under `native`.
+    `to_input` then pads a short side below `min_side`."""
     longer = max(width, height)
-    if longer > cfg.max_side or (longer < cfg.max_side and cfg.small_policy == "upsample"):
+    upsample = cfg.small_policy in ("upsample", "database")
+    if longer > cfg.max_side or (longer < cfg.max_side and upsample):
         scale = cfg.max_side / longer
         return max(1, round(width * scale)), max(1, round(height * scale))
     return width, height
+
+
+# ---- the database-relative size rule (small_policy "database") -------------------------------
+def database_config(cfg: PreprocessConfig) -> PreprocessConfig:
+    """How database images are prepared: under `database`, at their own size
+    (capped at max_side, never upsampled); other policies unchanged."""
+    if cfg.small_policy != "database":
+        return cfg
+    return cfg.model_copy(update={"small_policy": "native"})
+
+
+def query_config(cfg: PreprocessConfig, side: int | None) -> PreprocessConfig:
+    """How queries against a database described at longer side `side` are
+    prepared: under `database`, resized (up or down) so that their longer side
+    is `side` (kept within [min_side, max_side]); without a known side, as
+    under `upsample` (today's default before the rule). Other policies unchanged."""
+    if cfg.small_policy != "database":
+        return cfg
+    if side is None:
+        return cfg.model_copy(update={"small_policy": "upsample"})
+    side = min(max(int(side), cfg.min_side), cfg.max_side)
+    return cfg.model_copy(update={"small_policy": "upsample", "max_side": side})
+
+
+def image_side(path: Path) -> int | None:
+    """Longer side of an image file from its header (no pixel decoding); None
+    when unreadable (the describe step reports or skips those)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(Path(path)) as img:
+                return int(max(img.size))
+    except Exception:  # any unreadable file: not ours to report here
+        return None
+
+
+def input_side(side: int, cfg: PreprocessConfig) -> int:
+    """Longer side of the network input of an image whose longer side is `side`."""
+    return max(target_size(side, side, cfg))
 
 
 def input_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:

@@ -5,11 +5,24 @@ the served version. Names, versions, the pointer and atomic publication are
 the shared `VersionedStore`'s (model/store.py); what is the registry's own:
 the weights, the sha256 the manifest records for them (checked before a byte
 of the tensors is read), the config they must match. Nothing is ever unpickled.
+
+Artifacts: files derived from a version's weights (an ONNX export, its int8
+quantization; `model.export`) live in the version's own folder under
+`artifacts/` and are listed in its manifest under `artifacts.<kind>` with their
+sha256, size and source (`name@version` and the weights' sha256). They are
+the one other thing that may be added to a published version (besides its
+metrics): adding one never changes the weights or what they compute, and a
+reader checks an artifact's sha256 before using it (`verified_artifact`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +30,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vpr.model.config import ModelConfig
-from vpr.model.fileio import atomic_write_json, sha256_file
+from vpr.model.fileio import atomic_write_json, fsync_dir, sha256_file
 from vpr.model.network import VPRNet, build_model
 from vpr.model.store import MANIFEST_FILE, BadSpec, NotFound, Ref, StoreError, VersionedStore, now_iso
 from vpr.model.store import check_name as _check_name
 
 ROLES = ("teacher", "student")
 WEIGHTS_FILE = "weights.safetensors"
+ARTIFACTS_DIR = "artifacts"
+ARTIFACT_KIND_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 ModelRef = Ref  # a model version, `name@version`
 
 __all__ = [
@@ -36,6 +51,7 @@ __all__ = [
     "RegistryError",
     "check_name",
     "now_iso",
+    "verified_artifact",
 ]
 
 
@@ -56,10 +72,38 @@ class LoadedModel:
     ref: ModelRef
     net: VPRNet
     manifest: dict[str, Any]
+    folder: Path | None = None  # the version's folder (its artifacts), when loaded from a registry
+    # Engines prepared for this model (`model.engines.prepare`), kept with it so that they go when it goes.
+    engines: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def sha256(self) -> str:
         return self.manifest["sha256"]
+
+
+def verified_artifact(folder: Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """The file of artifact `kind` of the model version in `folder` and its manifest
+    entry, read afresh (an export may have been added after the model was loaded)
+    and checked against its sha256. Raises RegistryError naming the fix."""
+    manifest_path = folder / MANIFEST_FILE
+    try:
+        m = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"{manifest_path}: cannot read the manifest ({e})") from e
+    ref = f"{m.get('name')}@{m.get('version')}"
+    entry = (m.get("artifacts") or {}).get(kind)
+    if not isinstance(entry, dict):
+        raise RegistryError(f"model {ref} has no {kind!r} export; run `vpr model export {ref} --format {kind}`")
+    path = folder / str(entry.get("file", ""))
+    if not path.is_file() or folder.resolve() not in path.resolve().parents:
+        fix = f"vpr model export {ref} --format {kind}"
+        raise RegistryError(f"{path}: the {kind!r} export of {ref} is missing; run `{fix}`")
+    actual = sha256_file(path)
+    if actual != entry.get("sha256"):
+        raise RegistryError(f"{path}: sha256 mismatch: manifest says {entry.get('sha256')}, file has {actual}")
+    if entry.get("source_sha256") != m.get("sha256"):
+        raise RegistryError(f"{path}: exported from other weights than {ref}'s; export it again")
+    return path, entry
 
 
 def check_name(name: str) -> str:
@@ -135,6 +179,51 @@ class Registry:
             m["metrics"] = {**m.get("metrics", {}), **metrics}
             atomic_write_json(self.dir(ref) / MANIFEST_FILE, m)
 
+    def add_artifact(
+        self, spec: str | ModelRef, kind: str, build: Callable[[Path], dict[str, Any]], suffix: str = ".onnx"
+    ) -> dict[str, Any]:
+        """Add (or replace) artifact `kind` of a model version: `build(path)` writes
+        the file at `path` (a hidden temporary in the version's folder, so the
+        bytes are built without holding the lock) and returns details for its
+        manifest entry. The file is fsynced, renamed into place and recorded with
+        its sha256 and source under the writer lock. Returns the entry."""
+        if not ARTIFACT_KIND_RE.match(kind):
+            raise RegistryError(f"bad artifact kind {kind!r}: lowercase letters, digits and '-'")
+        ref = self.resolve(spec)
+        folder = self.dir(ref)
+        out_dir = folder / ARTIFACTS_DIR
+        out_dir.mkdir(exist_ok=True)
+        target = out_dir / f"{kind}{suffix}"
+        tmp = out_dir / f".{kind}-{uuid.uuid4().hex[:8]}.tmp{suffix}"
+        try:
+            details = build(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            sha = sha256_file(tmp)
+            with self._store.writer(ref.name):
+                m = self.manifest(ref)
+                os.replace(tmp, target)
+                fsync_dir(out_dir)
+                entry = {
+                    **details,
+                    "kind": kind,
+                    "file": f"{ARTIFACTS_DIR}/{target.name}",
+                    "sha256": sha,
+                    "bytes": target.stat().st_size,
+                    "source": str(ref),
+                    "source_sha256": m["sha256"],
+                    "created": now_iso(),
+                }
+                m["artifacts"] = {**(m.get("artifacts") or {}), kind: entry}
+                atomic_write_json(folder / MANIFEST_FILE, m)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return entry
+
+    def artifact(self, spec: str | ModelRef, kind: str) -> tuple[Path, dict[str, Any]]:
+        """The checked file of artifact `kind` of a model version and its entry."""
+        return verified_artifact(self.dir(self.resolve(spec)), kind)
+
     def cleanup_partial(self) -> int:
         """Remove temp folders left by a killed writer; returns how many."""
         return self._store.cleanup()
@@ -143,8 +232,9 @@ class Registry:
     def manifest(self, spec: str | ModelRef) -> dict[str, Any]:
         return self._store.read_manifest(self.resolve(spec))
 
-    def verify(self, spec: str | ModelRef) -> dict[str, Any]:
-        """Check weights against the manifest's sha256 and config; returns the manifest."""
+    def verify(self, spec: str | ModelRef, artifacts: bool = True) -> dict[str, Any]:
+        """Check weights against the manifest's sha256 and config (and, with
+        `artifacts`, every exported artifact against its own); returns the manifest."""
         ref = self.resolve(spec)
         m = self.manifest(ref)
         weights = self.dir(ref) / WEIGHTS_FILE
@@ -157,11 +247,13 @@ class Registry:
             ModelConfig.model_validate(m["config"])
         except Exception as e:
             raise RegistryError(f"{self.dir(ref) / MANIFEST_FILE}: invalid config ({e})") from e
+        for kind in m.get("artifacts") or {} if artifacts else {}:
+            self.artifact(ref, kind)
         return m
 
     def load(self, spec: str | ModelRef, device: torch.device | str = "cpu") -> LoadedModel:
         ref = self.resolve(spec)
-        m = self.verify(ref)
+        m = self.verify(ref, artifacts=False)  # an engine checks the artifact it uses
         weights = self.dir(ref) / WEIGHTS_FILE
         net = build_model(m["config"])
         try:
@@ -170,4 +262,4 @@ class Registry:
         except Exception as e:
             raise RegistryError(f"{weights}: does not match its config ({e})") from e
         net.eval()
-        return LoadedModel(ref, net.to(device), m)
+        return LoadedModel(ref, net.to(device), m, self.dir(ref))

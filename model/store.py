@@ -3,7 +3,7 @@
     <root>/<name>/<version>/{..., manifest.json}    <root>/<name>/active
 
 A version is a folder named by an integer that holds a `manifest.json`; it
-never changes once published (a model's metrics aside). `active` names the
+never changes once published (a model's metrics and derived artifacts aside). `active` names the
 version a bare `name` resolves to. Writers of one name take an exclusive file
 lock (`<root>/<name>/.lock`) and build the next version in a hidden temporary
 folder (`.tmp-*`) which is fsynced and then renamed to the next free number.

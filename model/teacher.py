@@ -18,14 +18,18 @@ from vpr.model.weights import WeightsError, load_torchvision_imagenet, load_vgg1
 log = logging.getLogger(__name__)
 
 
-def load_backbone_weights(net: VPRNet, weights: str) -> dict:
-    """`none`, `imagenet` (torchvision cache) or a safetensors file; returns what to record."""
+def load_backbone_weights(
+    net: VPRNet, weights: str, weights_home: Path | None = None, offline: bool = True, progress: bool = True
+) -> dict:
+    """`none`, `imagenet` (the catalogue's torchvision file in `weights_home`, fetched
+    unless `offline`) or a safetensors file; returns what to record."""
     if weights == "none":
         log.warning("backbone weights: none (random init); descriptors will be poor")
         return {"weights": "none"}
     if weights == "imagenet":
-        load_torchvision_imagenet(net)
-        return {"weights": "torchvision-imagenet"}
+        if weights_home is None:
+            raise WeightsError("--weights imagenet needs the weights folder ($VPR_HOME/weights)")
+        return load_torchvision_imagenet(net, weights_home, offline=offline, progress=progress)
     path = Path(weights)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file (use a .safetensors file, 'imagenet' or 'none')")
@@ -44,10 +48,14 @@ def init_teacher(
     pca_images: Path | None = None,
     activate: bool = True,
     device: torch.device | str = "cpu",
+    offline: bool = True,
 ) -> ModelRef:
+    """`offline` False lets `weights="imagenet"` fetch the catalogue file into
+    `$VPR_HOME/weights` (the registry's sibling folder) when it is not there."""
     torch.manual_seed(seed)
     net = build_model(config).to(device)
-    details = {"source": "init", **load_backbone_weights(net, weights)}
+    weights_home = registry.root.parent / "weights"
+    details = {"source": "init", **load_backbone_weights(net, weights, weights_home, offline=offline)}
     images = list_images(cluster_images)
     details |= init_clusters(net, images, samples=samples, seed=seed, device=device)
     details["cluster_folder"] = str(Path(cluster_images).resolve())

@@ -22,9 +22,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from vpr.model.lease import Leases
 from vpr.server.batcher import MicroBatcher
 from vpr.server.connections import header_deadline_protocol
 from vpr.server.errors import install_error_handlers
+from vpr.server.follow import Follower, ReplicaHeader, owner_for
 from vpr.server.inputs import BodyLimitMiddleware
 from vpr.server.jobs import JobManager
 from vpr.server.metrics import Metrics, MetricsMiddleware
@@ -45,11 +47,19 @@ DESCRIPTION = """Top-k places for a (low-quality) query image or a live video st
 `{"codec": "jpeg" | "h264", "top_k": 5, "fps": 30}`, then binary messages (one
 JPEG each, or an H.264 Annex-B byte stream cut anywhere), optionally
 `{"type": "end"}`. The server answers `ready`, then one `result` per processed
-frame (`frame`, `pts`, `time_s`, `results`, `latency_ms`, `timings_ms`,
+frame (`frame`, `pts`, `time_s`, `results`, `track`, `latency_ms`, `timings_ms`,
 `received`, `processed`, `dropped`), `warning` for an undecodable frame, and
 `end` or `error` (then it closes: 1000 normal, 1003 bad message, 1007 bad
 stream, 1008 bad hello, 1009 too big, 1011 internal, 1013 not ready / busy).
 While the model is busy only the newest frame is kept.
+
+**Tracking**: each stream has a causal tracker over the database places; every
+`result` carries `track` (`id`, `label`, `path`, `position`, `confidence` in
+0..1, `localized`, `frames`, `mode`, `update_ms`), or null after a hello with
+`"track": false`. Over HTTP, frames sent one request at a time share a tracker
+when they name a session (`X-VPR-Session: <id>` on `POST /v1/query`; `track=false`
+for a frame-only answer); sessions are forgotten after VPR_TRACK_SESSION_IDLE_S
+idle (300 s by default) and at most VPR_TRACK_MAX_SESSIONS are kept (1024).
 
 **Admin** routes need `Authorization: Bearer <token>` or `X-API-Key: <token>`
 and exist only when the server has a token (VPR_ADMIN_TOKEN / VPR_ADMIN_TOKEN_FILE).
@@ -63,21 +73,29 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, settings.queue_size, metrics)
     runtime = Runtime(settings, batcher=batcher, metrics=metrics)
     pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vpr-decode")
-    jobs = JobManager(settings.jobs_dir, runtime, metrics=metrics, keep=settings.jobs_keep)
+    # Replicas over one shared home: leases for writers, a follower of what to serve.
+    owner = owner_for(settings.replica_name)
+    leases = Leases(settings.leases_dir, owner, settings.lease_ttl_s)
+    follower = Follower(runtime, settings.follow_interval_s, leases=leases, metrics=metrics)
+    jobs = JobManager(settings.jobs_dir, runtime, metrics=metrics, keep=settings.jobs_keep, leases=leases)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
+        leases.start()
         jobs.recover()
         loader = threading.Thread(target=runtime.load, name="vpr-load", daemon=True)
         loader.start()
         loop = asyncio.get_running_loop()
         if not settings.load_in_background:
             await loop.run_in_executor(None, loader.join)
+        follower.start()  # skips its rounds while the start-up load runs
         try:
             yield
         finally:
+            await loop.run_in_executor(None, follower.stop)
             await loop.run_in_executor(None, jobs.shutdown)
+            await loop.run_in_executor(None, leases.stop)
             # Let a load in progress finish: a thread killed inside torch at
             # interpreter exit aborts the process.
             await loop.run_in_executor(None, loader.join, 60.0)
@@ -87,6 +105,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app = FastAPI(title="Visual place recognition", version=API_VERSION, lifespan=lifespan, description=DESCRIPTION)
     state = app.state
     state.settings, state.metrics, state.batcher, state.runtime, state.jobs = settings, metrics, batcher, runtime, jobs
+    state.leases, state.follower, state.replica = leases, follower, owner.replica
     state.service = QueryService(settings, runtime, batcher, pool, metrics)
     state.streams = OpenStreams(metrics)
 
@@ -97,6 +116,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(ReplicaHeader, name=owner.replica)
     install_error_handlers(app)
 
     for router in (health.router, query.router, stream.router, web.router):

@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vpr.model.extract import embed_tensors
-
 if TYPE_CHECKING:
     from vpr.index.store import Hit
     from vpr.server.metrics import Metrics
@@ -176,16 +174,16 @@ class MicroBatcher:
                     _fail(live, e)
 
     def run_batch(self, items: list[_Item]) -> None:
-        """Embed by (model, shape) group, search by (index, params) group."""
+        """Embed by (engine, shape) group (an engine belongs to one model), search by (index, params) group."""
         started = time.perf_counter()
         descs: dict[int, np.ndarray] = {}
         embed_ms: dict[int, float] = {}
         sizes: dict[int, int] = {}
-        for group in _groups(items, lambda it: (id(it.serving.model), tuple(it.tensor.shape))):
+        for group in _groups(items, lambda it: (id(it.serving.engine), tuple(it.tensor.shape))):
             serving = group[0].serving
             t = time.perf_counter()
             try:
-                out = embed_tensors(serving.model.net, torch.stack([it.tensor for it in group]), serving.device)
+                out, _ = serving.engine.embed(torch.stack([it.tensor for it in group]))
             except Exception as e:
                 if len(group) == 1:
                     _fail_item(group[0], e)

@@ -8,6 +8,9 @@
   a process shows (SIGKILL, SIGTERM, a restart on the same home) and for
   benchmarks that keep the server apart from the clients' GIL. Its output
   goes to a log file, quoted when it fails.
+- `NginxProxy(upstreams, prefix)`: Debian's nginx with deploy/nginx/nginx.conf
+  (the proxy of docker-compose.yml) on a loopback port in front of running
+  replicas, for the replica tests and bench/replicas.py.
 
 `start()` returns once the server accepts connections and, unless
 `ready=False`, once `/readyz` says ready; it fails early, with the reason,
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -275,3 +280,104 @@ class ServeProcess(LoopbackServer):
 
     def _context(self) -> str:
         return f":\n{self.log()}"
+
+
+# ---- nginx in front of replicas --------------------------------------------------------------
+NGINX_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "nginx.conf"
+
+
+def nginx_binary() -> str | None:
+    """Debian's nginx (`.ci/install-proxy.sh`), or None when it is not installed."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def render_nginx_conf(template: str, upstreams: Sequence[str], port: int, prefix: Path) -> str:
+    """deploy/nginx/nginx.conf for loopback: listen on `port`, each upstream group
+    lists `upstreams` ("127.0.0.1:PORT") with the template's server parameters,
+    and pid, logs and temporary files go under `prefix`. Everything else (the
+    balancing, retries, websocket upgrade, session hash) is the deployed file's."""
+    text = re.sub(r"(?m)^(\s*)listen\s+\S+;", rf"\g<1>listen {HOST}:{port};", template)
+
+    def servers(m: re.Match[str]) -> str:
+        indent, params = m.group(1), m.group(2)
+        return "".join(f"{indent}server {u}{params};\n" for u in upstreams)
+
+    # one group of consecutive `server host:port ...;` lines per upstream block
+    text = re.sub(r"(?m)^(\s*)server\s+[^\s;]+:\d+([^;\n]*);\n(?:\1server\s+[^\s;]+:\d+[^;\n]*;\n)*", servers, text)
+    text = re.sub(r"(?m)^pid\s+[^;]+;", f"pid {prefix / 'nginx.pid'};", text)
+    text = re.sub(r"(?m)^error_log\s+[^;]+;", f"error_log {prefix / 'error.log'} info;", text)
+    # The master runs as whoever runs the test; as root, workers would switch to the
+    # deployed user, who cannot write the test's private folders.
+    user = "user root;" if os.geteuid() == 0 else ""
+    text = re.sub(r"(?m)^user\s+[^;]+;", user, text)
+    temp = "".join(
+        f"    {kind}_temp_path {prefix / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return text.replace("http {\n", "http {\n" + temp, 1)
+
+
+class NginxProxy(LoopbackServer):
+    """nginx with deploy/nginx/nginx.conf on a loopback port in front of `upstreams`
+    (`host:port` of running replicas); its files go under `prefix`."""
+
+    def __init__(self, upstreams: Sequence[str], prefix: Path, port: int | None = None, conf: Path = NGINX_CONF):
+        binary = nginx_binary()
+        if binary is None:
+            raise FileNotFoundError("nginx is not installed (run .ci/install-proxy.sh as root)")
+        self.binary, self.prefix, self.port = binary, Path(prefix), port or free_port()
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        self.conf_path = self.prefix / "nginx.conf"
+        self.conf_path.write_text(render_nginx_conf(conf.read_text(), upstreams, self.port, self.prefix))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _launch(self, timeout: float) -> None:
+        test = subprocess.run(
+            [self.binary, "-t", "-p", str(self.prefix), "-c", str(self.conf_path)], capture_output=True, text=True
+        )
+        if test.returncode != 0:
+            raise ServerFailed(f"nginx refuses {self.conf_path}: {test.stderr.strip()}")
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.prefix), "-c", str(self.conf_path), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_running()
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), timeout=1):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nginx did not listen on {self.port} within {timeout:g} s{self._context()}")
+            self._wait_exit(POLL_S)
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Ready when a replica behind it is (its /readyz, through the proxy)."""
+        return super().wait_ready(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGQUIT: nginx's graceful shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _check_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServerFailed(f"nginx exited with {self.proc.returncode}{self._context()}")
+
+    def _wait_exit(self, seconds: float) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(seconds)
+
+    def _context(self) -> str:
+        try:
+            return ":\n" + (self.prefix / "error.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""

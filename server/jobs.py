@@ -13,6 +13,16 @@ factory spec (and whether there are images enough to train it), and the
 images themselves, listed now, each of which must resolve (links followed) to
 a file under a data root (`VPR_DATA_ROOTS`, by default `$VPR_HOME/data` and
 `$VPR_HOME/demo`): an admin token is not a licence to index the host.
+
+Replicas over one shared home (README "Scaling out"): a rebuild holds the
+lease `rebuild.<index>` (model/lease.py) from the moment it is accepted until
+it ends, renewed by this process; a rebuild of the same index asked of any
+replica meanwhile answers 202 with the running job (`existing: true`)
+instead of starting another. Job files carry their owner (replica, process)
+and lease, so that every replica reads every job, and a job whose owner
+stopped (its lease ended: at once when the owner died on this machine, after
+`lease_ttl_s` otherwise) reads as failed, on any replica; `recover` leaves the
+running jobs of live replicas alone.
 """
 
 from __future__ import annotations
@@ -35,9 +45,11 @@ from vpr.data.spec import DatasetSpec
 from vpr.index.faiss_backend import min_train_vectors
 from vpr.index.store import IndexMismatch, IndexRef, check_name
 from vpr.model.fileio import atomic_write_json
+from vpr.model.lease import Lease, LeaseRecord, Leases
 from vpr.model.preprocess import list_images
 from vpr.model.registry import RegistryError, now_iso
-from vpr.server.errors import NotReady
+from vpr.server.errors import Conflict, NotReady
+from vpr.server.follow import ACTIVATION_LEASE, swap_under_lease
 from vpr.server.metrics import Metrics
 from vpr.server.runtime import Runtime
 
@@ -46,6 +58,12 @@ log = logging.getLogger(__name__)
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 FINAL = ("succeeded", "failed")
 PROGRESS_EVERY_S = 0.5
+HANDOVER_WAIT_S = 2.0  # a held rebuild lease whose job file is not (yet, or no longer) running
+
+
+def rebuild_key(index_name: str) -> str:
+    """The lease of rebuilds of one index."""
+    return f"rebuild.{index_name}"
 
 
 class JobCancelled(RuntimeError):
@@ -97,11 +115,23 @@ class Plan:
 
 
 class JobManager:
-    def __init__(self, jobs_dir: Path, runtime: Runtime, metrics: Metrics | None = None, keep: int = 200) -> None:
+    """Jobs of this process, and every job in `jobs_dir`. `leases`: the shared
+    home's leases (None: a lone server, no rebuild leases)."""
+
+    def __init__(
+        self,
+        jobs_dir: Path,
+        runtime: Runtime,
+        metrics: Metrics | None = None,
+        keep: int = 200,
+        leases: Leases | None = None,
+    ) -> None:
         self.dir = Path(jobs_dir)
         self.runtime = runtime
         self.metrics = metrics or Metrics()
         self.keep = keep
+        self.leases = leases
+        self._held: dict[str, Lease] = {}  # job id -> its rebuild lease
         self._jobs: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()  # guards the in-memory jobs
         self._persist = threading.Lock()  # one job-file write at a time, in update order
@@ -111,11 +141,12 @@ class JobManager:
 
     # ---- lifecycle ---------------------------------------------------------------
     def recover(self) -> int:
-        """Mark jobs a previous process left unfinished as failed."""
+        """Mark jobs a stopped process left unfinished as failed (not those of
+        live replicas: they still hold their lease)."""
         n = 0
         for path in sorted(self.dir.glob("*.json")):
             job = self._read(path)
-            if job and job.get("state") not in FINAL:
+            if job and job.get("state") not in FINAL and not self._owner_alive(job):
                 job.update(
                     state="failed", finished=now_iso(), error="interrupted: the server stopped before the job finished"
                 )
@@ -139,17 +170,50 @@ class JobManager:
 
     # ---- reading ------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, Any] | None:
+        """A job of any replica sharing the home (this process's from memory)."""
         if not JOB_ID_RE.match(job_id):
             return None
         with self._lock:
             job = self._jobs.get(job_id)
             if job is not None:
                 return json.loads(json.dumps(job))
-        return self._read(self.dir / f"{job_id}.json")
+        job = self._read(self.dir / f"{job_id}.json")
+        if job is not None and self.leases is not None and job.get("state") not in FINAL and not self._owner_alive(job):
+            job.update(
+                state="failed",
+                finished=now_iso(),
+                error=f"interrupted: replica {job.get('replica', '?')} stopped before the job finished "
+                "(its lease ended)",
+            )
+            self._write(job)  # what every replica will read from now on
+        return job
+
+    def _owner_alive(self, job: dict[str, Any]) -> bool:
+        """Whether the (unfinished) job's owner still holds its lease; jobs from
+        before leases (no `lease` field) have no live owner once read from disk."""
+        key = job.get("lease")
+        if self.leases is None or not isinstance(key, str):
+            return False
+        try:
+            holder = self.leases.holder(key)
+        except (OSError, ValueError):
+            return False
+        return holder is not None and holder.data.get("job") == job.get("id")
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
-        return [j for j in (self.get(p.stem) for p in files) if j]
+        """The newest jobs of every replica sharing the home."""
+        files = sorted(self._files(), key=lambda pm: pm[1], reverse=True)[:limit]
+        return [j for j in (self.get(p.stem) for p, _ in files) if j]
+
+    def _files(self) -> list[tuple[Path, float]]:
+        """Job files with their mtime (another replica may prune one meanwhile)."""
+        out: list[tuple[Path, float]] = []
+        for p in self.dir.glob("*.json"):
+            try:
+                out.append((p, p.stat().st_mtime))
+            except FileNotFoundError:
+                continue
+        return out
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any] | None:
@@ -163,11 +227,24 @@ class JobManager:
 
     # ---- submitting -------------------------------------------------------------------
     def submit_rebuild(self, req: RebuildRequest) -> dict[str, Any]:
-        """Validate what can be checked now (a 422 beats a failed job), then queue."""
+        """Validate what can be checked now (a 422 beats a failed job), take the
+        index's rebuild lease, then queue. When another job (of any replica)
+        holds that lease, that job is returned, marked `existing`."""
         plan = self._plan(req)
+        job_id = uuid.uuid4().hex
+        lease: Lease | None = None
+        if self.leases is not None:
+            got = self._take(rebuild_key(plan.name), job_id)
+            if not isinstance(got, Lease):
+                return {**got, "existing": True}
+            lease = got
+        owner = self.leases.owner if self.leases is not None else None
         job = {
-            "id": uuid.uuid4().hex,
+            "id": job_id,
             "kind": "index.rebuild",
+            "replica": owner.replica if owner is not None else None,
+            "owner": owner.as_dict() if owner is not None else None,
+            "lease": lease.key if lease is not None else None,
             "state": "queued",
             "created": now_iso(),
             "started": None,
@@ -181,11 +258,35 @@ class JobManager:
         self._write(job)  # on disk before anyone can see it
         with self._lock:
             self._jobs[job["id"]] = job
+            if lease is not None:
+                self._held[job_id] = lease
         self._prune()
         self._futures = [f for f in self._futures if not f.done()]
         self._futures.append(self._executor.submit(self._run, job, req, plan))
         log.info("job %s: rebuild of index %s with %s queued", job["id"], plan.name, plan.model)
         return json.loads(json.dumps(job))
+
+    def _take(self, key: str, job_id: str) -> Lease | dict[str, Any]:
+        """The lease `key` for job `job_id`, or the unfinished job that holds it."""
+        assert self.leases is not None
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        while True:
+            got = self.leases.acquire(key, {"job": job_id})
+            if isinstance(got, Lease):
+                return got
+            running = self._holding_job(got)
+            if running is not None:
+                return running
+            # Held, but its job file is not written yet or already final (the
+            # holder is between two steps): look again shortly.
+            if time.monotonic() >= deadline:
+                raise Conflict(f"index rebuild lease {key} is held by {got.owner.replica}; try again", code="busy")
+            time.sleep(0.05)
+
+    def _holding_job(self, record: LeaseRecord) -> dict[str, Any] | None:
+        held = record.data.get("job")
+        job = self.get(held) if isinstance(held, str) else None
+        return job if job is not None and job.get("state") not in FINAL else None
 
     def _plan(self, req: RebuildRequest) -> Plan:
         """Everything a request names, checked now: the index name, the model, the
@@ -238,6 +339,15 @@ class JobManager:
 
     # ---- running -------------------------------------------------------------------------
     def _run(self, job: dict, req: RebuildRequest, plan: Plan) -> None:
+        try:
+            self._run_job(job, req, plan)
+        finally:
+            with self._lock:
+                lease = self._held.pop(job["id"], None)
+            if lease is not None and self.leases is not None:
+                self.leases.release(lease)  # after the final state is on disk
+
+    def _run_job(self, job: dict, req: RebuildRequest, plan: Plan) -> None:
         t0 = time.perf_counter()
         self._update(job, state="running", started=now_iso())
         try:
@@ -283,12 +393,18 @@ class JobManager:
         log.info("job %s: describing %d images under %s with %s", job["id"], len(items), root, ref)
         self._stage(job, "describing", total=len(items))
         last = [0.0]
+        with self._lock:
+            lease = self._held.get(job["id"])
 
         def progress(done: int, total: int) -> None:
             if self._stopping.is_set():
                 raise JobCancelled(
                     "interrupted: the server is shutting down (a new rebuild of the same "
                     "images resumes from the descriptors computed so far)"
+                )
+            if lease is not None and lease.lost.is_set():
+                raise JobCancelled(
+                    f"stopped: its lease {lease.key} expired and another replica took it (a stalled renewal)"
                 )
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S or done >= total:
@@ -319,9 +435,15 @@ class JobManager:
             self._stage(job, "activating")
             if cur is not None:
                 try:
-                    cur = rt.swap(index_spec=str(new)).current  # what this swap published
+                    # what this swap published; under the activation lease, as admin activations
+                    cur = swap_under_lease(rt, self.leases, None, str(new)).current
                 except IndexMismatch as e:
                     raise IndexMismatch(f"built {new} but did not activate it: {e}") from None
+            elif self.leases is not None:
+                with self.leases.hold(ACTIVATION_LEASE, {"index": str(new)}, wait_s=self.leases.ttl_s):
+                    rt.store.activate(new)
+                rt.load()
+                cur = rt.current
             else:
                 rt.store.activate(new)
                 rt.load()
@@ -369,7 +491,7 @@ class JobManager:
 
     def _prune(self) -> None:
         """Keep the newest `keep` finished job files."""
-        files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        files = [p for p, _ in sorted(self._files(), key=lambda pm: pm[1], reverse=True)]
         for path in files[self.keep :]:
             job = self._read(path)
             if job is None or job.get("state") in FINAL:

@@ -100,6 +100,16 @@ class Metrics:
         self.swaps = Counter(
             "vpr_swaps_total", "Hot swaps that changed the served model or index, by what changed", ["kind"], registry=r
         )
+        self.follow_behind = Gauge(
+            "vpr_follow_behind",
+            "1 while this replica serves another pair than the shared home names, because loading that one failed",
+            registry=r,
+        )
+        self.follow_failures = Counter(
+            "vpr_follow_failures_total",
+            "Attempts to serve the pair the shared home names that failed (the previous pair stayed served)",
+            registry=r,
+        )
         self.admin_auth_failures = Counter(
             "vpr_admin_auth_failures_total", "Admin requests refused for a missing or wrong token", registry=r
         )

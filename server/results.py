@@ -39,6 +39,20 @@ class Timings(BaseModel):
     total: float = Field(description="from request start to answer, ms")
 
 
+class TrackState(BaseModel):
+    """Where the tracker of a stream or HTTP session places the walker after this frame."""
+
+    id: int = Field(description="the tracked database place (an index id)")
+    label: str | None = Field(description="its place label")
+    path: str | None = Field(description="its database image, relative to the index root")
+    position: Position | None = Field(description="where it is, when the index knows")
+    confidence: float = Field(description="belief within the motion reach of that place, 0..1")
+    localized: bool = Field(description="confidence at or above VPR_TRACK_LOCALIZED")
+    frames: int = Field(description="frames this tracker has observed")
+    mode: Literal["positions", "order"] = Field(description="motion model: metric positions, or database order")
+    update_ms: float = Field(description="the tracker's update for this frame, ms (not in timings_ms.total)")
+
+
 TOP_K_DOC = "matches each answer holds at most: the top_k asked for, capped at the places in the index"
 
 
@@ -46,9 +60,13 @@ class QueryResponse(BaseModel):
     results: list[Match]
     model: str = Field(description="query model NAME@VERSION")
     index: str = Field(description="index NAME@VERSION")
+    engine: str = Field(description="how the model's forward pass ran (VPR_ENGINE, e.g. eager-bf16-cl)")
     top_k: int = Field(description=TOP_K_DOC)
     timings_ms: Timings
     batch_size: int = Field(description="images in the forward pass this one shared")
+    track: TrackState | None = Field(
+        None, description="with an `X-VPR-Session` header (and not `track=false`): the session's tracked place"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -72,6 +90,7 @@ class BatchResponse(BaseModel):
     failed: int = Field(0, description="items with an error")
     model: str
     index: str
+    engine: str = Field(description="how the model's forward pass ran")
     top_k: int = Field(description=TOP_K_DOC)
     timings_ms: dict[str, float]
 
@@ -84,6 +103,13 @@ class Readiness(BaseModel):
     index: str | None = None
     index_size: int | None = None
     device: str
+    # The engine serving queries (`model.engines`): name, device, cache_kind, the
+    # VPR_ENGINE setting and, when another engine runs instead, why (`note`).
+    engine: dict[str, Any] | None = None
+    replica: str | None = None  # this replica's name (VPR_REPLICA_NAME)
+    # Following the shared home (server/follow.py): `wanted` is the pair it names,
+    # `behind` true while another pair is served because loading that one failed.
+    follow: dict[str, Any] | None = None
 
 
 def _finite(x: Any) -> Any:
@@ -109,6 +135,7 @@ def answer_json(hits: Sequence[Any], serving: Any) -> dict[str, Any]:
         "results": [match_json(r, h) for r, h in enumerate(hits, 1)],
         "model": serving.model_spec,
         "index": serving.index_spec,
+        "engine": serving.engine.name,
     }
 
 

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from vpr.index.store import IndexMismatch, IndexStore, LoadedIndex, check_compatible
-from vpr.model.extract import embed_tensors, resolve_device
+from vpr.model.engines import Engine, check_engine_name, select_engine
+from vpr.model.extract import resolve_device
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import target_size
 from vpr.model.registry import LoadedModel, Registry, RegistryError, now_iso
@@ -71,6 +72,7 @@ class Runtime:
         self.registry = Registry(settings.models_dir)
         self.store = IndexStore(settings.indexes_dir)
         self.device = resolve_device(settings.device)
+        check_engine_name(settings.engine)  # an unknown VPR_ENGINE stops the server before it starts
         self.current: Serving | None = None
         self.status = Status("starting", "the server is starting", time.time())
         self.last_error: str | None = None
@@ -148,7 +150,7 @@ class Runtime:
                     self.status = Status("not_ready", f"loading failed: {type(e).__name__}: {e}", time.time())
                 return False
             self.last_error = None
-            self._publish(Serving(model, index, self.device))
+            self._publish(Serving(model, index, self.device, *self.engine(model)))
             log.info(
                 "serving model %s with index %s (%d vectors) on %s", model.ref, index.ref, index.count, self.device
             )
@@ -255,6 +257,11 @@ class Runtime:
             {"model": serving.model.ref.name, "index": serving.index.ref.name, "updated": now_iso()},
         )
 
+    def engine(self, model: LoadedModel) -> tuple[Engine, str | None]:
+        """The engine VPR_ENGINE names for `model` (prepared once per model), and
+        why another one runs when it cannot run here (`model.engines.select_engine`)."""
+        return select_engine(self.settings.engine, model, self.device)
+
     def warmup(self, model: LoadedModel, index: LoadedIndex) -> None:
         """One forward pass and one search at a typical size before serving, on
         the batcher's own thread (backends keep per-thread state, e.g. oneDNN
@@ -268,19 +275,37 @@ class Runtime:
         if self.batcher is not None and self.batcher.running:
             # Under load the queue may be full: wait for room (a hot swap must not fail because of traffic).
             timeout = max(60.0, self.settings.query_timeout_s)
-            fut = self.batcher.submit(x, Serving(model, index, self.device), 1, source="warmup", wait_s=timeout)
+            serving = Serving(model, index, self.device, *self.engine(model))
+            fut = self.batcher.submit(x, serving, 1, source="warmup", wait_s=timeout)
             fut.result(timeout=timeout)
         else:
-            desc = embed_tensors(model.net, x[None], self.device)
+            desc, _ = self.engine(model)[0].embed(x[None])
             if index.count:
                 index.search(desc, 1)
         log.info("warm-up of %s at %dx%d took %.0f ms", model.ref, w, h, (time.perf_counter() - t) * 1000)
 
     # ---- hot swaps -----------------------------------------------------------------
-    def swap(self, model_spec: str | None = None, index_spec: str | None = None, persist: bool = True) -> Swap:
+    @contextlib.contextmanager
+    def swapping(self) -> Iterator[None]:
+        """Hold off every other load and swap of this process (re-entrant: `swap`
+        and `load` may run inside). The follower of the shared home (server/follow.py)
+        reads what to serve and swaps to it under it, so that it never publishes
+        a pair older than one an admin swap published meanwhile."""
+        with self._swap_lock:
+            yield
+
+    def swap(
+        self,
+        model_spec: str | None = None,
+        index_spec: str | None = None,
+        persist: bool = True,
+        guard: contextlib.AbstractContextManager[Any] | None = None,
+    ) -> Swap:
         """Serve another model and/or index; both are loaded before anything
         changes, checked against each other, then published atomically. Returns
         the pair replaced and the pair published (by this swap, not by another).
+        `guard` is entered after the loads, around the check, the persisted
+        choice and the publication (the shared home's activation lease).
 
         Raises RegistryError / FileNotFoundError (unknown), IndexMismatch (the
         pair is incompatible: nothing changes), NotReady (no counterpart)."""
@@ -288,7 +313,7 @@ class Runtime:
             raise ValueError("nothing to swap: give a model, an index or both")
         model = self.registry.load(model_spec, self.device) if model_spec else None
         index = self.store.load(index_spec) if index_spec else None
-        with self._swap_lock:
+        with self._swap_lock, guard or contextlib.nullcontext():
             cur = self.current
             if model is None or index is None:
                 if cur is None:
@@ -305,7 +330,7 @@ class Runtime:
                     self.registry.activate(model.ref)
                 if index_spec:
                     self.store.activate(str(index.ref))
-            new = Serving(model, index, self.device)
+            new = Serving(model, index, self.device, *self.engine(model))
             self._publish(new)
             if persist:
                 self._save_choice(new)

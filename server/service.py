@@ -44,6 +44,7 @@ from vpr.server.metrics import Metrics
 from vpr.server.results import answer_json, error_json, rounded
 from vpr.server.runtime import Runtime
 from vpr.server.serving import Serving
+from vpr.server.sessions import Sessions, Track
 from vpr.settings import ServerSettings
 
 T = TypeVar("T")
@@ -76,13 +77,18 @@ class QueryService:
         metrics: Metrics,
     ) -> None:
         self.settings, self.runtime, self.batcher, self.pool, self.metrics = settings, runtime, batcher, pool, metrics
+        # The trackers of HTTP sessions, and the factory of each stream's (one home for both transports).
+        self.sessions = Sessions(settings.track)
 
     # ---- whole HTTP queries ------------------------------------------------------------
-    async def query(self, serving: Serving, upload: Upload, top_k: int, started: float) -> dict[str, Any]:
-        """One image -> `QueryResponse`; `started` (perf_counter) dates the request."""
+    async def query(
+        self, serving: Serving, upload: Upload, top_k: int, started: float, track: Track | None = None
+    ) -> dict[str, Any]:
+        """One image -> `QueryResponse`; `started` (perf_counter) dates the request;
+        `track`: the session's tracker, which this image updates (its `track` field)."""
         prepared = await self.prepare(serving, upload)
-        (answer,) = await self.search(serving, [prepared], top_k, source="http")
-        body = self.answer(serving, prepared, answer, started)
+        (answer,) = await self.search(serving, [prepared], self.search_k(top_k, track), source="http")
+        body = self.answer(serving, prepared, answer, started, top_k=top_k, track=track)
         return {**body, "top_k": answered_top_k(serving, top_k), "batch_size": answer.batch_size}
 
     async def query_batch(
@@ -113,6 +119,7 @@ class QueryService:
             "failed": sum(1 for it in items if "error" in it),
             "model": serving.model_spec,
             "index": serving.index_spec,
+            "engine": serving.engine.name,
             "top_k": answered_top_k(serving, top_k),
             "timings_ms": rounded({"total": total}),
         }
@@ -177,9 +184,32 @@ class QueryService:
                 out.append(result)
         return out
 
-    def answer(self, serving: Serving, prepared: Prepared, answer: Answer, started: float) -> dict[str, Any]:
-        """Matches with their metadata, the pair that answered, and where the time went."""
-        return {**answer_json(answer.hits, serving), "timings_ms": _timings(prepared, answer, _ms_since(started))}
+    def search_k(self, top_k: int, track: Track | None) -> int:
+        """Places to ask the index for: a tracker needs its own candidates, the reply only `top_k`."""
+        return max(top_k, self.settings.track.candidates) if track is not None else top_k
+
+    def answer(
+        self,
+        serving: Serving,
+        prepared: Prepared,
+        answer: Answer,
+        started: float,
+        top_k: int | None = None,
+        track: Track | None = None,
+        at: float | None = None,
+    ) -> dict[str, Any]:
+        """Matches with their metadata, the pair that answered, and where the time
+        went; with a tracker, also `track` (updated with all the candidates
+        searched, at frame number `at` when known, with its own time as `update_ms`)."""
+        hits = answer.hits if top_k is None else answer.hits[:top_k]
+        if track is None:
+            return {**answer_json(hits, serving), "timings_ms": _timings(prepared, answer, _ms_since(started))}
+        timings = _timings(prepared, answer, _ms_since(started))
+        t = time.perf_counter()
+        state = track.observe(serving, answer.hits, at)
+        if state is not None:
+            state["update_ms"] = round(_ms_since(t), 3)
+        return {**answer_json(hits, serving), "track": state, "timings_ms": timings}
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
         """Blocking work (decoding) on the decode pool, off the event loop."""

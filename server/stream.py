@@ -1,8 +1,9 @@
 """`WS /v1/stream`: place recognition on a live video stream.
 
 Protocol (client -> server):
-  1. a text message `{"codec": "jpeg"|"h264", "top_k": 5, "fps": 30}`
-     (`top_k` and `fps` optional; `fps` only dates frames in the replies);
+  1. a text message `{"codec": "jpeg"|"h264", "top_k": 5, "fps": 30, "track": true}`
+     (`top_k`, `fps` and `track` optional; `fps` only dates frames in the
+     replies; `"track": false` asks for frame-only answers);
   2. binary messages: one JPEG per message, or an H.264 Annex-B byte stream
      cut anywhere (one PyAV decoder per connection reassembles it);
   3. optionally a text message `{"type": "end"}`: the server answers the
@@ -11,6 +12,13 @@ Protocol (client -> server):
 Server -> client, all JSON text: `ready` (after the hello), `result` (one per
 processed frame), `warning` (a frame that could not be decoded), `end`
 (summary), `error` (then the socket closes with the code in the message).
+
+Each `result` holds the frame's own `results` and `track`: where the
+stream's causal tracker (track/tracker.py, one per connection) places the
+walker after this frame (`id`, `label`, `path`, `position`, `confidence`,
+`localized`, `frames`, `mode`, `update_ms`), or null when tracking is off
+(`VPR_TRACK_ENABLED=0` or the hello's `"track": false`). Dropped frames are
+not observed; the tracker counts them through the frame numbers.
 
 Newest-frame-only: while the model is busy the server keeps just the newest
 frame; older unprocessed ones are dropped and counted, so latency stays at
@@ -49,6 +57,7 @@ from vpr.server.inputs import sniff
 from vpr.server.metrics import Metrics
 from vpr.server.service import Prepared, QueryService, Upload, answered_top_k
 from vpr.server.serving import Serving
+from vpr.server.sessions import Track
 from vpr.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -81,6 +90,7 @@ class StreamHello(BaseModel):
     codec: Literal["jpeg", "h264"]
     top_k: int | None = Field(None, ge=1)
     fps: float | None = Field(None, gt=0)
+    track: bool | None = None  # false: frame-only answers (None: the server's VPR_TRACK_ENABLED)
 
 
 class H264Decoder:
@@ -208,6 +218,7 @@ class StreamSession:
         self.hello: StreamHello | None = None
         self.top_k = self.settings.top_k_default
         self.decoder: H264Decoder | None = None
+        self.track: Track | None = None  # this stream's tracker (after the hello, when tracking)
         self.pending: Frame | None = None
         self.wake = asyncio.Event()
         self.ended = False
@@ -309,6 +320,8 @@ class StreamSession:
         if hello.codec == "h264":
             s = self.settings
             self.decoder = H264Decoder(s.max_pixels, s.stream_probe_bytes, s.stream_max_bad_frames)
+        if self.settings.track.enabled and hello.track is not False:
+            self.track = self.service.sessions.stream_track()
         await self._send(
             {
                 "type": "ready",
@@ -318,6 +331,7 @@ class StreamSession:
                 "model": model,
                 "index": index,
                 "max_message_bytes": self.settings.stream_max_message_bytes,
+                "track": self.track is not None,
             }
         )
 
@@ -400,7 +414,8 @@ class StreamSession:
                     await self._bad_frame(frame, e.detail)
                     return
                 try:
-                    (answer,) = await self.service.search(serving, [prepared], self.top_k, source="stream")
+                    k = self.service.search_k(self.top_k, self.track)
+                    (answer,) = await self.service.search(serving, [prepared], k, source="stream")
                 except Overloaded:
                     self._drop("queue_full")
                     return
@@ -413,7 +428,15 @@ class StreamSession:
                     return
                 self.processed += 1
                 self.metrics.frames_processed.labels(self.codec).inc()
-                body = self.service.answer(serving, prepared, answer, started=frame.received)
+                body = self.service.answer(
+                    serving,
+                    prepared,
+                    answer,
+                    started=frame.received,
+                    top_k=self.top_k,
+                    track=self.track,
+                    at=frame.number,
+                )
         except TooLarge as e:
             raise StreamError(TOO_BIG, "frame_too_large", e.detail) from None  # names the frame
         except Unavailable as e:  # not ready, shutting down
@@ -425,6 +448,7 @@ class StreamSession:
                 "frame": frame.number,
                 "pts": frame.pts,
                 "time_s": round(frame.number / fps, 6) if fps else None,
+                "track": None,  # frame-only answers; `body` holds the tracked place when tracking
                 **body,
                 "latency_ms": body["timings_ms"]["total"],
                 **self.counts(),

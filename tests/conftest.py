@@ -25,6 +25,13 @@ TINY_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in a test may download weights (VPR_OFFLINE=1); a test of the
+    download path sets VPR_OFFLINE=0 itself and serves files on loopback."""
+    monkeypatch.setenv("VPR_OFFLINE", "1")
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """../shared when present; the test is skipped otherwise."""

@@ -8,7 +8,11 @@ degraded copy (a quality drawn per sample from a list, seeded); the losses of
 image towards the teacher's of the original. Without positions the run is
 label-free: any folder of images works (for instance the database images of
 the place being served, so no query is ever seen). With positions, the
-triplet loss becomes available and a validation split reports recall.
+triplet loss becomes available. Either way a held-out share of the images
+decides the registered epoch and when to stop (`train.validation`), a
+quarter of the samples stay at full quality (`orig_share`) and the student
+is trained at the input size an index of its images records (the size rule
+of `model.preprocess`, inherited from the teacher).
 
 How a step is computed (and why it is cheap on a CPU):
 
@@ -47,8 +51,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tqdm import tqdm
 
 from vpr.describe.cache import DescriptorCache
+from vpr.index.meta import DESCRIPTION_KEY, description_record, query_side
 from vpr.model.extract import autocast_for, cpu_name
 from vpr.model.network import VPRNet
+from vpr.model.preprocess import database_config, query_config
 from vpr.model.registry import ModelRef, Registry, check_name
 from vpr.settings import HomeSettings
 from vpr.train import ddp
@@ -60,11 +66,12 @@ from vpr.train.distill_data import (
     has_positions,
     split_student,
     trainable_names,
-    validation_split,
 )
 from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
 from vpr.train.mining import NegativeMiner, TripletConfig
 from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
+from vpr.train.validation import make_validation_set, self_retrieval, should_stop, summarise
+from vpr.train.validation import score as validation_score
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +101,17 @@ class DistillConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     step_gamma: float = Field(0.5, gt=0, le=1)  # "step": lr factor per epoch
     seed: int = 0
-    val_fraction: float | None = Field(None, ge=0, lt=1)  # None: 0.1 with positions, 0 without
-    val_radius: float = Field(25.0, gt=0)  # validation positives (metres)
+    # Share of training samples at full quality (`orig`), drawn before the listed
+    # qualities: a student distilled only on degraded copies forgets full quality,
+    # and full-quality clients exist too (issue 12). 0.25 is one sample in four,
+    # what adding `orig` to a list of three degraded levels gives.
+    orig_share: float = Field(0.25, ge=0, le=1)
+    # Held-out share of the images for the label-free validation that chooses the
+    # registered epoch and stops training (train.validation); 0: off (then the
+    # training loss chooses).
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_radius: float = Field(25.0, gt=0)  # with positions: neighbours within this many metres count as right
+    patience: int | None = Field(2, ge=1)  # stop after this many epochs without a better validation score
     triplet: TripletConfig = TripletConfig()
     prefix_cache: Literal["disk", "memory", "off"] = "disk"
     cache_dir: Path | None = None  # default <home>/cache/distill
@@ -129,6 +145,7 @@ class DistillConfig(BaseModel):
 # Fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = {
     "epochs",
+    "patience",
     "activate",
     "prefix_cache",
     "cache_dir",
@@ -151,6 +168,15 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: DistillConfig) -
         return cfg.step_gamma ** (step // max(1, steps_per_epoch))
     span = max(1, total - cfg.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+
+
+def plan_qualities(qualities: list[str], orig_share: float, n: int, seed: list[int]) -> list[str]:
+    """One quality per image for an epoch: `orig` with probability `orig_share`,
+    else one of `qualities` uniformly (seeded; `orig` listed there counts too)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(qualities), n)
+    full = rng.random(n) < orig_share if orig_share > 0 else np.zeros(n, bool)
+    return ["orig" if f else qualities[d] for f, d in zip(full, draws)]
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -204,6 +230,11 @@ class Distiller:
         disk = cfg.prefix_cache == "disk"
         budget = cfg.cache_memory_mb << 20
         paths = [i.path for i in self.images]
+        # The size rule (policy `database`): targets from the originals at their own
+        # size, the student's inputs at the size an index of these images records.
+        self.description = description_record(paths, database_config(self.teacher.net.config.preprocess))
+        self.input_side = query_side({DESCRIPTION_KEY: self.description})
+        self.student_preprocess = query_config(self.student.config.preprocess, self.input_side)
         self.targets = TeacherTargets(
             self.teacher,
             paths,
@@ -217,7 +248,7 @@ class Distiller:
             self.prefix,
             self.cut,
             self.teacher.sha256,
-            self.student.config.preprocess,
+            self.student_preprocess,
             self.device,
             prefix_cache,
         )
@@ -239,27 +270,12 @@ class Distiller:
                 "the triplet loss needs positions: train from a dataset with UTM positions "
                 "(--dataset KIND:PATH), or drop 'triplet' from the loss"
             )
-        fraction = cfg.val_fraction if cfg.val_fraction is not None else (0.1 if positions else 0.0)
-        self.train_ids, self.val_ids = validation_split(self.images, fraction, cfg.seed)
-        self.val_mode = "none" if not len(self.val_ids) else ("recall" if positions else "loss")
-        self.val_positives: list[np.ndarray] = []
-        if self.val_mode == "recall":
-            from vpr.data.datasets import positives_within
-
-            utm = np.array([i.utm for i in self.images])
-            pos = positives_within(utm[self.train_ids], utm[self.val_ids], cfg.val_radius)
-            keep = [k for k, p in enumerate(pos) if len(p)]
-            if len(keep) < len(self.val_ids):
-                log.warning(
-                    "validation: %d of %d held-out images have no training image within %.1f m; dropped",
-                    len(self.val_ids) - len(keep),
-                    len(self.val_ids),
-                    cfg.val_radius,
-                )
-            self.val_ids = self.val_ids[keep]
-            self.val_positives = [pos[k] for k in keep]
-            if not len(self.val_ids):
-                self.val_mode = "none"
+        utm = np.array([i.utm for i in self.images], np.float64) if positions else None
+        self.train_ids, self.validation = make_validation_set(
+            len(self.images), cfg.val_fraction, cfg.qualities, utm, cfg.val_radius
+        )
+        self.val_ids = self.validation.val_ids if self.validation else np.zeros(0, np.int64)
+        self.val_mode = "none" if self.validation is None else "self-retrieval"
 
     # -- setup / resume
     def _prepare(self, resume: bool) -> None:
@@ -362,13 +378,12 @@ class Distiller:
     def epoch_plan(self, epoch: int) -> tuple[list[int], dict[int, str]]:
         """This process's image order for `epoch` and each image's quality (seeded, same for any world size)."""
         n = len(self.images)
-        qualities = self.cfg.qualities
-        draws = np.random.default_rng([self.cfg.seed, epoch, 7]).integers(0, len(qualities), n)
+        quality = plan_qualities(self.cfg.qualities, self.cfg.orig_share, n, [self.cfg.seed, epoch, 7])
         order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
         pad = (-len(order)) % self.ctx.world_size
         order = np.concatenate([order, order[:pad]])
         mine = order[self.ctx.rank :: self.ctx.world_size]
-        return [int(i) for i in mine], {int(i): qualities[draws[i]] for i in mine}
+        return [int(i) for i in mine], {int(i): quality[i] for i in mine}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         ids, quality = self.epoch_plan(epoch)
@@ -422,45 +437,33 @@ class Distiller:
         return torch.stack([descs[k] for k in order]), [maps[k] for k in order]
 
     def validate(self) -> dict[str, Any] | None:
-        """Recall of held-out images (positions) or their loss (label-free), over all qualities."""
-        if self.val_mode == "none":
+        """The label-free validation of `train.validation`: held-out images, degraded,
+        searched among the teacher's descriptors of all the images."""
+        if self.validation is None:
             return None
-        ids = [int(i) for i in self.val_ids]
-        out: dict[str, Any] = {"per_quality": {}}
-        if self.val_mode == "recall":
-            from vpr.evaluation.evaluate import recall_at_n
-
-            db = self.targets.desc[self.train_ids].numpy()
-            for q in self.cfg.qualities:
-                desc, _ = self.describe(ids, q)
-                r = recall_at_n(db, desc.numpy(), self.val_positives, ns=(1, 5, 10))
-                out["per_quality"][q] = {f"recall@{n}": float(v) for n, v in r.items()}
-            for n in (1, 5, 10):
-                out[f"recall@{n}"] = float(np.mean([v[f"recall@{n}"] for v in out["per_quality"].values()]))
-            return out
-        total = []
-        for q in self.cfg.qualities:
+        ids = [int(i) for i in self.validation.val_ids]
+        db = self.targets.desc.numpy()
+        per_quality: dict[str, dict[str, float]] = {}
+        for q in self.validation.qualities:
             desc, maps = self.describe(ids, q)
             parts = {}
-            if "mse" in self.losses:
+            if "mse" in self.losses or "triplet" in self.losses:
                 parts["mse"] = mse_loss(desc, self.targets.desc[ids])
             if "ickd" in self.losses:
                 parts["ickd"] = torch.stack(
                     [ickd_loss(m.unsqueeze(0), self.targets.grams([i])) for i, m in zip(ids, maps)]
                 ).mean()
-            value = float(self.losses.combine(parts))
-            out["per_quality"][q] = {"val_loss": value, **{k: float(v) for k, v in parts.items()}}
-            total.append(value)
-        out["val_loss"] = float(np.mean(total))
-        return out
+            loss = float(sum(self.losses.weight(k) * float(v) for k, v in parts.items()))
+            per_quality[q] = {
+                **self_retrieval(db, desc.numpy(), self.validation.positives),
+                "val_loss": loss,
+                **{k: float(v) for k, v in parts.items()},
+            }
+        return summarise(per_quality)
 
     def score(self, train: dict[str, float], val: dict[str, Any] | None) -> tuple[float, ...]:
-        """Higher is better: validation recall@1 (then @5), or minus the (validation) loss."""
-        if val and "recall@1" in val:
-            return (val["recall@1"], val["recall@5"], -train["loss"])
-        if val and "val_loss" in val:
-            return (-val["val_loss"],)
-        return (-train["loss"],)
+        """Higher is better (`train.validation.score`)."""
+        return validation_score(val, train["loss"])
 
     def save_checkpoint(self, epoch: int, record: dict[str, Any], improved: bool) -> None:
         if not self.ctx.is_main:
@@ -514,7 +517,8 @@ class Distiller:
         for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
             started = time.time()
             train = self.train_epoch(epoch)
-            val = self.validate() if self.ctx.is_main else None
+            # every process takes the same decisions (best epoch, early stop) from rank 0's validation
+            val = ddp.broadcast(self.validate() if self.ctx.is_main else None, self.ctx)
             seconds = time.time() - started
             self.state.train_seconds += seconds
             record: dict[str, Any] = {
@@ -547,12 +551,20 @@ class Distiller:
                 )
             self.save_checkpoint(epoch, record, improved)
             ddp.barrier(self.ctx)
+            assert self.state.best is not None
+            if self.validation is not None and should_stop(self.state.best["epoch"], epoch, cfg.patience):
+                self.state.stopped = f"early stop after epoch {epoch}: no better validation for {cfg.patience} epochs"
+                log.info("%s", self.state.stopped)
+                if self.ctx.is_main:
+                    self.files.write_state(self.state)
+                break
         return self._finish()
 
     def _log_baseline(self) -> None:
         """Validation of the untrained student (= the teacher on degraded inputs), for reference."""
         if self.ctx.is_main:
             val = self.validate()
+            self.state.baseline = val
             self.files.append_metrics({"kind": "baseline", "epoch": 0, "val": val})
             log.info("before training: %s", json.dumps({k: v for k, v in (val or {}).items() if k != "per_quality"}))
         ddp.barrier(self.ctx)
@@ -605,7 +617,12 @@ class Distiller:
             "train_images": len(self.train_ids),
             "val_images": len(self.val_ids),
             "validation": self.val_mode,
+            "validation_baseline": {k: v for k, v in (self.state.baseline or {}).items() if k != "per_quality"},
+            "stopped": self.state.stopped,
             "qualities": list(cfg.qualities),
+            "orig_share": cfg.orig_share,
+            "description": self.description,
+            "student_input_side": self.input_side,
             "losses": self.losses.describe(),
             "trainable": self.trainable,
             "epochs": cfg.epochs,

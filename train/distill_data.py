@@ -30,7 +30,7 @@ from vpr.describe.describe import Described, describe
 from vpr.model.config import PreprocessConfig
 from vpr.model.extract import autocast_for
 from vpr.model.network import VPRNet
-from vpr.model.preprocess import list_images, load_image, to_input
+from vpr.model.preprocess import database_config, list_images, load_image, to_input
 from vpr.model.registry import LoadedModel
 from vpr.train import ddp
 from vpr.train.distill_cache import TensorCache
@@ -79,18 +79,6 @@ def collect_images(cfg: Any) -> tuple[list[TrainImage], dict[str, Any]]:
 
 def has_positions(images: list[TrainImage]) -> bool:
     return all(i.utm is not None for i in images)
-
-
-def validation_split(images: list[TrainImage], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out images, chosen at random (seeded) -> (train ids, val ids)."""
-    n = len(images)
-    n_val = int(round(n * fraction))
-    if n_val == 0:
-        return np.arange(n), np.zeros(0, np.int64)
-    if n - n_val < 2:
-        raise ValueError(f"val_fraction {fraction} leaves {n - n_val} of {n} images to train on")
-    val = np.sort(np.random.default_rng([seed, 17]).choice(n, n_val, replace=False))
-    return np.setdiff1d(np.arange(n), val), val
 
 
 # ---- the student split -----------------------------------------------------------------
@@ -229,6 +217,7 @@ class TeacherTargets:
             device=self.device,
             progress="teacher" if (self.progress and show) else False,
             extras={GRAM: channel_correlation},
+            resize=database_config,  # originals at their own size (policy `database`)
         )
 
     def prepare(self, ctx: ddp.DistContext) -> None:

@@ -1,7 +1,9 @@
 """The files of one distillation run: checkpoints, state, metrics, plot.
 
-    <run_dir>/state.json                 what was done: config, epoch, step, best,
-                                         history, file names and their sha256
+    <run_dir>/state.json                 what was done: config, epoch, step, best
+                                         (chosen by the label-free validation of
+                                         train.validation), the untrained baseline,
+                                         why it stopped, history, file names and sha256
     <run_dir>/checkpoint-e<E>.safetensors  student weights + optimizer moments +
                                          miner state after epoch E (resume point)
     <run_dir>/best.safetensors           student weights of the best epoch so far
@@ -51,6 +53,8 @@ class RunState:
     optimizer_groups: list[dict[str, Any]] = field(default_factory=list)
     registered: str | None = None
     train_seconds: float = 0.0
+    baseline: dict[str, Any] | None = None  # the validation of the untrained student (the teacher), epoch 0
+    stopped: str | None = None  # why training ended before `epochs` (early stopping), else None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, **self.__dict__}

@@ -2,11 +2,13 @@
 
 Sections, each a pydantic-settings model read from its own prefix:
 
-- `HomeSettings`    `VPR_HOME`: where all state lives (models, indexes, jobs, caches)
+- `HomeSettings`    `VPR_HOME`: where all state lives (models, indexes, jobs, caches, weights);
+                    `VPR_OFFLINE`: whether anything may be downloaded
 - `IndexSettings`   `VPR_INDEX_*`: vector backend (FAISS or Milvus) and build knobs
 - `ServerSettings`  `VPR_*`: what `vpr serve` serves, limits, batching, streams, admin
 - `ClientSettings`  `VPR_URL`: the server the `vpr query` / `vpr stream` clients talk to
 - `DemoSettings`    `VPR_DEMO_*`: the out-of-the-box demo of `vpr serve --demo`
+- `TrackSettings`   `VPR_TRACK_*`: the causal tracker of streams and sessions (also `ServerSettings.track`)
 
 `Settings.load()` reads them all at once; a package receives the section it
 needs. CLI flags override fields (`model_copy(update=...)` or constructor
@@ -36,6 +38,20 @@ class HomeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VPR_", extra="ignore")
 
     home: Path = Path("var")
+    # Forbid every download (catalogue weights): a missing file is then an error naming
+    # the entry and `vpr weights import`. Unset: forbidden when CI=true, allowed otherwise.
+    offline: bool | None = None
+
+    @property
+    def forbid_downloads(self) -> bool:
+        """VPR_OFFLINE when set, else whether this runs in CI (CI=true, as CI services set)."""
+        if self.offline is not None:
+            return self.offline
+        return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.home / "weights"
 
     @property
     def models_dir(self) -> Path:
@@ -48,6 +64,10 @@ class HomeSettings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.home / "jobs"
+
+    @property
+    def leases_dir(self) -> Path:
+        return self.home / "leases"
 
     @property
     def cache_dir(self) -> Path:
@@ -88,6 +108,38 @@ class IndexSettings(BaseSettings):
 MiB = 1 << 20
 
 
+class TrackSettings(BaseSettings):
+    """The causal tracker of streams and HTTP sessions (track/tracker.py). Env: `VPR_TRACK_*`.
+
+    Fixed from the database and reasoning, never tuned on test queries (see
+    the tracker's docstrings for why each default is what it is)."""
+
+    model_config = SettingsConfigDict(env_prefix="VPR_TRACK_", extra="forbid")
+
+    # Answers carry `track` unless a client asks for frame-only answers.
+    enabled: bool = True
+    # Places the index returns per frame for the tracker (its candidates).
+    candidates: int = Field(20, ge=2, le=1000)
+    # Places the belief keeps at most (candidates plus places carried from earlier frames).
+    support: int = Field(64, ge=2, le=10_000)
+    # How far the walker may move between two consecutive frames, in database
+    # spacings (the motion kernel's width; it widens with each frame not seen).
+    reach: float = Field(3.0, gt=0, le=1000)
+    # Chance per frame of a jump anywhere (a kidnapped walker re-localizes).
+    teleport: float = Field(0.05, gt=0, lt=1)
+    # Confidence at or above which the tracker says it is localized.
+    localized: float = Field(0.5, gt=0, le=1)
+    # HTTP sessions (`X-VPR-Session`): forgotten after this long idle, at most this many.
+    session_idle_s: float = Field(300.0, gt=0, le=86_400)
+    max_sessions: int = Field(1024, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrackSettings:
+        if self.support < self.candidates:
+            raise ValueError(f"track support {self.support} is smaller than its candidates {self.candidates}")
+        return self
+
+
 class ServerSettings(HomeSettings):
     """Everything `vpr serve` and `create_app` need. Env: `VPR_<FIELD>` (e.g.
     `VPR_MODEL=student@3`, `VPR_ADMIN_TOKEN_FILE=/run/secrets/vpr`)."""
@@ -120,6 +172,11 @@ class ServerSettings(HomeSettings):
     index: str | None = None
     # "cuda", "cuda:1", "cpu"; None picks CUDA when present.
     device: str | None = None
+    # How the query model's forward pass runs (`vpr.model.engines.ENGINES`):
+    # "auto" is the device's default chosen by the accuracy guard (CPU:
+    # eager-fp32; CUDA: eager-bf16). An engine this machine cannot run falls
+    # back to "auto", with the reason on /readyz.
+    engine: str = Field("auto", pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     # One forward pass at start so the first real query is not the slow one.
     warmup: bool = True
     # Load model and index in a background thread (the server answers
@@ -164,6 +221,16 @@ class ServerSettings(HomeSettings):
     # GET /v1/places/{id}/image (the web page's thumbnails): "public", "token"
     # (the admin token, as for /v1/admin), or "off" (404).
     place_images: Literal["public", "token", "off"] = "public"
+    # ---- replicas: several servers over one shared home (README "Scaling out") ----
+    # This replica's name in leases, job records and the X-VPR-Replica header; None: host-pid.
+    replica_name: str | None = None
+    # How often the shared home is checked for a new active model/index (0: never;
+    # a change is then served after POST /v1/admin/reload only).
+    follow_interval_s: float = Field(2.0, ge=0, le=3600)
+    # A rebuild's or activation's lease lasts this long after its holder's last renewal.
+    lease_ttl_s: float = Field(15.0, ge=1, le=3600)
+    # ---- tracking (its own section, `VPR_TRACK_*`) --------------------------
+    track: TrackSettings = Field(default_factory=TrackSettings)
 
     @field_validator("device")
     @classmethod
@@ -267,7 +334,8 @@ class DemoSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VPR_DEMO_", extra="ignore")
 
     # VGG16 conv weights (.safetensors, caffe preprocessing) for the demo teacher;
-    # None: look in $VPR_HOME/weights, ../shared/weights, torchvision's cache.
+    # None: look in $VPR_HOME/weights, ../shared/weights, then the catalogue's torchvision
+    # ImageNet VGG16 (converted copy, torchvision's cache, or fetched unless VPR_OFFLINE).
     weights: Path | None = None
 
 
@@ -279,6 +347,7 @@ class Settings(BaseModel):
     server: ServerSettings
     client: ClientSettings
     demo: DemoSettings
+    track: TrackSettings
 
     @classmethod
     def load(cls) -> Settings:
@@ -288,10 +357,18 @@ class Settings(BaseModel):
             server=ServerSettings(),
             client=ClientSettings(),
             demo=DemoSettings(),
+            track=TrackSettings(),
         )
 
 
-SECTIONS: tuple[type[BaseSettings], ...] = (HomeSettings, IndexSettings, ServerSettings, ClientSettings, DemoSettings)
+SECTIONS: tuple[type[BaseSettings], ...] = (
+    HomeSettings,
+    IndexSettings,
+    ServerSettings,
+    ClientSettings,
+    DemoSettings,
+    TrackSettings,
+)
 
 
 def env_variables() -> list[str]:
@@ -299,5 +376,9 @@ def env_variables() -> list[str]:
     names: set[str] = set()
     for section in SECTIONS:
         prefix = section.model_config.get("env_prefix", "")
-        names.update(f"{prefix}{field}".upper() for field in section.model_fields)
+        names.update(
+            f"{prefix}{name}".upper()
+            for name, info in section.model_fields.items()
+            if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseSettings))
+        )  # a section nested in another (ServerSettings.track) is read from its own prefix
     return sorted(names)

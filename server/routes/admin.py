@@ -23,6 +23,7 @@ from starlette.requests import HTTPConnection
 
 from vpr.index.store import IndexMismatch
 from vpr.model import store
+from vpr.model.lease import Leases
 from vpr.model.registry import RegistryError
 from vpr.server.deps import JobsDep, MetricsDep, RuntimeDep
 from vpr.server.errors import (
@@ -34,6 +35,7 @@ from vpr.server.errors import (
     NotReady,
     Unauthorized,
 )
+from vpr.server.follow import swap_under_lease
 from vpr.server.jobs import RebuildRequest
 from vpr.server.results import ErrorResponse
 from vpr.server.runtime import Runtime
@@ -157,12 +159,14 @@ def described(pair: Serving | None) -> dict[str, Any]:
     }
 
 
-async def swap(runtime: Runtime, model: str | None, index: str | None) -> dict[str, Any]:
-    """Hot-swap off the event loop (loading weights takes seconds). The reply's
-    `previous` and `served` are the pairs this swap replaced and published, as
-    the runtime recorded them in one step (another activation may follow at once)."""
+async def swap(runtime: Runtime, model: str | None, index: str | None, leases: Leases | None = None) -> dict[str, Any]:
+    """Hot-swap off the event loop (loading weights takes seconds), holding the
+    shared home's activation lease (replicas follow the change, server/follow.py).
+    The reply's `previous` and `served` are the pairs this swap replaced and
+    published, as the runtime recorded them in one step (another activation may
+    follow at once)."""
     try:
-        done = await run_in_threadpool(runtime.swap, model, index)
+        done = await run_in_threadpool(swap_under_lease, runtime, leases, model, index)
     except Exception as e:
         raise admin_error(e) from None
     return {"previous": described(done.previous), "served": described(done.current)}
@@ -204,8 +208,8 @@ def list_models(runtime: RuntimeDep) -> dict[str, Any]:
 
 
 @router.post("/models/activate", summary="Hot-swap the query model (optionally with the index)")
-async def activate_model(body: ActivateModel, runtime: RuntimeDep) -> dict[str, Any]:
-    return await swap(runtime, body.model, body.index)
+async def activate_model(body: ActivateModel, runtime: RuntimeDep, request: Request) -> dict[str, Any]:
+    return await swap(runtime, body.model, body.index, getattr(request.app.state, "leases", None))
 
 
 @router.get("/indexes", summary="Index versions and which one is served")
@@ -215,11 +219,15 @@ def list_indexes(runtime: RuntimeDep) -> dict[str, Any]:
 
 
 @router.post("/index/activate", summary="Hot-swap the index to an existing version (e.g. roll back)")
-async def activate_index(body: ActivateIndex, runtime: RuntimeDep) -> dict[str, Any]:
-    return await swap(runtime, body.model, body.index)
+async def activate_index(body: ActivateIndex, runtime: RuntimeDep, request: Request) -> dict[str, Any]:
+    return await swap(runtime, body.model, body.index, getattr(request.app.state, "leases", None))
 
 
-@router.post("/index/rebuild", status_code=202, summary="Rebuild the index in the background")
+@router.post(
+    "/index/rebuild",
+    status_code=202,
+    summary="Rebuild the index in the background (or get the rebuild of that index already running on any replica)",
+)
 def rebuild(body: RebuildRequest, request: Request, response: Response, jobs: JobsDep) -> dict[str, Any]:
     try:
         job = jobs.submit_rebuild(body)
@@ -227,7 +235,14 @@ def rebuild(body: RebuildRequest, request: Request, response: Response, jobs: Jo
         raise admin_error(e) from None
     url = str(request.url_for("get_job", job_id=job["id"]).path)
     response.headers["Location"] = url
-    return {"job": job["id"], "state": job["state"], "status_url": url}
+    # `existing`: a rebuild of this index was already running (on any replica): this is that job.
+    return {
+        "job": job["id"],
+        "state": job["state"],
+        "status_url": url,
+        "existing": bool(job.get("existing")),
+        "replica": job.get("replica"),
+    }
 
 
 @router.get("/jobs", summary="Recent jobs, newest first")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from vpr.server.deps import BatcherDep, MetricsDep, RuntimeDep, SettingsDep
@@ -28,7 +28,8 @@ def healthz() -> dict[str, Any]:
     responses={503: {"model": Readiness}},
 )
 @router.head("/readyz", include_in_schema=False)
-def readyz(runtime: RuntimeDep, settings: SettingsDep) -> JSONResponse:
+def readyz(runtime: RuntimeDep, settings: SettingsDep, request: Request) -> JSONResponse:
+    follower = getattr(request.app.state, "follower", None)  # server/follow.py, set by create_app
     cur, st = runtime.current, runtime.status
     body = Readiness(
         ready=cur is not None,
@@ -38,6 +39,9 @@ def readyz(runtime: RuntimeDep, settings: SettingsDep) -> JSONResponse:
         index=cur.index_spec if cur else None,
         index_size=cur.index.count if cur else None,
         device=str(runtime.device),
+        engine={**cur.engine.info(), "setting": settings.engine, "note": cur.engine_note} if cur else None,
+        replica=getattr(request.app.state, "replica", None),
+        follow=follower.state.as_dict() if follower is not None else None,
     )
     headers = {} if cur is not None else {"Retry-After": str(settings.retry_after_s)}
     return JSONResponse(body.model_dump(), status_code=200 if cur is not None else 503, headers=headers)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 
@@ -15,6 +15,7 @@ from vpr.server.errors import BadRequest, UnsupportedMedia
 from vpr.server.inputs import ACCEPTED_TYPES, media_type
 from vpr.server.results import BatchResponse, ErrorResponse, QueryResponse
 from vpr.server.service import Upload
+from vpr.server.sessions import SESSION_HEADER, check_session
 from vpr.settings import ServerSettings
 
 IMAGE_BODY_DOC = {
@@ -119,18 +120,43 @@ def document_top_k(schema: dict[str, Any], settings: ServerSettings) -> None:
                 }
 
 
+SessionHeader = Annotated[
+    str | None,
+    Header(
+        alias=SESSION_HEADER,
+        description="names a session of frames sent one request at a time (1 to 128 of `A-Za-z0-9._~-`): "
+        "the answer then carries `track`, the place a causal tracker of this session's frames gives "
+        "(sessions are forgotten after VPR_TRACK_SESSION_IDLE_S idle, at most VPR_TRACK_MAX_SESSIONS)",
+    ),
+]
+TrackParam = Annotated[
+    bool, Query(description="false: a frame-only answer (no `track`, the session's tracker is not updated)")
+]
+
+
 @router.post(
     "/v1/query",
     response_model=QueryResponse,
     responses=ERRORS,
     openapi_extra=IMAGE_BODY_DOC,
-    summary="Top-k places for one image",
+    summary="Top-k places for one image (with X-VPR-Session: and the session's tracked place)",
 )
-async def query(request: Request, service: ServiceDep, settings: SettingsDep, top_k: TopK) -> dict[str, Any]:
+async def query(
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    top_k: TopK,
+    session: SessionHeader = None,
+    track: TrackParam = True,
+) -> dict[str, Any]:
     started = time.perf_counter()
+    tracking = session is not None and track and settings.track.enabled
+    if session is not None:
+        check_session(session)
     with service.lease() as serving:
         upload, top_k = await one_image(request, settings, top_k)
-        return await service.query(serving, upload, top_k, started)
+        tracker = service.sessions.get(session) if tracking and session is not None else None
+        return await service.query(serving, upload, top_k, started, tracker)
 
 
 @router.post(

@@ -141,7 +141,7 @@ function renderResults(results) {
     li.append(img, info);
     list.append(li);
   });
-  renderPlot(results);
+  renderPlot(results, stream.trail);
 }
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -152,18 +152,29 @@ function svg(tag, attrs, text) {
   return el;
 }
 
+// A place's position as a plot point {x, y, unit}, or null without one.
+function plotPoint(r) {
+  const p = positionOf(r);
+  if (p.e !== null && p.n !== null) return { x: p.e, y: p.n, unit: "m" };
+  if (p.lat !== null && p.lon !== null) return { x: p.lon, y: p.lat, unit: "°" };
+  return null;
+}
+
 // Scatter of the matches' positions (UTM metres, else lat/lon), equal scale on
-// both axes so distances read true; the top match is drawn last, in red.
-function renderPlot(results) {
+// both axes so distances read true; the top match is drawn last, in red. While
+// a stream is tracked, `trail` (its latest `track` objects) is drawn as a line
+// ending in a square at the tracked place.
+function renderPlot(results, trail) {
   const box = $("plot");
   box.replaceChildren();
   const pts = [];
   results.forEach((r, i) => {
-    const p = positionOf(r);
-    if (p.e !== null && p.n !== null) pts.push({ x: p.e, y: p.n, i, rank: num(r.rank) ?? i + 1, unit: "m" });
-    else if (p.lat !== null && p.lon !== null) pts.push({ x: p.lon, y: p.lat, i, rank: num(r.rank) ?? i + 1, unit: "°" });
+    const q = plotPoint(r);
+    if (q) pts.push({ ...q, i, rank: num(r.rank) ?? i + 1 });
   });
-  if (!pts.length) {
+  const unitOf = pts.length ? pts[0].unit : null;
+  const track = (trail || []).map(plotPoint).filter((q) => q && (unitOf === null || q.unit === unitOf));
+  if (!pts.length && !track.length) {
     const p = document.createElement("p");
     p.className = "empty";
     p.textContent = results.length ? "The matches carry no positions." : "–";
@@ -171,9 +182,10 @@ function renderPlot(results) {
     return;
   }
   const W = 280, H = 220, pad = 26;
-  let [x0, x1, y0, y1] = [Math.min(...pts.map((p) => p.x)), Math.max(...pts.map((p) => p.x)),
-                          Math.min(...pts.map((p) => p.y)), Math.max(...pts.map((p) => p.y))];
-  const span = Math.max(x1 - x0, y1 - y0, pts[0].unit === "m" ? 10 : 1e-4);
+  const all = pts.concat(track);
+  let [x0, x1, y0, y1] = [Math.min(...all.map((p) => p.x)), Math.max(...all.map((p) => p.x)),
+                          Math.min(...all.map((p) => p.y)), Math.max(...all.map((p) => p.y))];
+  const span = Math.max(x1 - x0, y1 - y0, all[0].unit === "m" ? 10 : 1e-4);
   const cx = (x0 + x1) / 2, cy = (y0 + y1) / 2;
   const scale = Math.min(W - 2 * pad, H - 2 * pad) / (span * 1.1);
   const sx = (x) => W / 2 + (x - cx) * scale;
@@ -182,7 +194,7 @@ function renderPlot(results) {
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "positions of the matches" });
   root.append(svg("line", { class: "axis", x1: pad / 2, y1: H - pad / 2, x2: W - pad / 2, y2: H - pad / 2 }));
   root.append(svg("line", { class: "axis", x1: pad / 2, y1: pad / 2, x2: pad / 2, y2: H - pad / 2 }));
-  const unit = pts[0].unit;
+  const unit = all[0].unit;
   const spanText = unit === "m" ? `${(span * 1.1).toFixed(0)} m across` : `${(span * 1.1).toFixed(5)}° across`;
   root.append(svg("text", { x: W - pad / 2, y: H - 4, "text-anchor": "end" }, spanText));
   root.append(svg("text", { x: pad / 2 + 3, y: pad / 2 + 8 }, unit === "m" ? "N ↑  E →" : "lat ↑  lon →"));
@@ -195,7 +207,28 @@ function renderPlot(results) {
     root.append(c);
     root.append(svg("text", { class: "pt-label", x: sx(p.x) + 8, y: sy(p.y) + 3 }, `${p.rank}`));
   }
+  if (track.length) {
+    const line = track.map((q) => `${sx(q.x).toFixed(1)},${sy(q.y).toFixed(1)}`).join(" ");
+    root.append(svg("polyline", { class: "track-line", points: line }));
+    const now = track[track.length - 1];
+    const last = trail[trail.length - 1];
+    const sq = svg("rect", { class: "tracked" + (last.localized ? " localized" : ""),
+                             x: sx(now.x) - 6, y: sy(now.y) - 6, width: 12, height: 12 });
+    sq.append(svg("title", {}, `tracked: ${last.label ?? last.id}, confidence ${num(last.confidence)?.toFixed(2)}`));
+    root.append(sq);
+  }
   box.append(root);
+}
+
+// The tracked place of a stream, in words (also when the index has no positions).
+function renderTrack(track) {
+  const el = $("track");
+  if (!el) return;
+  if (!track) { el.textContent = ""; return; }
+  const conf = num(track.confidence);
+  el.textContent = `Tracked: ${track.label || track.path || "id " + track.id}` +
+                   (conf !== null ? `, confidence ${conf.toFixed(2)}` : "") +
+                   (track.localized ? " (localized)" : " (not localized yet)");
 }
 
 // One query answer (HTTP) or one stream frame message: the same view.
@@ -244,6 +277,8 @@ let queryPreviewUrl = null;
 async function queryImage(file) {
   stopStream();
   showError("");
+  stream.trail = [];  // a single image has no track
+  renderTrack(null);
   const preview = $("query-preview");
   if (queryPreviewUrl) URL.revokeObjectURL(queryPreviewUrl);
   queryPreviewUrl = URL.createObjectURL(file);
@@ -273,7 +308,8 @@ async function queryImage(file) {
 }
 
 // ---- video streaming ---------------------------------------------------------------
-const stream = { ws: null, timer: null, sent: 0, received: 0, closing: null, failed: false };
+const stream = { ws: null, timer: null, sent: 0, received: 0, closing: null, failed: false, trail: [] };
+const TRAIL = 60;  // tracked places drawn as the stream's path
 
 function setStreamStatus(text) { $("stream-status").textContent = text; }
 
@@ -293,6 +329,8 @@ function startStream() {
   stream.sent = 0;
   stream.received = 0;
   stream.failed = false;
+  stream.trail = [];
+  renderTrack(null);
   $("stream-start").disabled = true;
   $("stream-stop").disabled = false;
   setStreamStatus("connecting…");
@@ -360,6 +398,11 @@ function onStreamMessage(ev) {
     const latency = first(msg, ["latency_ms", "latency"]);
     const dropped = first(msg, ["dropped"]) ?? 0;
     if (!stream.failed && $("error").textContent.startsWith("Warning")) showError("");
+    if (msg.track) {
+      stream.trail.push(msg.track);
+      if (stream.trail.length > TRAIL) stream.trail.shift();
+    }
+    renderTrack(msg.track);
     renderAnswer(msg, latency);
     setStreamStatus(`frame ${frame}: ${stream.received} answered, ${stream.sent} sent, ${dropped} dropped` +
                     (latency !== null ? `, latency ${latency.toFixed(0)} ms` : ""));

@@ -83,7 +83,7 @@ def test_model_init_without_flags_is_model_config_defaults():
         }
     )
     text = help_text("model", "init")
-    assert "NetVLAD clusters (K) (default 64)" in text and "one of native, upsample; default upsample" in text
+    assert "NetVLAD clusters (K) (default 64)" in text and "one of database, native, upsample; default database" in text
     assert "(default 50000)" in text  # init_teacher's own default
 
 

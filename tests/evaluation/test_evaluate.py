@@ -194,7 +194,7 @@ def test_cli_eval_report(world, tmp_path: Path, capsys):
         assert set(r["recall"]) == {"1", "5", "10", "20"} and r["num_queries"] == 10
         assert all(0.0 <= v <= 1.0 for v in r["recall"].values())
         assert r["recall"]["1"] <= r["recall"]["5"] <= r["recall"]["10"] <= r["recall"]["20"] == 1.0
-    assert report["policy"] == "upsample" and report["policy_source"] == "models"
+    assert report["policy"] == "database" and report["policy_source"] == "models"  # the models' own (the default)
     assert report["db_model"] == world["teacher"] and report["database"]["count"] == 10
     assert res[2]["mean_bitrate_kbps"] > 0 and res[1]["mean_bytes"] > 0 and res[0]["mean_bytes"] is None
     assert report["codec"]["video_settings"]["gop"] == 30
@@ -363,3 +363,28 @@ def test_imagenet_vgg_with_clusters_scores_well(shared_dir: Path, tmp_path: Path
     rand = _recall(build_model(TINY_CONFIG), ds)
     assert good[1] >= 0.7 and good[5] >= 0.9, good  # measured 0.958 / 1.0 (random-init: 0.458)
     assert good[1] >= rand[1] + 0.2, (good, rand)
+
+
+def test_eval_applies_the_database_size_rule(world, tmp_path: Path, monkeypatch):
+    """Under policy `database`, `vpr eval` prepares images as the index and the
+    server do: the database at its own size, and each query resized (here up)
+    to the side the database was described at, whatever its own size."""
+    home = world["home"]
+    reg = Registry(home.models_dir)
+    route = make_route(tmp_path / "route", places=6, seed=2, size=(64, 48))  # below max_side 96
+    ds = open_dataset("synthetic", route)
+    sides: list[int] = []
+    to_input = dd.to_input
+
+    def spy(image, cfg):
+        x = to_input(image, cfg)
+        sides.append(int(max(x.shape[-2:])))
+        return x
+
+    monkeypatch.setattr(dd, "to_input", spy)
+    ev.evaluate(reg, ds, world["teacher"], [world["teacher"]], "h30", policy="database", progress=False)
+    n_db = len(ds.database)
+    db_sides, q_sides = sides[:n_db], sides[n_db:]
+    assert len(q_sides) == len(ds.queries)
+    assert set(db_sides) == {64}  # 64x48 images at their own size, not upsampled to max_side 96
+    assert set(q_sides) == {64}  # 40x30 queries upsampled to the database's side, not to 96

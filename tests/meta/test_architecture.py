@@ -26,12 +26,13 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"media", "model"},
     "describe": {"media", "model"},
     "index": {"describe", "data", "media", "model", "settings"},
-    "evaluation": {"index", "describe", "data", "media", "model", "settings"},
-    "train": {"evaluation", "index", "describe", "data", "media", "model", "settings"},
-    "server": {"index", "describe", "data", "media", "model", "settings"},
-    "cli": {"server", "train", "evaluation", "index", "describe", "data", "media", "model", "settings"},
+    "track": {"settings"},
+    "evaluation": {"track", "index", "describe", "data", "media", "model", "settings"},
+    "train": {"evaluation", "track", "index", "describe", "data", "media", "model", "settings"},
+    "server": {"track", "index", "describe", "data", "media", "model", "settings"},
+    "cli": {"server", "train", "evaluation", "track", "index", "describe", "data", "media", "model", "settings"},
 }
-OLD_TOP_LEVEL = {"model", "index", "train", "server", "cli", "data", "media", "describe", "evaluation"}
+OLD_TOP_LEVEL = {"model", "index", "train", "server", "cli", "data", "media", "describe", "evaluation", "track"}
 
 
 def package_of(module: str) -> str | None:

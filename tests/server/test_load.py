@@ -319,7 +319,8 @@ def test_internal_work_waits_for_room_in_a_full_queue():
             super().put(item, block, timeout)
 
     net = Gated()
-    serving = SimpleNamespace(model=SimpleNamespace(net=net), index=Index(), device=torch.device("cpu"))
+    engine = SimpleNamespace(embed=lambda batch, return_features=False: (net(batch).numpy(), None))
+    serving = SimpleNamespace(model=SimpleNamespace(net=net), index=Index(), device=torch.device("cpu"), engine=engine)
     x = torch.zeros(3, 4, 4)
     batcher = MicroBatcher(max_batch_size=1, max_wait_ms=0, queue_size=2)
     batcher._queue = watched = WatchedQueue(2)

@@ -151,6 +151,8 @@ def test_cli_smoke_run_lowers_loss_and_registers_a_student(tmp_path, images, cap
             "--no-progress",
             "--log-every",
             "1",
+            "--val-fraction",
+            "0",
         ]
     )
     assert rc == 0
@@ -224,7 +226,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, images, capsys):
 
 
 @pytest.mark.slow
-def test_label_free_validation_split_picks_the_epoch_with_the_lowest_validation_loss(tmp_path, images):
+def test_label_free_validation_picks_the_epoch_with_the_best_self_retrieval(tmp_path, images):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
     res = run_distill(
@@ -232,12 +234,14 @@ def test_label_free_validation_split_picks_the_epoch_with_the_lowest_validation_
         HomeSettings(home=home),
     )
     m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
-    assert m["details"]["validation"] == "loss"
+    assert m["details"]["validation"] == "self-retrieval"
     assert (m["details"]["train_images"], m["details"]["val_images"], m["details"]["image_count"]) == (4, 2, 6)
-    val = [h["val"]["val_loss"] for h in res.history]
-    assert res.best_epoch == 1 + int(np.argmin(val))
-    assert m["metrics"]["val_loss"] == pytest.approx(min(val))
+    scores = [(h["val"]["recall@1"], -h["val"]["val_loss"]) for h in res.history]
+    assert res.best_epoch == 1 + max(range(len(scores)), key=lambda k: scores[k])
+    assert m["metrics"]["val_recall@1"] == pytest.approx(max(scores)[0])
     assert set(res.history[0]["val"]["per_quality"]) == set(QUALITIES)
+    state = json.loads((res.run_dir / "state.json").read_text())
+    assert state["best"]["epoch"] == res.best_epoch and state["baseline"]["rule"] == "self-retrieval"
 
 
 # ---- caching changes nothing ---------------------------------------------------------------------
@@ -338,7 +342,7 @@ def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
     )
     res = run_distill(cfg, HomeSettings(home=home))
     m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
-    assert m["details"]["validation"] == "recall" and m["details"]["val_images"] == 3
+    assert m["details"]["validation"] == "self-retrieval" and m["details"]["val_images"] == 3
     assert m["details"]["train_images"] == 9 and m["details"]["losses"] == {"mse": 1.0, "triplet": 0.5}
     for h in res.history:
         assert 0.0 <= h["val"]["recall@1"] <= h["val"]["recall@5"] <= 1.0
@@ -355,12 +359,16 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, image
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
     settings = HomeSettings(home=home)
-    single = run_distill(config(teacher, images, home, name="one", batch_size=4), settings)
-    ddp.launch_local(2, run_distill, config(teacher, images, home, name="two", batch_size=2), settings)
+    # 2 of 8 images held out for validation (rank 0 validates, every rank follows its choice): 6 train
+    single = run_distill(config(teacher, images, home, name="one", batch_size=4, val_fraction=0.25), settings)
+    ddp.launch_local(
+        2, run_distill, config(teacher, images, home, name="two", batch_size=2, val_fraction=0.25), settings
+    )
     reg = Registry(settings.models_dir)
     assert reg.versions("two") == [1]
     m = reg.manifest("two@1")
-    assert m["details"]["world_size"] == 2 and m["parent"] == teacher
+    assert m["details"]["world_size"] == 2 and m["parent"] == teacher and m["details"]["val_images"] == 2
+    assert m["details"]["best_epoch"] == single.best_epoch
     # Same trajectory: the epoch losses agree, and the weights moved the same way. (Not bit-equal:
     # the all-reduce sums in another order, and Adam's first steps are ~lr * sign(gradient), which
     # turns 1e-9 differences in near-zero gradients into lr-sized ones for a few elements; a run with

@@ -1,0 +1,129 @@
+"""The label-free validation that picks the registered epoch and stops training,
+the full-quality share of the training mix, and the size rule a student inherits (issue 12)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import TINY_CONFIG, random_images
+from vpr.model.network import build_model
+from vpr.model.registry import Registry
+from vpr.settings import HomeSettings
+from vpr.train import ddp
+from vpr.train.distill import DistillConfig, Distiller, plan_qualities, run_distill
+from vpr.train.validation import (
+    holdout_split,
+    make_validation_set,
+    score,
+    self_retrieval,
+    should_stop,
+    validation_qualities,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_holdout_is_evenly_spread_and_never_the_ends():
+    train, val = holdout_split(100, 0.1)
+    assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
+    assert 0 not in val and 99 not in val and np.all(np.diff(val) == 10)
+    assert len(holdout_split(8, 0.0)[1]) == 0
+    with pytest.raises(ValueError, match="leaves 1 of 3 images"):
+        holdout_split(3, 0.67)
+
+
+def test_right_answers_are_the_original_or_neighbours_within_the_radius():
+    _, vs = make_validation_set(10, 0.2, ["h60-jpeg20"])
+    assert vs is not None and vs.qualities == ["orig", "h60-jpeg20"] and vs.radius is None
+    assert [p.tolist() for p in vs.positives] == [[i] for i in vs.val_ids]
+    utm = np.stack([np.arange(10) * 10.0, np.zeros(10)], axis=1)  # one image every 10 m
+    _, vs = make_validation_set(10, 0.2, ["orig"], utm, radius=15.0)
+    for i, pos in zip(vs.val_ids, vs.positives):
+        assert pos.tolist() == [j for j in range(10) if abs(j - i) <= 1]
+    assert validation_qualities(["h90", "orig"]) == ["orig", "h90"]
+
+
+def test_self_retrieval_counts_own_original_or_a_neighbour():
+    db = np.eye(6, dtype=np.float32)
+    # queries 0 and 1 find their own originals; query 2 finds image 4, a neighbour only with positions
+    q = db[[1, 3, 4]] + 0.01
+    q[2, 5] = 0.3  # its own original comes second
+    own = [np.array([1]), np.array([3]), np.array([5])]
+    assert self_retrieval(db, q, own)["recall@1"] == pytest.approx(2 / 3)
+    near = [np.array([1]), np.array([3]), np.array([4, 5])]
+    assert self_retrieval(db, q, near)["recall@1"] == 1.0
+    assert self_retrieval(db, q, own)["recall@5"] == 1.0 and self_retrieval(db, q[:2], own[:2])["recall@1"] == 1.0
+
+
+def test_score_prefers_recall_then_lower_held_out_loss_and_stops_after_patience():
+    a = score({"recall@1": 0.8, "val_loss": 0.5}, 9.0)
+    b = score({"recall@1": 0.8, "val_loss": 0.4}, 1.0)
+    c = score({"recall@1": 0.9, "val_loss": 2.0}, 1.0)
+    assert a < b < c
+    assert score(None, 0.3) == (-0.3,)
+    assert not should_stop(best_epoch=3, epoch=4, patience=2) and should_stop(3, 5, 2)
+    assert not should_stop(1, 50, None)
+
+
+def test_full_quality_share_of_the_training_mix():
+    qs = ["h90-jpeg20", "h60-jpeg20", "h90-h264-qp40"]
+    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7])
+    assert plan == plan_qualities(qs, 0.25, 20000, [0, 1, 7])  # seeded
+    assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)
+    assert {q: plan.count(q) / len(plan) for q in qs} == pytest.approx(dict.fromkeys(qs, 0.25), abs=0.01)
+    assert "orig" not in plan_qualities(qs, 0.0, 1000, [0, 1, 7])
+    assert DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path(".")).orig_share == 0.25
+
+
+def tiny_teacher(home: Path) -> str:
+    torch.manual_seed(0)
+    net = build_model(TINY_CONFIG)  # max_side 96, small_policy `database` (the default)
+    net.netvlad.init_from_centroids(F.normalize(torch.randn(8, net.backbone.out_channels), dim=1).numpy(), alpha=10.0)
+    return str(Registry(HomeSettings(home=home).models_dir).register("teacher", net, role="teacher"))
+
+
+def test_student_inherits_the_size_rule_from_its_teacher(tmp_path):
+    home = tmp_path / "home"
+    teacher = tiny_teacher(home)
+    images = tmp_path / "small"
+    random_images(images, 6, size=(48, 36), seed=5)
+    cfg = DistillConfig(teacher=teacher, name="s", qualities=["h24-jpeg20"], images=images, progress=False)
+    ctx = ddp.init_distributed("cpu")
+    try:
+        d = Distiller(cfg, HomeSettings(home=home), ctx)
+    finally:
+        ddp.shutdown(ctx)
+    assert d.student.config.preprocess.small_policy == "database"
+    assert d.description["side"] == 48
+    # degraded 32x24 copies are upsampled to the database's 48 px, not to max_side 96
+    assert (d.student_preprocess.max_side, d.student_preprocess.small_policy) == (48, "upsample")
+    assert tuple(d.student_input(0, "h24-jpeg20").shape[-2:]) == tuple(d.student_input(0, "orig").shape[-2:])
+
+
+@pytest.mark.slow
+def test_validation_chooses_the_epoch_and_stops_early(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    teacher = tiny_teacher(home)
+    images = tmp_path / "imgs"
+    random_images(images, 10, size=(64, 48), seed=6)
+    recalls = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # baseline, then epochs 1.. : epoch 1 best, no gain after
+
+    def fake_validate(self):
+        return {"recall@1": next(recalls), "val_loss": 1.0, "rule": "self-retrieval", "per_quality": {}}
+
+    monkeypatch.setattr(Distiller, "validate", fake_validate)
+    cfg = DistillConfig(
+        teacher=teacher, name="s", qualities=["h24"], images=images, epochs=6, patience=2, batch_size=4, progress=False
+    )
+    res = run_distill(cfg, HomeSettings(home=home))
+    assert res.best_epoch == 1 and [h["epoch"] for h in res.history] == [1, 2, 3]
+    state = json.loads((res.run_dir / "state.json").read_text())
+    assert state["stopped"].startswith("early stop after epoch 3") and state["baseline"]["recall@1"] == 0.5
+    m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
+    assert m["metrics"]["best_epoch"] == 1 and m["details"]["stopped"] == state["stopped"]

@@ -1,0 +1,117 @@
+"""Label-free validation of a distillation run: choosing the epoch without the test.
+
+The run's own images decide which epoch is registered and when training stops,
+so no query, and no ground truth, is ever looked at:
+
+- A share of the training images (`fraction`, evenly spread along the list,
+  so along the route for a sequence) is held out: the student never trains on them.
+- The validation database is the teacher's descriptors of ALL the images at
+  full quality, held-out ones included, as the served index would hold them.
+- Each held-out image, degraded to each validation quality (the training
+  qualities and always `orig`, so that forgetting full quality shows), is
+  described by the student and searched in that database. It is right when
+  its first match is its own original, or, when the images have positions,
+  any database image within `radius` metres of it (a neighbour of the same place).
+- The score of an epoch is the mean recall@1 over the validation qualities,
+  ties broken by the held-out distillation loss (lower is better): recall@1
+  is coarse with few held-out images, the loss is not.
+
+`train.distill.Distiller` computes it after every epoch (and once before
+training, the teacher's own score), registers the best epoch and stops after
+`patience` epochs without a better score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ORIG = "orig"
+RECALL_NS = (1, 5)
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Who is held out, what counts as right for each, and at which qualities."""
+
+    val_ids: np.ndarray  # indices of held-out images among all the run's images
+    positives: list[np.ndarray]  # per held-out image: indices (among all images) that count as right
+    qualities: list[str]
+    radius: float | None  # metres; None: own original only (no positions)
+
+
+def holdout_split(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, held-out ids): round(n * fraction) images evenly spread over
+    range(n), never the first or last (a route's ends have one neighbour only)."""
+    n_val = int(round(n * fraction))
+    if n_val == 0:
+        return np.arange(n), np.zeros(0, np.int64)
+    if n - n_val < 2:
+        raise ValueError(f"a validation share of {fraction} leaves {n - n_val} of {n} images to train on")
+    step = n / n_val
+    val = np.unique(np.clip((np.arange(n_val) * step + step / 2).astype(np.int64), 0, n - 1))
+    return np.setdiff1d(np.arange(n), val), val
+
+
+def validation_qualities(qualities: Sequence[str]) -> list[str]:
+    """The training qualities with `orig` first (added when absent)."""
+    return [ORIG, *[q for q in qualities if q != ORIG]]
+
+
+def make_validation_set(
+    n: int,
+    fraction: float,
+    qualities: Sequence[str],
+    utm: np.ndarray | None = None,
+    radius: float = 25.0,
+) -> tuple[np.ndarray, ValidationSet | None]:
+    """Split `n` images and name each held-out image's right answers: itself,
+    and with positions (`utm`, (n, 2) metres) every image within `radius`."""
+    train_ids, val_ids = holdout_split(n, fraction)
+    if not len(val_ids):
+        return train_ids, None
+    if utm is None:
+        positives = [np.array([i], np.int64) for i in val_ids]
+    else:
+        utm = np.asarray(utm, np.float64)
+        d = np.linalg.norm(utm[val_ids][:, None, :] - utm[None, :, :], axis=2)
+        positives = [np.union1d(np.flatnonzero(row <= radius), [i]).astype(np.int64) for row, i in zip(d, val_ids)]
+    return train_ids, ValidationSet(
+        val_ids, positives, validation_qualities(qualities), None if utm is None else radius
+    )
+
+
+def self_retrieval(db_desc: np.ndarray, q_desc: np.ndarray, positives: Sequence[np.ndarray]) -> dict[str, float]:
+    """recall@1 and @5 of held-out queries against the whole database (THE
+    recall function of `evaluation.evaluate`)."""
+    from vpr.evaluation.evaluate import recall_at_n
+
+    ns = tuple(n for n in RECALL_NS if n <= len(db_desc)) or (1,)
+    rec = recall_at_n(db_desc, q_desc, list(positives), ns=ns)
+    return {f"recall@{n}": float(rec.get(n, rec[max(rec)])) for n in RECALL_NS}
+
+
+def summarise(per_quality: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Means over the validation qualities, beside the per-quality values."""
+    out: dict[str, Any] = {"per_quality": per_quality, "rule": "self-retrieval"}
+    for key in ("recall@1", "recall@5", "val_loss"):
+        values = [v[key] for v in per_quality.values() if key in v]
+        if values:
+            out[key] = float(np.mean(values))
+    return out
+
+
+def score(val: dict[str, Any] | None, train_loss: float) -> tuple[float, ...]:
+    """Higher is better: mean recall@1, then minus the held-out loss; without
+    a validation set, minus the training loss (the only signal left)."""
+    if not val:
+        return (-train_loss,)
+    return (float(val.get("recall@1", 0.0)), -float(val.get("val_loss", 0.0)))
+
+
+def should_stop(best_epoch: int, epoch: int, patience: int | None) -> bool:
+    """Early stopping: `patience` epochs have passed since the best one."""
+    return patience is not None and epoch - best_epoch >= patience
