@@ -268,18 +268,18 @@ class Runtime:
         primitive caches), so the first real query is not the slow one."""
         if not self.settings.warmup:
             return
-        cfg = model.net.config.preprocess
+        serving = Serving(model, index, self.device, *self.engine(model))
+        cfg = serving.preprocess  # the size queries will have (the index's size rule)
         w, h = target_size(cfg.max_side, max(1, cfg.max_side * 3 // 4), cfg)
         x = torch.zeros(3, h, w)
         t = time.perf_counter()
         if self.batcher is not None and self.batcher.running:
             # Under load the queue may be full: wait for room (a hot swap must not fail because of traffic).
             timeout = max(60.0, self.settings.query_timeout_s)
-            serving = Serving(model, index, self.device, *self.engine(model))
             fut = self.batcher.submit(x, serving, 1, source="warmup", wait_s=timeout)
             fut.result(timeout=timeout)
         else:
-            desc, _ = self.engine(model)[0].embed(x[None])
+            desc, _ = serving.engine.embed(x[None])
             if index.count:
                 index.search(desc, 1)
         log.info("warm-up of %s at %dx%d took %.0f ms", model.ref, w, h, (time.perf_counter() - t) * 1000)
