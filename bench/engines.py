@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VPR_SHARED", REPO.parent / "shared"))
 GARDENS = SHARED / "datasets" / "gardens_point_walking"
 QUALITIES = "orig,h240,h180-jpeg20,h120-jpeg20,h180-h264-qp40"
-ENGINES = "eager-fp32,eager-bf16-cl,onnx-int8,onnx-fp32,eager-fp32-cl,eager-bf16"
+ENGINES = "eager-fp32,eager-bf16-mixed,eager-bf16-cl,onnx-int8,onnx-fp32,eager-fp32-cl,eager-bf16"
 REFERENCE = "eager-fp32"
 MAX_GAP_POINTS = 0.5
 MIN_COSINE = 0.99
@@ -242,6 +242,24 @@ def database_from_index(home: Path, index: str, teacher: str, db_paths: list[Pat
         loaded.close()
 
 
+def changed_answers(db: np.ndarray, ref: np.ndarray, d: np.ndarray, positives) -> dict:
+    """Queries whose top-1 differs from eager fp32's, how many turned right or wrong,
+    and how close they were to a tie under fp32 (the gap between its two best
+    database scores): a change of engine can only flip near-ties."""
+    s_ref, s_eng = ref @ db.T, d @ db.T
+    top_ref, top_eng = s_ref.argmax(1), s_eng.argmax(1)
+    changed = np.flatnonzero(top_ref != top_eng)
+    two = np.sort(s_ref[changed], axis=1)[:, -2:] if changed.size else np.zeros((0, 2))
+    right = [bool(np.isin(top_eng[i], positives[i])) for i in changed]
+    was_right = [bool(np.isin(top_ref[i], positives[i])) for i in changed]
+    return {
+        "changed_top1": int(changed.size),
+        "changed_to_right": int(sum(r and not w for r, w in zip(right, was_right))),
+        "changed_to_wrong": int(sum(w and not r for r, w in zip(right, was_right))),
+        "changed_max_fp32_gap": float((two[:, 1] - two[:, 0]).max()) if changed.size else None,
+    }
+
+
 def guard(
     home: Path,
     index: str,
@@ -289,6 +307,7 @@ def guard(
                         "r5": round(100 * r[5], 2),
                         "mean_cosine": float(cos.mean()),
                         "min_cosine": float(cos.min()),
+                        **changed_answers(db, ref[(set_name, q)], d, ds.positives),
                     }
                 )
         base = {
@@ -306,12 +325,18 @@ def guard(
             "passes": bool(worst <= MAX_GAP_POINTS and mean_cos >= MIN_COSINE),  # the issue's two-sided band
             "worst_r1_loss": loss,
             "passes_losses_only": bool(loss <= MAX_GAP_POINTS and mean_cos >= MIN_COSINE),  # gains allowed
+            "changed_top1": sum(c["changed_top1"] for c in cells),
+            "changed_to_right": sum(c["changed_to_right"] for c in cells),
+            "changed_to_wrong": sum(c["changed_to_wrong"] for c in cells),
+            "changed_max_fp32_gap": max((c["changed_max_fp32_gap"] or 0.0 for c in cells), default=0.0),
             "seconds": round(time.perf_counter() - t, 1),
             "loadavg": loadavg(),
         }
         print(
             f"  guard {name}: worst |r@1 gap| {worst} pts, mean cosine {mean_cos:.5f}, "
-            f"passes {report['guard']['engines'][name]['passes']}",
+            f"passes {report['guard']['engines'][name]['passes']}; top-1 changed for "
+            f"{report['guard']['engines'][name]['changed_top1']} queries "
+            f"(fp32 gaps <= {report['guard']['engines'][name]['changed_max_fp32_gap']:.1e})",
             flush=True,
         )
         save()

@@ -32,6 +32,14 @@ def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VPR_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _reference_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers in tests run eager fp32 (VPR_ENGINE), whatever this CPU's `auto` default is,
+    so that answers equal the descriptions the tests compute; the engine tests
+    (tests/model/test_engines.py, tests/server/test_engine.py) choose engines themselves."""
+    monkeypatch.setenv("VPR_ENGINE", "eager-fp32")
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """../shared when present; the test is skipped otherwise."""

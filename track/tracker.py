@@ -44,8 +44,8 @@ Why it is built this way:
   separate chain, the belief splits among them and the confidence is the share
   of the chain it reports (honestly lower); the reported place is still a right one.
 - **Observation likelihood.** exp(score / T), normalised over the support. T
-  is the running median of the spread (standard deviation) of the candidates'
-  scores over this stream's frames so far, so it adapts to the model and the
+  is `temperature` times the running median of the spread (standard deviation)
+  of the candidates' scores over this stream's frames so far, so it adapts to the model and the
   query quality (a student at night scores lower and flatter) from the stream
   itself, with nothing fitted to test queries; a frame whose candidates are
   all alike (uninformative) then moves the belief less than a distinctive one.
@@ -66,7 +66,6 @@ from vpr.settings import TrackSettings
 SPREAD_WINDOW = 64  # frames whose score spread sets the temperature
 MIN_SPREAD = 1e-12  # candidates that all tie (an uninformative frame) do not set the temperature
 FLOOR_DROP = 2.0  # a place the index did not return: this many temperatures below the last one it did
-TEMP_SCALE = 1.5  # temperature = this x the median spread of candidate scores (see module doc)
 VELOCITY_RATE = 0.3  # weight of the newest step in the estimated velocity
 PROFILE_SAMPLE = 4096  # metadata rows read (in id order) to profile a database
 
@@ -188,7 +187,7 @@ class Tracker:
         spread = float(np.std(score)) if score.size > 1 else 0.0
         if spread > MIN_SPREAD:
             self.spreads.append(spread)
-        temp = TEMP_SCALE * float(np.median(self.spreads)) if self.spreads else 1.0
+        temp = s.temperature * float(np.median(self.spreads)) if self.spreads else 1.0
         u_score = np.concatenate([score, np.full(u_ids.size - cand.size, score.min() - FLOOR_DROP * temp)])
         with np.errstate(divide="ignore"):
             log_post = np.log(prior) + (u_score - score.max()) / temp

@@ -127,6 +127,9 @@ class TrackSettings(BaseSettings):
     reach: float = Field(3.0, gt=0, le=1000)
     # Chance per frame of a jump anywhere (a kidnapped walker re-localizes).
     teleport: float = Field(0.05, gt=0, lt=1)
+    # Observation temperature, in units of the stream's running median spread of
+    # candidate scores: higher trusts each frame less and the motion more.
+    temperature: float = Field(1.5, gt=0, le=100)
     # Confidence at or above which the tracker says it is localized.
     localized: float = Field(0.5, gt=0, le=1)
     # HTTP sessions (`X-VPR-Session`): forgotten after this long idle, at most this many.

@@ -62,12 +62,14 @@ def test_names_auto_and_reference(monkeypatch):
     assert auto_engine("cuda") == "eager-bf16" and reference_engine("cuda") == "eager-bf16"
     assert reference_engine("cpu") == "eager-fp32"
     bf16_default = engines.CPU_BF16_DEFAULT and engines.cpu_has_bf16()
-    assert auto_engine("cpu") == ("eager-bf16-cl" if bf16_default else "eager-fp32")
+    assert auto_engine("cpu") == ("eager-bf16-mixed" if bf16_default else "eager-fp32")
     monkeypatch.setattr(engines, "CPU_BF16_DEFAULT", True)
     monkeypatch.setattr(engines, "cpu_has_bf16", lambda: False)
     assert auto_engine("cpu") == "eager-fp32"  # emulated bf16 is slow: never the default there
     monkeypatch.setattr(engines, "cpu_has_bf16", lambda: True)
-    assert auto_engine("cpu") == "eager-bf16-cl"
+    assert auto_engine("cpu") == "eager-bf16-mixed"
+    monkeypatch.setattr(engines, "CPU_BF16_DEFAULT", False)
+    assert auto_engine("cpu") == "eager-fp32"
     for spec in ENGINES.values():  # every engine says where it runs
         assert set(spec.devices) <= {"cpu", "cuda"} and spec.summary
 
@@ -76,7 +78,7 @@ def test_eager_engines_agree_with_the_reference(tiny, one_torch_thread):
     x = batch()
     ref = embed_tensors(tiny.net, x, torch.device("cpu"))
     first_param = next(tiny.net.parameters())
-    for name in ("eager-fp32", "eager-fp32-cl", "eager-bf16", "eager-bf16-cl"):
+    for name in ("eager-fp32", "eager-fp32-cl", "eager-bf16", "eager-bf16-cl", "eager-bf16-mixed"):
         eng = prepare(tiny, name, "cpu")
         assert eng.name == name and prepare(tiny, name, "cpu") is eng  # prepared once per model
         d, f = eng.embed(x, return_features=True)
@@ -88,6 +90,36 @@ def test_eager_engines_agree_with_the_reference(tiny, one_torch_thread):
     # channels_last engines work on a copy: the shared network is unchanged
     assert first_param is next(tiny.net.parameters()) and first_param.is_contiguous()
     assert tiny.net.backbone is not prepare(tiny, "eager-bf16-cl", "cpu").net.backbone  # type: ignore[attr-defined]
+
+
+def test_mixed_engine_keeps_both_ends_in_float32(tiny, one_torch_thread):
+    """eager-bf16-mixed: the first layer (raw pixels) and NetVLAD run in float32,
+    the layers between in bf16; its descriptors are closer to fp32's than bf16-cl's."""
+    x = batch(3) * 120  # pixel-like magnitudes, where bf16's rounding of the input shows
+    eng = prepare(tiny, "eager-bf16-mixed", "cpu")
+    layers = eng.net.backbone.layers()  # type: ignore[attr-defined]
+    seen: dict[str, torch.dtype] = {}
+
+    def record(key: str, t: torch.Tensor) -> None:  # a hook that returns None changes nothing
+        seen.setdefault(key, t.dtype)
+
+    hooks = [
+        layers[0].register_forward_hook(lambda m, i, o: record("first", o)),
+        layers[-1].register_forward_hook(lambda m, i, o: record("last", o)),
+        eng.net.netvlad.register_forward_pre_hook(lambda m, i: record("netvlad", i[0])),  # type: ignore[attr-defined]
+    ]
+    try:
+        d, f = eng.embed(x, return_features=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"first": torch.float32, "last": torch.bfloat16, "netvlad": torch.float32}
+    assert d.dtype == np.float32 and f is not None and f.dtype == torch.float32
+    ref = embed_tensors(tiny.net, x, torch.device("cpu"))
+    err_mixed = float(np.linalg.norm(d - ref))
+    err_cl = float(np.linalg.norm(prepare(tiny, "eager-bf16-cl", "cpu").embed(x)[0] - ref))
+    assert err_mixed < err_cl, (err_mixed, err_cl)  # on the real model: 85x closer (docs/BENCHMARKS.md)
+    assert prepare(tiny, "eager-bf16-mixed", "cpu").cache_kind == "cpu-eager-bf16-mixed"
 
 
 def test_cache_kinds_keep_engines_apart(tiny):

@@ -47,10 +47,17 @@ def test_readyz_and_answers_report_the_engine(served_home):
         assert client.post("/v1/query/batch", files=files).json()["engine"] == "eager-fp32-cl"
 
 
-def test_auto_is_the_device_default(served_home):
-    with TestClient(create_app(settings(served_home))) as client:
+def test_auto_is_the_device_default(served_home, monkeypatch):
+    monkeypatch.delenv("VPR_ENGINE")  # the suite pins eager fp32 (tests/conftest.py): this test is of the default
+    h = served_home
+    with TestClient(create_app(settings(h))) as client:
         engine = wait_ready(client)["engine"]
         assert engine["setting"] == "auto" and engine["name"] == auto_engine("cpu") and engine["note"] is None
+        r = client.post("/v1/query", content=h.images[2].read_bytes(), headers=JPEG, params={"top_k": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["engine"] == auto_engine("cpu") and body["results"][0]["id"] == 2
+        assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-2)  # bf16 where it is the default
 
 
 def test_a_missing_runtime_falls_back_with_the_reason(served_home, monkeypatch):

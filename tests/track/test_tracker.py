@@ -233,3 +233,22 @@ def test_profile_from_metadata() -> None:
     assert not DatabaseProfile.from_rows([{"utm_e": None, "utm_n": None}] * 5, 5).positions
     assert not DatabaseProfile.from_rows([{"utm_e": 1.0, "utm_n": 1.0}] * 5, 5).positions  # all at one point
     assert DatabaseProfile.from_rows([], 0).mode == "order"
+
+
+def test_temperature_sets_how_much_one_frame_moves_the_belief():
+    """`temperature` scales the observation: after a steady walk, one frame whose
+    best candidate is far away moves a cold tracker's belief there more than a
+    warm one's (a warm tracker trusts the motion more)."""
+    route = Route(200, noise=0.0, seed=1)
+    shares = {}
+    for temperature in (0.25, 4.0):
+        tracker = Tracker(TrackSettings(temperature=temperature), route.profile(False))
+        for p in range(50, 70):
+            ids, scores = route.frame(float(p))
+            scores = scores + np.linspace(0, 0.05, scores.size)[::-1]  # a spread for the running temperature
+            tracker.observe(ids, scores)
+        far = np.arange(150, 170)  # one frame that looks like places 150-169, best first
+        tracker.observe(far, np.linspace(0.9, 0.5, far.size))
+        shares[temperature] = float(tracker.mass[np.isin(tracker.ids, far)].sum())
+    assert shares[0.25] > shares[4.0], shares
+    assert shares[4.0] < 0.5  # the warm tracker stays where the walk was
