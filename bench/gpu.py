@@ -11,7 +11,7 @@ Model alone, at 480x640, batch 1 to 64, one row per (mode, batch):
   fp16-cl          fp16 autocast, channels_last
 Then the serving engines (`vpr.model.engines`, what VPR_ENGINE picks), on a
 registered model with its ONNX export made in the temporary home, the same
-batches: eager-bf16 (CUDA's default), eager-bf16-cl, eager-fp16,
+batches: eager-bf16 (CUDA's default), eager-bf16-cl, eager-bf16-mixed, eager-fp16,
 compile-bf16-cl, onnx-fp32 (ONNX Runtime's CUDA provider) and onnx-trt (its
 TensorRT provider, fp16). An engine's time is `Engine.embed` from a prepared
 batch to descriptors on the host, i.e. with the copies a query pays (ONNX
@@ -79,11 +79,20 @@ PRECISION = {
     "fp16-cl": "fp16",
 }
 # The serving engines measured after the modes, and the precision whose peak each is held to.
-GPU_ENGINES = ("eager-bf16", "eager-bf16-cl", "eager-fp16", "compile-bf16-cl", "onnx-fp32", "onnx-trt")
+GPU_ENGINES = (
+    "eager-bf16",
+    "eager-bf16-cl",
+    "eager-bf16-mixed",
+    "eager-fp16",
+    "compile-bf16-cl",
+    "onnx-fp32",
+    "onnx-trt",
+)
 ENGINE_PRECISION = {
     "eager-fp32": "fp32",
     "eager-bf16": "bf16",
     "eager-bf16-cl": "bf16",
+    "eager-bf16-mixed": "bf16",
     "eager-fp16": "fp16",
     "compile-bf16-cl": "bf16",
     "onnx-fp32": "tf32",  # ONNX Runtime's CUDA provider allows TF32 by default
