@@ -101,7 +101,7 @@ class EagerEngine(Engine):
     which bf16's 8-bit mantissa rounds by up to 0.5) and the aggregation (NetVLAD's
     soft-assignment and residual sums over the whole feature map, then PCA). Both
     are a few percent of the FLOPs; on Gardens Point queries they carry most of
-    bf16's error (mean 1-cosine to fp32 7.6e-4 with bf16 everywhere, 9e-6 with
+    bf16's error (mean 1-cosine to fp32 7.7e-4 with bf16 everywhere, 9e-6 with
     fp32 ends; docs/BENCHMARKS.md).
 
     channels_last and compilation work on a private copy of the network, so the
@@ -334,9 +334,9 @@ def cpu_has_bf16() -> bool:
 # Whether `auto` runs bf16 (channels_last, float32 ends: `eager-bf16-mixed`) on a CPU with native
 # bf16. bench/engines.py, one run on a quiet 2-core AMX machine: 2.7x eager fp32's queries/s through
 # the server with 1 client and 3.3x with 4; the accuracy guard on all 400 Gardens Point queries x 5
-# qualities: mean cosine 0.99999 to fp32, no cell loses recall@1, and the top-1 answer changed for 4 of
-# 2,000 queries, each a near-tie under fp32 (its two best scores within 2.4e-4) and each now right
-# (docs/BENCHMARKS.md, "Accuracy guard"). Without native bf16 (emulated: slow) fp32 stays the default.
+# qualities: mean cosine 0.99999 to fp32, no cell loses recall@1; the top-1 answer changed for 8 of
+# 2,000 queries, each a near-tie under fp32 (its two best scores within 2.4e-4), 4 of them from wrong
+# to right and none from right to wrong (docs/BENCHMARKS.md, "eager-bf16-mixed"). Without native bf16 (emulated: slow) fp32 stays the default.
 CPU_BF16_DEFAULT = True
 CPU_BF16_ENGINE = "eager-bf16-mixed"
 
