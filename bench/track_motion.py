@@ -21,7 +21,6 @@ nothing here sets a default.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,13 +29,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
-from track_validate import QUALITIES, load_split, walks  # noqa: E402
+from track_validate import add_split_arguments, load_split, walks  # noqa: E402
 
 from vpr.evaluation.evaluate import tracked_ranks  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.settings import TrackSettings  # noqa: E402
-
-SHARED = Path(os.environ.get("VPR_SHARED", REPO.parent / "shared"))
 
 
 def dense_filter(scores: np.ndarray, positives, seq: np.ndarray, centre: float, width: float, temp: float, k: int):
@@ -60,11 +57,7 @@ def dense_filter(scores: np.ndarray, positives, seq: np.ndarray, centre: float, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--home", type=Path, required=True)
-    p.add_argument("--gardens", type=Path, default=SHARED / "datasets" / "gardens_point_walking")
-    p.add_argument("--teacher", default="gardens-vgg16-k64-ms320-upsample@1")
-    p.add_argument("--student", default="gardens-student@1")
-    p.add_argument("--quality", default=QUALITIES)
+    add_split_arguments(p)
     p.add_argument("--temperature", type=float, default=0.08)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "track_motion.json")
     args = p.parse_args(argv)

@@ -85,6 +85,15 @@ def score(setting: dict) -> dict:
     return row
 
 
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that name the split's home, data, models and qualities (`load_split`)."""
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--gardens", type=Path, default=SHARED / "datasets" / "gardens_point_walking")
+    p.add_argument("--teacher", default="gardens-vgg16-k64-ms320-upsample@1")
+    p.add_argument("--student", default="gardens-student@1")
+    p.add_argument("--quality", default=QUALITIES)
+
+
 def load_split(
     home: Path, gardens: Path, teacher: str, student: str, qualities: str
 ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], PlaceDataset, dict[str, dict[str, float]]]:
@@ -117,11 +126,7 @@ def load_split(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--home", type=Path, required=True)
-    p.add_argument("--gardens", type=Path, default=SHARED / "datasets" / "gardens_point_walking")
-    p.add_argument("--teacher", default="gardens-vgg16-k64-ms320-upsample@1")
-    p.add_argument("--student", default="gardens-student@1")
-    p.add_argument("--quality", default=QUALITIES)
+    add_split_arguments(p)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes scoring the grid")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "track_validate.json")
     args = p.parse_args(argv)
