@@ -336,7 +336,8 @@ def cpu_has_bf16() -> bool:
 # the server with 1 client and 3.3x with 4; the accuracy guard on all 400 Gardens Point queries x 5
 # qualities: mean cosine 0.99999 to fp32, no cell loses recall@1; the top-1 answer changed for 8 of
 # 2,000 queries, each a near-tie under fp32 (its two best scores within 2.4e-4), 4 of them from wrong
-# to right and none from right to wrong (docs/BENCHMARKS.md, "eager-bf16-mixed"). Without native bf16 (emulated: slow) fp32 stays the default.
+# to right and none from right to wrong (docs/BENCHMARKS.md, "eager-bf16-mixed"). Without native
+# bf16 (emulated: slow) fp32 stays the default.
 CPU_BF16_DEFAULT = True
 CPU_BF16_ENGINE = "eager-bf16-mixed"
 
