@@ -129,6 +129,9 @@ class EagerEngine(Engine):
                 self.net = self.net.to(memory_format=torch.channels_last)
             self._run = torch.compile(self.net, dynamic=False) if compile else self.net
         self.compiled = compile
+        if self.fp32_ends:  # split once, not per query: the first layer, then the rest of the backbone
+            layers = self.net.backbone.layers()
+            self._first, self._rest = layers[0], layers[1:]
         # Exactly what `extract.embed_tensors` runs (fp32 on the CPU, bf16 autocast on CUDA): call it.
         self.reference = not (channels_last or compile or self.fp32_ends) and dtype == (
             BF16 if device.type == "cuda" else None
@@ -163,11 +166,10 @@ class EagerEngine(Engine):
             return self._run(x).float().cpu().numpy(), None
 
     def _embed_fp32_ends(self, x: torch.Tensor, return_features: bool) -> tuple[np.ndarray, torch.Tensor | None]:
-        layers = self.net.backbone.layers()
         with torch.inference_mode():
-            h = layers[0](x)  # float32: the first layer reads raw pixel values
+            h = self._first(x)  # float32: the first layer reads raw pixel values
             with self._autocast():
-                h = layers[1:](h)
+                h = self._rest(h)
             f = h.float()
             d = self.net.aggregate(f)  # float32: NetVLAD (and PCA)
             return d.cpu().numpy(), (f.contiguous().cpu() if return_features else None)

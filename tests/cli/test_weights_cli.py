@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.model.loopback import Loopback, start
+from tests.model.loopback import blob_entry as catalogue_entry
+from tests.model.loopback import serving
 from tests.model.test_matlab import make_release, write_release
 from vpr.cli.main import main
 from vpr.model import catalogue
@@ -28,11 +29,8 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 @pytest.fixture
 def server():
-    state = Loopback()
-    srv = start(state)
-    yield state
-    srv.shutdown()
-    srv.server_close()
+    with serving() as state:
+        yield state
 
 
 @pytest.fixture
@@ -76,20 +74,7 @@ def loopback_only(monkeypatch):
 
 
 def blob_entry(monkeypatch, urls):
-    e = catalogue.Entry(
-        name="test-blob",
-        kind="backbone",
-        arch="vgg16",
-        description="test bytes",
-        preprocessing="none",
-        license="test",
-        urls=tuple(urls),
-        file_name="blob.bin",
-        file_format="torch-pickle",
-        sha256=hashlib.sha256(DATA).hexdigest(),
-        size=len(DATA),
-        checksum_source="made by the test",
-    )
+    e = catalogue_entry(DATA, urls)
     monkeypatch.setitem(catalogue.CATALOGUE, e.name, e)
     return e
 

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from tests.evaluation.worlds import route_and_teacher
 from vpr.cli.main import main
 from vpr.data.datasets import Item, PlaceDataset
-from vpr.data.synthetic import make_route
 from vpr.evaluation.evaluate import NOT_FOUND, query_sequences, recall_from_ranks, tracked_ranks
-from vpr.model.clusters import init_clusters
-from vpr.model.network import build_model
-from vpr.model.registry import Registry
-from vpr.settings import HomeSettings, TrackSettings
+from vpr.settings import TrackSettings
 
 TINY_CONFIG = {
     "backbone": {"name": "resnet18", "cut": "layer3"},
@@ -69,13 +65,7 @@ def test_each_folder_is_its_own_sequence() -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evaltrack")
-    route = make_route(root / "route", places=10, seed=1, size=(96, 72))
-    home = HomeSettings(home=root / "home")
-    reg = Registry(home.models_dir)
-    torch.manual_seed(0)
-    teacher = build_model(TINY_CONFIG)
-    init_clusters(teacher, sorted((route / "database").iterdir()), samples=500)
-    t_ref = reg.register("tiny", teacher, "teacher")
+    route, home, reg, t_ref, teacher = route_and_teacher(root)
     s_ref = reg.register("stud", teacher, "student", parent=str(t_ref))
     return {"route": route, "home": home, "teacher": str(t_ref), "student": str(s_ref)}
 

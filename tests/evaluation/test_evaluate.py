@@ -12,6 +12,7 @@ import torch
 
 import vpr.describe.describe as dd
 import vpr.evaluation.evaluate as ev
+from tests.evaluation.worlds import route_and_teacher
 from vpr.cli.main import main
 from vpr.data.datasets import open_dataset
 from vpr.data.synthetic import make_route
@@ -22,7 +23,6 @@ from vpr.model.clusters import init_clusters
 from vpr.model.network import build_model
 from vpr.model.preprocess import ImageDecodeError
 from vpr.model.registry import Registry
-from vpr.settings import HomeSettings
 
 # ---- recall on hand-built cases -------------------------------------------------------
 
@@ -90,13 +90,7 @@ def world(tmp_path_factory) -> dict:
     """A home with a tiny teacher (k-means clusters), a student of it and an
     unrelated model with the other small-image policy; a small synthetic route."""
     root = tmp_path_factory.mktemp("eval")
-    route = make_route(root / "route", places=10, seed=1, size=(96, 72))
-    home = HomeSettings(home=root / "home")
-    reg = Registry(home.models_dir)
-    torch.manual_seed(0)
-    teacher = build_model(TINY_CONFIG)
-    init_clusters(teacher, sorted((route / "database").iterdir()), samples=500)
-    t_ref = reg.register("tiny", teacher, "teacher")
+    route, home, reg, t_ref, _ = route_and_teacher(root)
     torch.manual_seed(1)
     s_ref = reg.register("stud", build_model(TINY_CONFIG), "student", parent=str(t_ref))
     other = {**TINY_CONFIG, "preprocess": {**TINY_CONFIG["preprocess"], "small_policy": "native"}}

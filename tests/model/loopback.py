@@ -4,9 +4,14 @@ bytes, ignoring Range), and records every request. No real network is used."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from vpr.model.catalogue import Entry
 
 
 @dataclass
@@ -72,3 +77,34 @@ def start(state: Loopback) -> ThreadingHTTPServer:
     state.port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+@contextmanager
+def serving() -> Iterator[Loopback]:
+    """A started loopback server for the block (the tests' `server` fixture)."""
+    state = Loopback()
+    srv = start(state)
+    try:
+        yield state
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def blob_entry(data: bytes, urls: Sequence[str], sha256: str | None = "", size: int | None = -1) -> Entry:
+    """A catalogue entry for `data` served at `urls` (its sha256 and size by default;
+    None leaves either unknown, as for a release nobody published a hash of)."""
+    return Entry(
+        name="test-blob",
+        kind="backbone",
+        arch="vgg16",
+        description="test bytes",
+        preprocessing="none",
+        license="test",
+        urls=tuple(urls),
+        file_name="blob.bin",
+        file_format="torch-pickle",
+        sha256=hashlib.sha256(data).hexdigest() if sha256 == "" else sha256,
+        size=len(data) if size == -1 else size,
+        checksum_source="made by the test",
+    )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.model.loopback import Loopback, start
+from tests.model.loopback import blob_entry, serving
 from vpr.model import catalogue
 from vpr.model.catalogue import Entry
 from vpr.model.fetch import (
@@ -33,28 +33,12 @@ SHA = hashlib.sha256(DATA).hexdigest()
 
 @pytest.fixture
 def server():
-    state = Loopback()
-    srv = start(state)
-    yield state
-    srv.shutdown()
-    srv.server_close()
+    with serving() as state:
+        yield state
 
 
 def entry(urls: list[str], sha256: str | None = SHA, size: int | None = len(DATA)) -> Entry:
-    return Entry(
-        name="test-blob",
-        kind="backbone",
-        arch="vgg16",
-        description="test bytes",
-        preprocessing="none",
-        license="test",
-        urls=tuple(urls),
-        file_name="blob.bin",
-        file_format="torch-pickle",
-        sha256=sha256,
-        size=size,
-        checksum_source="made by the test",
-    )
+    return blob_entry(DATA, urls, sha256, size)
 
 
 def test_mirrors_are_tried_in_order_until_one_serves_the_file(server, tmp_path):
