@@ -6,7 +6,8 @@ UTM positions 2 m apart (the tracker's positions mode, the costlier one). A
 walker moves one place per frame; its query is its place's descriptor plus
 noise. Candidates come from THE exact search (`index.knn.exact_knn`, FAISS
 Flat, timed separately: it is the index's cost, which grows with N, not the
-tracker's); the tracker's `observe` is timed per frame.
+tracker's); the tracker's `observe`, with the lookup of the candidates'
+hubness in a table of every place, is timed per frame.
 
     .venv/bin/python bench/track_cost.py --out bench/results/track_cost.json
 """
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from vpr.index.hubness import Hubness  # noqa: E402
 from vpr.index.knn import exact_knn  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.settings import TrackSettings  # noqa: E402
@@ -43,11 +45,13 @@ def one_size(n: int, dim: int, frames: int, rng: np.random.Generator, settings: 
     metas_of = lambda row: [{"utm_e": 2.0 * float(i), "utm_n": 0.0} for i in row]  # noqa: E731
     rows = metas_of(range(min(n, 4096)))
     tracker = Tracker(settings, DatabaseProfile.from_rows(rows, n))
+    # a hubness table of every place, looked up per frame as the server does (values do not matter for time)
+    table = Hubness(np.arange(n), rng.uniform(0.1, 0.3, n).astype(np.float32))
     per_frame, right = [], 0
     for f in range(frames):
         metas = metas_of(ids[f])
         t = time.perf_counter()
-        fix = tracker.observe(ids[f], scores[f], metas, at=f)
+        fix = tracker.observe(ids[f], scores[f], metas, at=f, hubness=table.of(ids[f]))
         per_frame.append((time.perf_counter() - t) * 1000)
         right += fix is not None and abs(fix.id - path[f]) <= 2
     ms = np.array(per_frame[5:])  # the first frames warm numpy's caches

@@ -7,7 +7,8 @@ student (and, for the qualities in --teacher-quality, by the teacher beside
 it). Video qualities encode each query sequence as ONE H.264 clip (PyAV), so
 per-frame `recall` and `track_recall` of a cell see the same pixels. The
 tracker's settings are `TrackSettings()` defaults, fixed before this ran
-(chosen on the simulated routes of tests/track, never on these queries).
+(chosen on bench/track_validate.py's split of `day_left`, checked on the
+simulated routes of tests/track, never on these queries).
 
     .venv/bin/python bench/track_gardens.py --home /tmp/track-home \\
         --out bench/results/track_gardens.json

@@ -28,6 +28,8 @@ import numpy as np  # noqa: E402
 from vpr.data.datasets import open_dataset  # noqa: E402
 from vpr.describe.cache import DescriptorCache  # noqa: E402
 from vpr.describe.describe import describe  # noqa: E402
+from vpr.index.faiss_backend import l2_normalize  # noqa: E402
+from vpr.index.hubness import hubness  # noqa: E402
 from vpr.index.knn import exact_knn  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.model.registry import Registry  # noqa: E402
@@ -39,12 +41,12 @@ SIDE = 40  # frames before and after a splice or a turn
 STAY = 5  # right for this many frames in a row counts as re-localized
 
 
-def frames_to_relocalize(order: list[int], splice: int, ids, scores, positives, settings) -> int:
+def frames_to_relocalize(order: list[int], splice: int, ids, scores, hub, positives, settings) -> int:
     """Frames after position `splice` of `order` until the track is right for STAY frames."""
-    tracker = Tracker(settings, DatabaseProfile(len(positives), False, 1.0))
+    tracker = Tracker(settings, DatabaseProfile(len(hub), False, 1.0))
     right = []
     for t, qi in enumerate(order):
-        fix = tracker.observe(ids[qi], scores[qi], at=t)
+        fix = tracker.observe(ids[qi], scores[qi], at=t, hubness=hub[ids[qi]])
         right.append(fix is not None and fix.id in positives[qi])
     for t in range(splice, len(order) - STAY + 1):
         if all(right[t : t + STAY]):
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for qset in ("day_right", "night_right"):
         ds = open_dataset("traversal", args.gardens, database="day_left", queries=qset)
         db = describe(teacher, [i.path for i in ds.database], "orig", cache=cache, device="cpu").desc
+        hub = hubness(l2_normalize(db))  # as an index build of this database records it
+        assert hub is not None
         pos = [set(p.tolist()) for p in ds.positives]
         n = len(ds.queries)
         for q in args.quality.split(","):
@@ -79,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                 for b in range(0, n - SIDE + 1, 20):
                     if abs(a - b) >= 60:
                         order = list(range(a - SIDE, a)) + list(range(b, b + SIDE))
-                        splices.append(frames_to_relocalize(order, SIDE, ids, scores, pos, settings))
+                        splices.append(frames_to_relocalize(order, SIDE, ids, scores, hub, pos, settings))
             turns = []
             for s in range(SIDE, n - 39, 10):
                 order = list(range(s - SIDE, s)) + list(range(s - 2, s - 2 - SIDE, -1))
-                turns.append(frames_to_relocalize(order, SIDE, ids, scores, pos, settings))
+                turns.append(frames_to_relocalize(order, SIDE, ids, scores, hub, pos, settings))
             row = {
                 "query_set": qset,
                 "quality": q,

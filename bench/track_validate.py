@@ -50,9 +50,11 @@ from vpr.settings import TrackSettings  # noqa: E402
 SHARED = Path(os.environ.get("VPR_SHARED", REPO.parent / "shared"))
 QUALITIES = "h180-h264-qp40,h120-jpeg20,h60-jpeg20,h45-jpeg20,h90-h264-qp48,h120-h264-kbps30"
 GRID = {
-    "reach": (0.5, 0.75, 1.0, 1.5, 3.0),
-    "teleport": (0.005, 0.01, 0.02, 0.05),
-    "temperature": (0.35, 0.5, 0.75, 1.0, 1.5),
+    "width": (0.5, 0.75, 1.0),
+    "speed_change": (0.01, 0.05),
+    "teleport": (0.01, 0.05),
+    "temperature": (1.5, 2.5),
+    "hub_weight": (0.0, 0.25, 0.5, 0.75),
 }
 SPLICE, SPLICE_GAP = 30, 20  # frames per part of a spliced walk, least distance between the parts (places)
 

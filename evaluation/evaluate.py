@@ -34,8 +34,10 @@ from vpr.data.datasets import Item, PlaceDataset
 from vpr.data.spec import DatasetSpec
 from vpr.describe.cache import DescriptorCache, image_sha256
 from vpr.describe.describe import POLICIES, Described, describe, describe_many, with_policy
+from vpr.index.faiss_backend import l2_normalize
+from vpr.index.hubness import hubness
 from vpr.index.knn import exact_knn
-from vpr.index.meta import description_record
+from vpr.index.meta import Entry, description_record
 from vpr.media.degrade import (
     DEGRADE_VERSION,
     VIDEO_SETTINGS,
@@ -332,12 +334,20 @@ def tracked_ranks(
     profile = DatabaseProfile.from_rows(metas[:PROFILE_SAMPLE], len(metas))
     depth = max(1, min(max(settings.candidates, k), len(db_desc)))
     scores, ids = exact_knn(db_desc, q_desc, depth)
+    # as an index build records it (index/hubness.py), from the same database descriptors
+    hub = hubness(l2_normalize(db_desc), [Entry.of(it).utm for it in dataset.database])
     ranks = np.full(len(q_desc), NOT_FOUND, np.int64)
     for seq in seqs:
         tracker = Tracker(settings, profile)
         for t, qi in enumerate(seq):
             cand = ids[qi, : settings.candidates]
-            tracker.observe(cand, scores[qi, : settings.candidates], [metas[j] if j >= 0 else None for j in cand], at=t)
+            tracker.observe(
+                cand,
+                scores[qi, : settings.candidates],
+                [metas[j] if j >= 0 else None for j in cand],
+                at=t,
+                hubness=None if hub is None else hub[np.maximum(cand, 0)],
+            )
             order = list(dict.fromkeys([*tracker.ranking().tolist(), *ids[qi].tolist()]))[:k]
             pos = np.asarray(dataset.positives[qi], np.int64)
             if pos.size == 0:

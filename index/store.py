@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from vpr.index import faiss_backend as fb
+from vpr.index import hubness as hub_mod
 from vpr.index import meta as meta_db
 from vpr.index.backends import Backend, FaissBackend, Searcher
 from vpr.index.meta import Entry, MetaReader
@@ -162,7 +163,15 @@ class LoadedIndex:
     activated or built: a server swaps the reference it serves from, and
     searches already running on this object finish normally."""
 
-    def __init__(self, ref: IndexRef, manifest: dict, path: Path, searcher: Searcher, meta: MetaReader) -> None:
+    def __init__(
+        self,
+        ref: IndexRef,
+        manifest: dict,
+        path: Path,
+        searcher: Searcher,
+        meta: MetaReader,
+        hubness: hub_mod.Hubness | None = None,
+    ) -> None:
         self.ref = ref
         self.manifest = manifest
         self.path = path
@@ -171,6 +180,7 @@ class LoadedIndex:
         self.root = Path(manifest.get("root", "."))
         self._searcher = searcher
         self._meta = meta
+        self.hubness = hubness  # how generic each place looks (index/hubness.py); None when not recorded
 
     def __repr__(self) -> str:
         return f"LoadedIndex({self.ref}, {self.count} x {self.dim}-d, {self.manifest.get('factory')})"
@@ -309,11 +319,15 @@ class IndexStore:
             check_compatible(m, model if isinstance(model, dict) else model.manifest)
         folder = self.dir(ref)
         self._check_sizes(folder, m)
+        try:
+            hubness = hub_mod.Hubness.open(folder, m)
+        except ValueError as e:
+            raise IndexStoreError(str(e)) from None
         searcher = self._backend(m["backend"]).open(folder, m)
         if searcher.ntotal != int(m["count"]):
             searcher.close()
             raise IndexStoreError(f"{folder}: index holds {searcher.ntotal} vectors, manifest says {m['count']}")
-        return LoadedIndex(ref, m, folder, searcher, MetaReader(folder / META_FILE))
+        return LoadedIndex(ref, m, folder, searcher, MetaReader(folder / META_FILE), hubness)
 
     def _check_sizes(self, folder: Path, m: dict) -> None:
         for fname, info in m.get("files", {}).items():
@@ -404,6 +418,8 @@ class IndexStore:
         with self._store.stage(name) as tmp:
             t0 = time.perf_counter()
             meta_db.create(tmp / META_FILE, rows)
+            hub = hub_mod.hubness(x, [e.utm for e in entries])
+            hub_record = hub_mod.save(tmp, ids_arr, hub) if hub is not None else None
             fields = backend.build(tmp, name, x, ids_arr, fb.normalize_spec(factory), progress)
             manifest = {
                 "format": FORMAT,
@@ -423,6 +439,7 @@ class IndexStore:
                 "build_seconds": round(time.perf_counter() - t0, 3),
                 "details": details or {},
                 **({meta_db.DESCRIPTION_KEY: description} if description else {}),
+                **({hub_mod.HUB_KEY: hub_record} if hub_record else {}),
                 **fields,
             }
             return self._publish(tmp, manifest, activate)
@@ -662,6 +679,8 @@ class IndexStore:
                 "operation": op,
                 "next_id": int(old["next_id"]) + len(add_ids),
             }
+            if manifest.pop(hub_mod.HUB_KEY, None):  # other places' neighbourhoods changed
+                log.info("index %s: hubness not carried over by this edit; rebuild the index to restore it", name)
             if added_size and old.get(meta_db.DESCRIPTION_KEY):  # removals keep the record (sizes are not per id)
                 manifest[meta_db.DESCRIPTION_KEY] = meta_db.merge_records(old[meta_db.DESCRIPTION_KEY], added_size)
             return self._publish(tmp, manifest, activate)

@@ -15,7 +15,9 @@ frame it has gets the same behaviour as a stream that drops none).
 A `Track` is bound to the index it tracks in: after a hot swap to another
 index its place ids mean nothing, so it starts again. The motion model's
 knowledge of the database (`DatabaseProfile`: positions or order, spacing) is
-read once per index from a bounded sample of its metadata and shared.
+read once per index from a bounded sample of its metadata and shared; each
+frame's candidates come with their places' hubness when the index recorded it
+(`LoadedIndex.hubness`, index/hubness.py).
 
 Everything here runs on the event loop (a tracker update is a few small numpy
 operations), so no lock is needed.
@@ -78,7 +80,9 @@ class Track:
         if self.tracker is None or self.index_spec != serving.index_spec:
             self.tracker = Tracker(self.settings, self.profiles.of(serving))
             self.index_spec = serving.index_spec
-        fix = self.tracker.observe([h.id for h in hits], [h.score for h in hits], [h.meta for h in hits], at=at)
+        ids = [h.id for h in hits]
+        hub = serving.index.hubness.of(ids) if serving.index.hubness is not None else None
+        fix = self.tracker.observe(ids, [h.score for h in hits], [h.meta for h in hits], at=at, hubness=hub)
         return track_json(fix, self.tracker.profile.mode) if fix is not None else None
 
 

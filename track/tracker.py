@@ -10,26 +10,33 @@ the past and the present are used: a stream must answer now.
 Why it is built this way:
 
 - **Sparse belief.** The belief lives on the frame's candidates plus the
-  places carried from the previous belief (at most `support` of them). Its cost
-  per frame is O(support x (support + candidates)) and never touches the rest
-  of the database, so a 1M-place index costs what a 1k one does. A place that
-  is not among the frame's candidates scored at most the last candidate's
-  score, so it gets that score (an upper bound: carried places are not
-  penalised for a missed retrieval, which keeps a good track through a bad frame).
+  places of the previous belief (at most `support` (place, velocity) states).
+  Its cost per frame is O(velocities x support x (support + candidates)) and
+  never touches the rest of the database, so a 1M-place index costs what a 1k
+  one does. A place that is not among the frame's candidates scored at most
+  the last candidate's score; it gets `FLOOR_DROP` temperatures below that
+  (a missed retrieval is weak evidence against a place, so a good track
+  survives a bad frame but does not coast for long on places no frame returns).
 - **Motion model from the database.** With positions (UTM in the index
   metadata) the distance between places is metric, divided by the database's
   spacing (the median step between consecutive places in id order, from a
   bounded sample of the metadata: `DatabaseProfile`). Without positions it is
-  the distance in database order (ids of a traversal or a video). The kernel is
-  a Gaussian in those units of width `reach`, centred where each place would
-  be after moving at the estimated velocity (an exponential average of the
-  estimate's own steps, so the estimate does not trail a moving walker; a
-  standing walker has velocity near zero). Stopping, changing speed and turning
-  back stay inside the kernel and the velocity follows within a few frames.
-  Frames that were never observed (dropped by newest-frame-wins, a client that
-  skips) are counted by `at`: the prediction moves by velocity x frames elapsed,
-  its width grows with their square root (speed uncertainty adds up like a
-  random walk) and the jump chance compounds per frame.
+  the distance in database order (ids of a traversal or a video).
+- **The walker's velocity is part of the state.** The belief is over (place,
+  velocity) pairs: velocities on a grid of `SPEED_STEP` spacings per frame up
+  to `reach` (signed along the database order; in the plane with positions:
+  `DIRECTIONS` headings per speed), standing still included. Each state moves
+  by its own velocity, with a Gaussian of width `width` spacings around where
+  it lands, and keeps its velocity from frame to frame except with chance
+  `speed_change`. Evidence then accumulates along a consistent walk (as
+  SeqSLAM's sequence matching does) instead of around where the walker was: a
+  filter with one shared velocity estimate follows its own mistakes, and one
+  without velocity is pulled to places that match many frames. Stopping,
+  changing speed and turning back are a change of velocity state. Frames
+  that were never observed (dropped by newest-frame-wins, a client that skips)
+  are counted by `at`: the states move by velocity x frames elapsed, the width
+  grows with their square root, and the chances of a jump and of a velocity
+  change compound per frame.
 - **Kidnapping.** Each frame the walker may jump anywhere with chance
   `teleport`. Because the observation model is only defined on what the index
   returned, "anywhere" is spread uniformly over the frame's candidates: the
@@ -38,11 +45,16 @@ Why it is built this way:
   re-localization bound is measured in tests/track and bench/track_gardens.py.
 - **Several traversals of one route.** With positions, places of different
   traversals at one spot are equivalent: the belief splits among them, and the
-  estimate and confidence are computed on mass summed within `reach` spacings
+  estimate's confidence is computed on mass summed within `reach` spacings
   (so a split between traversals does not lower the confidence). In order-only
   mode the tracker cannot know that two ids are one place: each traversal is a
   separate chain, the belief splits among them and the confidence is the share
   of the chain it reports (honestly lower); the reported place is still a right one.
+- **Generic places.** A candidate's score is lowered by `hub_weight` times its
+  place's hubness, when the index has it (index/hubness.py: the mean cosine of
+  the place to its most similar places elsewhere on the map). Compressed night
+  frames land near a few generic-looking places scattered along the route;
+  without this a belief that may stand still settles on them.
 - **Observation likelihood.** exp(score / T), normalised over the support. T
   is `temperature` times the running median of the spread (standard deviation)
   of the candidates' scores over this stream's frames so far, so it adapts to the model and the
@@ -66,7 +78,8 @@ from vpr.settings import TrackSettings
 SPREAD_WINDOW = 64  # frames whose score spread sets the temperature
 MIN_SPREAD = 1e-12  # candidates that all tie (an uninformative frame) do not set the temperature
 FLOOR_DROP = 2.0  # a place the index did not return: this many temperatures below the last one it did
-VELOCITY_RATE = 0.3  # weight of the newest step in the estimated velocity
+SPEED_STEP = 0.5  # spacings per frame between the velocities a state can have
+DIRECTIONS = 8  # headings per speed in the plane (positions mode)
 PROFILE_SAMPLE = 4096  # metadata rows read (in id order) to profile a database
 
 
@@ -124,28 +137,29 @@ class Fix:
 
 
 class Tracker:
-    """One stream's belief over database places (not thread-safe: one caller at a time)."""
+    """One stream's belief over (place, velocity) states (not thread-safe: one caller at a time)."""
 
     def __init__(self, settings: TrackSettings, profile: DatabaseProfile) -> None:
         self.settings, self.profile = settings, profile
+        self.velocities = velocity_grid(settings.reach, profile.positions)
         self.reset()
 
     def reset(self) -> None:
+        # one row per state: its place, the place's coordinates, its velocity (row of `velocities`), its mass
         self.ids = np.zeros(0, np.int64)
-        self.mass = np.zeros(0)
         self.xy = np.zeros((0, 2))
+        self.vk = np.zeros(0, np.int64)
+        self.mass = np.zeros(0)
         self.metas: dict[int, Any] = {}
         self.spreads: deque[float] = deque(maxlen=SPREAD_WINDOW)
         self.frames = 0
         self.last_at: float | None = None
-        self.smoothed = np.zeros(0)
-        self.velocity = np.zeros(2)  # estimated motion per frame, in coordinates (metres, or ids along x)
-        self.last_point: np.ndarray | None = None  # coordinates of the previous estimate
 
     @property
     def nbytes(self) -> int:
         """Memory of the belief (bounded by `support`), for session accounting."""
-        return int(self.ids.nbytes + self.mass.nbytes + self.xy.nbytes + self.smoothed.nbytes + 64 * len(self.metas))
+        arrays = (self.ids, self.xy, self.vk, self.mass, self.velocities)
+        return int(sum(a.nbytes for a in arrays) + 64 * len(self.metas))
 
     # ---- one frame ---------------------------------------------------------------
     def observe(
@@ -154,13 +168,21 @@ class Tracker:
         scores: Sequence[float] | np.ndarray,
         metas: Sequence[Mapping[str, Any] | None] | None = None,
         at: float | None = None,
+        hubness: Sequence[float] | np.ndarray | None = None,
     ) -> Fix | None:
         """Update with one frame's candidates (best first); None when it has none.
 
         `metas`: per candidate, what to report for it (and its `utm_e`/`utm_n`
         in positions mode). `at`: the frame's number in its stream (or any
         clock in frames); the frames elapsed since the last observation widen
-        the motion, and None counts one."""
+        the motion, and None counts one. `hubness`: per candidate, how generic
+        its place looks (index/hubness.py); `hub_weight` of it is taken off
+        its score, so that places that match any frame do not pull the belief."""
+        if hubness is not None:
+            hub = np.asarray(hubness, np.float64).ravel()
+            if hub.shape != np.asarray(scores).ravel().shape:
+                raise ValueError(f"{np.asarray(scores).size} scores but {hub.size} hubness values")
+            scores = np.asarray(scores, np.float64).ravel() - self.settings.hub_weight * np.nan_to_num(hub)
         cand, score, cmeta = self._candidates(ids, scores, metas)
         if cand.size == 0:
             return None
@@ -170,59 +192,83 @@ class Tracker:
                 steps = max(1.0, float(at) - self.last_at)
             self.last_at = float(at)
         s = self.settings
+        # the places a state can land on: the frame's candidates, then the belief's other places
+        places, first = np.unique(self.ids, return_index=True)
+        carried = ~np.isin(places, cand)
+        u_ids = np.concatenate([cand, places[carried]])
         cxy = positions_of(cmeta) if self.profile.positions else np.zeros((cand.size, 2))
-        carried = ~np.isin(self.ids, cand)
-        u_ids = np.concatenate([cand, self.ids[carried]])
-        u_xy = np.concatenate([cxy, self.xy[carried]])
-        # prediction: motion of the previous belief plus the jump mass on the candidates
-        jump = 1.0 - (1.0 - s.teleport) ** steps
-        prior = np.zeros(u_ids.size)
-        prior[: cand.size] = (jump if self.ids.size else 1.0) / cand.size
-        if self.ids.size:
-            sigma = s.reach * math.sqrt(steps)
-            shift = self.velocity * steps
-            kernel = np.exp(-0.5 * (self._distance(u_ids, u_xy, self.ids, self.xy, shift) / sigma) ** 2)
-            prior += (1.0 - jump) * (np.nan_to_num(kernel) @ self.mass) / _lattice_sum(sigma)
-        # observation: exp(score / T); places not retrieved get the last candidate's score
+        u_xy = np.concatenate([cxy, self.xy[first][carried]])
+        prior = self._predict(u_ids, u_xy, cand.size, steps)  # (places, velocities)
+        # observation: exp(score / T) per place; places not retrieved: FLOOR_DROP temperatures below the last candidate
         spread = float(np.std(score)) if score.size > 1 else 0.0
         if spread > MIN_SPREAD:
             self.spreads.append(spread)
         temp = s.temperature * float(np.median(self.spreads)) if self.spreads else 1.0
         u_score = np.concatenate([score, np.full(u_ids.size - cand.size, score.min() - FLOOR_DROP * temp)])
         with np.errstate(divide="ignore"):
-            log_post = np.log(prior) + (u_score - score.max()) / temp
+            log_post = (np.log(prior) + ((u_score - score.max()) / temp)[:, None]).ravel()
         post = np.exp(log_post - log_post.max())
-        post /= post.sum()
-        # keep the heaviest places (the rest is negligible mass by construction)
+        # keep the heaviest states (the rest is negligible mass by construction)
         keep = np.argsort(-post, kind="stable")[: s.support]
-        self.ids, self.mass, self.xy = u_ids[keep], post[keep] / post[keep].sum(), u_xy[keep]
+        place, self.vk = np.divmod(keep, len(self.velocities))
+        self.ids, self.xy = u_ids[place], u_xy[place]
+        self.mass = post[keep] / post[keep].sum()
         new_meta = dict(zip(cand.tolist(), cmeta))
-        self.metas = {int(i): new_meta.get(int(i), self.metas.get(int(i))) for i in self.ids}
+        self.metas = {int(i): new_meta.get(int(i), self.metas.get(int(i))) for i in np.unique(self.ids)}
         self.frames += 1
-        fix = self.fix()
-        if fix is not None:
-            self._update_velocity(fix.id, steps)
-        return fix
+        return self.fix()
+
+    def _predict(self, u_ids: np.ndarray, u_xy: np.ndarray, n_cand: int, steps: float) -> np.ndarray:
+        """Prior mass of each (place, velocity) after `steps` frames: each state
+        keeps or changes its velocity, then moves by it (a Gaussian of width
+        `width` around where it lands); the jump mass lands on the candidates,
+        spread evenly over velocities (a re-localizing walker's speed is unknown)."""
+        s, n_vel = self.settings, len(self.velocities)
+        jump = 1.0 - (1.0 - s.teleport) ** steps
+        prior = np.zeros((u_ids.size, n_vel))
+        prior[:n_cand] = (jump if self.ids.size else 1.0) / (n_cand * n_vel)
+        if self.ids.size == 0:
+            return prior
+        change = 1.0 - (1.0 - s.speed_change) ** steps
+        sigma = s.width * math.sqrt(steps)
+        to, src = self._coords(u_ids, u_xy), self._coords(self.ids, self.xy)
+        offset = (to[:, None, :] - src[None, :, :]) / self.profile.spacing  # (places, states, 2) in spacings
+        offset = np.nan_to_num(offset, nan=np.inf)  # a place without a position is unreachable by motion
+        # mass of each state spread over velocities: kept with 1 - change, else evenly over the others
+        moved = np.full((self.ids.size, n_vel), self.mass[:, None] * change / max(1, n_vel - 1))
+        moved[np.arange(self.ids.size), self.vk] = self.mass * (1.0 - change)
+        moved *= (1.0 - jump) / _lattice_sum(sigma)
+        for k, v in enumerate(self.velocities):
+            miss = ((offset - v * steps) ** 2).sum(axis=2)  # (places, states), squared spacings
+            prior[:, k] += np.exp(-0.5 * miss / sigma**2) @ moved[:, k]
+        return prior
 
     def fix(self) -> Fix | None:
-        """The current estimate: the place of most belief (its own mass: summing
-        over a window would pull the estimate towards the trailing mass behind
-        a moving walker), with the belief within `reach` spacings of it as the
-        confidence (so a split among traversals at one spot does not lower it)."""
+        """The current estimate: the place of most belief (summed over its
+        velocities; summing over neighbouring places would pull the estimate
+        towards the trailing mass behind a moving walker), with the belief
+        within `reach` spacings of it as the confidence (so a split among
+        traversals at one spot does not lower it)."""
         if self.ids.size == 0:
             return None
-        near = self._distance(self.ids, self.xy, self.ids, self.xy) <= self.settings.reach
-        self.smoothed = np.clip(near.astype(float) @ self.mass, 0.0, 1.0)
-        best = int(np.argmax(self.mass))
-        conf = float(self.smoothed[best])
-        pid = int(self.ids[best])
+        places, mass, xy = self._places()
+        best = int(np.argmax(mass))
+        near = self._distance(places, xy, places[best : best + 1], xy[best : best + 1])[:, 0] <= self.settings.reach
+        conf = float(np.clip(mass[near].sum(), 0.0, 1.0))
+        pid = int(places[best])
         return Fix(pid, conf, conf >= self.settings.localized, self.frames, self.metas.get(pid))
 
     def ranking(self) -> np.ndarray:
         """Places of the belief, most likely first."""
-        return self.ids[np.argsort(-self.mass, kind="stable")]
+        places, mass, _ = self._places()
+        return places[np.argsort(-mass, kind="stable")]
 
     # ---- helpers -----------------------------------------------------------------
+    def _places(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The belief's places (ascending ids), their mass over all velocities, their coordinates."""
+        places, first, inverse = np.unique(self.ids, return_index=True, return_inverse=True)
+        return places, np.bincount(inverse, weights=self.mass, minlength=places.size), self.xy[first]
+
     def _candidates(
         self,
         ids: Sequence[int] | np.ndarray,
@@ -255,29 +301,25 @@ class Tracker:
         a_xy: np.ndarray,
         b_ids: np.ndarray,
         b_xy: np.ndarray,
-        shift: np.ndarray | None = None,
     ) -> np.ndarray:
         """Distances in database spacings (metric with positions, in id order
-        without) from each `b` moved by `shift` to each `a`."""
+        without) from each `b` to each `a`."""
         b = self._coords(b_ids, b_xy)
-        if shift is not None:
-            b = b + shift
         d = np.linalg.norm(self._coords(a_ids, a_xy)[:, None, :] - b[None, :, :], axis=2) / self.profile.spacing
         return np.where(np.isnan(d), np.inf, d)
 
-    def _update_velocity(self, pid: int, steps: float) -> None:
-        """Follow the estimate's motion (an exponential average of its steps):
-        the prediction then moves the belief with the walker instead of
-        leaving it where it was, which would make the estimate trail a
-        moving walker. A step longer than `reach` (a jump, a switch between
-        traversals) does not count; a stop or a turn is followed within a few frames."""
-        k = int(np.flatnonzero(self.ids == pid)[0])
-        point = self._coords(self.ids[k : k + 1], self.xy[k : k + 1])[0]
-        if self.last_point is not None and np.isfinite(point).all() and np.isfinite(self.last_point).all():
-            step = (point - self.last_point) / steps
-            if np.linalg.norm(step) / self.profile.spacing <= self.settings.reach:
-                self.velocity = (1 - VELOCITY_RATE) * self.velocity + VELOCITY_RATE * step
-        self.last_point = point
+
+def velocity_grid(fastest: float, plane: bool) -> np.ndarray:
+    """(V, 2) velocities in spacings per frame: standing still, then every
+    `SPEED_STEP` up to `fastest`, both ways along the database order (x), or in
+    `DIRECTIONS` headings in the plane (positions mode)."""
+    speeds = np.arange(1, int(fastest / SPEED_STEP + 1e-9) + 1) * SPEED_STEP
+    if not plane:
+        along = np.concatenate([[0.0], speeds, -speeds])
+        return np.stack([along, np.zeros_like(along)], axis=1)
+    angles = np.arange(DIRECTIONS) * (2 * math.pi / DIRECTIONS)
+    ring = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return np.concatenate([np.zeros((1, 2)), (speeds[:, None, None] * ring[None]).reshape(-1, 2)])
 
 
 def _lattice_sum(sigma: float) -> float:

@@ -120,13 +120,21 @@ class TrackSettings(BaseSettings):
     enabled: bool = True
     # Places the index returns per frame for the tracker (its candidates).
     candidates: int = Field(20, ge=2, le=1000)
-    # Places the belief keeps at most (candidates plus places carried from earlier frames).
+    # (place, velocity) states the belief keeps at most.
     support: int = Field(64, ge=2, le=10_000)
-    # How far the walker may move between two consecutive frames, in database
-    # spacings (the motion kernel's width; it widens with each frame not seen).
-    reach: float = Field(3.0, gt=0, le=1000)
+    # The fastest the walker moves, in database spacings per frame: the belief's
+    # velocities run from standing still to this, in steps of half a spacing.
+    reach: float = Field(3.0, ge=0.5, le=20)
+    # Width of the motion kernel around where a state lands, in database spacings
+    # (it widens with the square root of the frames not seen).
+    width: float = Field(0.5, gt=0, le=100)
+    # Chance per frame that the walker changes velocity (stops, speeds up, turns back).
+    speed_change: float = Field(0.01, gt=0, lt=1)
     # Chance per frame of a jump anywhere (a kidnapped walker re-localizes).
     teleport: float = Field(0.05, gt=0, lt=1)
+    # Share of a place's hubness (how generic it looks, index/hubness.py) taken off
+    # its score before the tracker weighs it; 0 uses the raw scores.
+    hub_weight: float = Field(0.5, ge=0, le=10)
     # Observation temperature, in units of the stream's running median spread of
     # candidate scores: higher trusts each frame less and the motion more.
     temperature: float = Field(1.5, gt=0, le=100)

@@ -290,7 +290,7 @@ def test_manifest_records_what_loading_checks(store, data, tmp_path):
         "factory": "HNSW8",
         "root": str(tmp_path.resolve()),
     }
-    assert m["created"] and set(m["files"]) == {"index.faiss", "meta.sqlite"}
+    assert m["created"] and set(m["files"]) == {"index.faiss", "meta.sqlite", "hubness.npz"}
     assert store.verify("gp")["version"] == 1
     path = store.dir(ref) / "index.faiss"
     data_ = bytearray(path.read_bytes())

@@ -112,6 +112,33 @@ def test_estimate_keeps_up_with_a_moving_walker() -> None:
     assert r["track"][20:].mean() <= r["frame"][20:].mean() + 0.02
 
 
+@pytest.mark.parametrize("weight", [0.0, SETTINGS.hub_weight], ids=["raw scores", "hubness"])
+def test_a_generic_place_does_not_capture_the_walker(weight: float) -> None:
+    """A generic place (one that scores near the top for any frame, as some
+    database places do for compressed night frames) is the per-frame answer to
+    about half of the frames. Its hubness, as the index records it, is what
+    keeps the belief on the walker; on raw scores it captures the track."""
+    route = Route(300, noise=0.2, seed=6)
+    hub = 250
+    tracker = Tracker(SETTINGS.model_copy(update={"hub_weight": weight}), route.profile(False))
+    hubness = np.full(route.n, 0.25)
+    hubness[hub] = 0.65  # a generic place: its most similar places elsewhere are close (index/hubness.py)
+    frame_hub, track_err = [], []
+    for p in range(0, 200):
+        ids, scores = route.frame(float(p))
+        ids, scores = np.append(ids[:19], hub), np.append(scores[:19], scores.max() + route.rng.normal(0, 0.05))
+        order = np.argsort(-scores)
+        fix = tracker.observe(ids[order], scores[order], hubness=hubness[ids[order]])
+        assert fix is not None
+        frame_hub.append(ids[order][0] == hub)
+        track_err.append(abs(int(route.place(fix.id)) - p))
+    assert 0.3 <= np.mean(frame_hub) <= 0.8
+    if weight:
+        assert recall(np.array(track_err)[10:]) >= 0.9
+    else:
+        assert recall(np.array(track_err)[10:]) < 0.5
+
+
 def test_turning_back() -> None:
     """Forward to place 100, then back the same way: tracked again within the bound."""
     path = np.concatenate([np.arange(0, 100), np.arange(100, 20, -1)])
@@ -220,9 +247,11 @@ def test_bad_and_empty_input() -> None:
         t.observe([1, 2], [0.5])
     with pytest.raises(ValueError, match="metadata"):
         t.observe([1, 2], [0.5, 0.4], [None])
+    with pytest.raises(ValueError, match="hubness"):
+        t.observe([1, 2], [0.5, 0.4], hubness=[0.1])
     assert t.observe([-1, -1], [0.0, 0.0]) is None  # an index with fewer places than asked
     fix = t.observe([3, 3, 4], [0.9, 0.9, 0.1])  # repeated ids count once
-    assert fix is not None and fix.id == 3 and t.ids.size == 2
+    assert fix is not None and fix.id == 3 and t.ranking().size == 2
 
 
 def test_profile_from_metadata() -> None:

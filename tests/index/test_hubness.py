@@ -1,0 +1,99 @@
+"""Hubness: how generic each database place looks, and what an index keeps of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vpr.index import hubness as hub_mod
+from vpr.index.hubness import Hubness, hubness
+from vpr.index.meta import Entry
+from vpr.index.store import IndexStore, ModelStamp
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_a_generic_place_has_the_highest_hubness() -> None:
+    """A place that looks like an average of many others is the most similar
+    to places elsewhere; an ordinary place is not."""
+    rng = np.random.default_rng(0)
+    db = unit(rng.standard_normal((200, 64)))
+    db[100] = unit(db[rng.choice(np.r_[0:90, 110:200], 30, replace=False)].mean(0))
+    h = hubness(db)
+    assert h is not None and h.shape == (200,)
+    assert int(np.argmax(h)) == 100
+    assert h[100] > np.median(h) + 0.05
+
+
+def test_neighbours_along_the_route_do_not_count() -> None:
+    """Consecutive places that look alike (a traversal's neighbouring frames)
+    are the same place: a place whose only look-alikes are its neighbours
+    within `HUB_EXCLUDE` spacings is not generic."""
+    rng = np.random.default_rng(1)
+    base = unit(rng.standard_normal((50, 64)))
+    db = unit(np.repeat(base, 3, axis=0) + 0.05 * rng.standard_normal((150, 64)))  # runs of 3 near-twins
+    h = hubness(db)
+    assert h is not None and h.max() < 0.5  # the twins (cosine ~0.99) were excluded
+    # without the exclusion the same places would look generic
+    sim = db @ db.T
+    np.fill_diagonal(sim, -np.inf)
+    assert np.sort(sim, axis=1)[:, -2:].mean() > 0.8
+
+
+def test_positions_exclude_the_same_spot_in_another_traversal() -> None:
+    """Two traversals of one route (ids 0..59 and 60..119 at the same positions):
+    with positions, a place's twin in the other traversal is the same place."""
+    rng = np.random.default_rng(2)
+    base = unit(rng.standard_normal((60, 64)))
+    db = unit(np.concatenate([base, base]) + 0.05 * rng.standard_normal((120, 64)))
+    xy = [(float(i % 60) * 2.0, 0.0) for i in range(120)]
+    with_positions, by_order = hubness(db, xy), hubness(db)
+    assert with_positions is not None and by_order is not None
+    # by order, the twin 60 ids away is one of the 10 most similar "elsewhere" (cosine ~0.85)
+    assert np.all(by_order > with_positions + 0.04)
+
+
+def test_too_large_a_database_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_mod, "HUB_MAX_WORK", 100 * 100 * 8 - 1)
+    assert hubness(unit(np.random.default_rng(3).standard_normal((100, 8)))) is None
+
+
+def test_saved_table_reads_back_by_id(tmp_path: Path) -> None:
+    ids = np.array([7, 3, 11])
+    record = hub_mod.save(tmp_path, ids, np.array([0.5, 0.1, 0.3]))
+    table = Hubness.open(tmp_path, {hub_mod.HUB_KEY: record})
+    assert table is not None
+    assert np.allclose(table.of([3, 11, 7]), [0.1, 0.3, 0.5])
+    assert np.allclose(table.of([4]), [0.3])  # unknown id: the average, a neutral shift
+    assert Hubness.open(tmp_path, {}) is None
+    (tmp_path / hub_mod.HUB_FILE).write_bytes(b"not an npz file")
+    with pytest.raises(ValueError, match="rebuild the index"):
+        Hubness.open(tmp_path, {hub_mod.HUB_KEY: record})
+
+
+def test_an_index_build_keeps_its_hubness_and_an_edit_drops_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    db = unit(rng.standard_normal((60, 16))).astype(np.float32)
+    stamp = ModelStamp("teacher@1", "a" * 64, 16)
+    items = [Entry(tmp_path / f"img{i:03d}.jpg", str(i), utm=(500000.0 + 2 * i, 4e6)) for i in range(70)]
+    store = IndexStore(tmp_path / "indexes")
+    ref = store.build_from_descriptors("gp", db, items[:60], tmp_path, stamp)
+    m = store.manifest(ref)
+    assert m[hub_mod.HUB_KEY]["file"] in m["files"]
+    index = store.load(ref)
+    try:
+        assert index.hubness is not None
+        assert np.allclose(index.hubness.of(range(60)), hubness(db, [it.utm for it in items[:60]]), atol=1e-6)
+    finally:
+        index.close()
+    edited = store.add_descriptors("gp", unit(rng.standard_normal((10, 16))), items[60:], stamp)
+    assert hub_mod.HUB_KEY not in store.manifest(edited)
+    index = store.load(edited)
+    try:
+        assert index.hubness is None  # the tracker then weighs raw scores
+    finally:
+        index.close()
