@@ -5,8 +5,9 @@ frames one request at a time names a session (`X-VPR-Session: <id>`); its
 `Track` lives in `Sessions`, a table bounded in number (`VPR_TRACK_MAX_SESSIONS`,
 the least recently used session is forgotten first) and in time (a session
 idle for `VPR_TRACK_SESSION_IDLE_S` is forgotten). Each tracker's belief is
-bounded by `VPR_TRACK_SUPPORT` places, so the table's memory is bounded by
-their product (`Sessions.nbytes` sums it; about 25 KB per session at the defaults).
+bounded by `VPR_TRACK_SUPPORT` (place, velocity) states, so the table's memory is
+bounded by their product (`Sessions.nbytes` sums it; under 8 KB per session at the
+defaults: 64 states of 40 bytes, the velocity grid, a label per place).
 
 A stream's frames are dated by their numbers (dropped ones widen the motion);
 an HTTP session's requests count one step each (a client that sends every
