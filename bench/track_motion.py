@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import numpy as np  # noqa: E402
 from track_validate import add_split_arguments, load_split, walks  # noqa: E402
 
-from vpr.evaluation.evaluate import tracked_ranks  # noqa: E402
+from vpr.evaluation.evaluate import database_hubness, tracked_ranks  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.settings import TrackSettings  # noqa: E402
 
@@ -64,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     db, described, ds, per_quality = load_split(args.home, args.gardens, args.teacher, args.student, args.quality)
     settings = TrackSettings()
     splits = walks(len(ds.queries))
+    hub = database_hubness(db, ds)
     rows = []
     cands, temp = settings.candidates, args.temperature
     for spec, qd in described:
         scores = qd @ db.T
         row = {"quality": spec, **per_quality[spec]}
         methods = {
-            "tracker": lambda seq, qd=qd: float(np.mean(tracked_ranks(db, qd, ds, [seq], settings, 1)[seq] == 0)),
+            "tracker": lambda seq, qd=qd: float(np.mean(tracked_ranks(db, qd, ds, [seq], settings, 1, hub)[seq] == 0)),
             "hmm, speed known": lambda seq, sc=scores: dense_filter(sc, ds.positives, seq, 1.0, 1.0, temp, cands),
             "hmm, no speed": lambda seq, sc=scores: dense_filter(sc, ds.positives, seq, 0.0, 3.0, temp, cands),
         }

@@ -40,7 +40,12 @@ import numpy as np  # noqa: E402
 from vpr.data.datasets import Item, PlaceDataset  # noqa: E402
 from vpr.describe.cache import DescriptorCache  # noqa: E402
 from vpr.describe.describe import describe  # noqa: E402
-from vpr.evaluation.evaluate import first_positive_ranks, recall_from_ranks, tracked_ranks  # noqa: E402
+from vpr.evaluation.evaluate import (  # noqa: E402
+    database_hubness,
+    first_positive_ranks,
+    recall_from_ranks,
+    tracked_ranks,
+)
 from vpr.media.degrade import degrade_sequence_files, parse_quality  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.model.preprocess import list_images  # noqa: E402
@@ -69,18 +74,18 @@ def walks(n: int) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-_WORK: tuple = ()  # (database, [(quality, query descriptors)], dataset, walks), shared with forked workers
+_WORK: tuple = ()  # (database, [(quality, query descriptors)], dataset, walks, hubness), shared with forked workers
 
 
 def score(setting: dict) -> dict:
     """Tracked recall@1 of one setting on every (quality, walk) of the split."""
-    db, described, ds, splits = _WORK
+    db, described, ds, splits, hub = _WORK
     s = TrackSettings(**setting)
     row: dict = {**setting, "by_quality": {}}
     for spec, qd in described:
         walk_r1 = []
         for _, seq in splits:
-            ranks = tracked_ranks(db, qd, ds, [seq], s, 1)[seq]
+            ranks = tracked_ranks(db, qd, ds, [seq], s, 1, hub)[seq]
             walk_r1.append(float(np.mean(ranks == 0)))
         row["by_quality"][spec] = {"walk": walk_r1[0], "splices": float(np.mean(walk_r1[1:]))}
     row["score"] = float(np.mean([v for r in row["by_quality"].values() for v in (r["walk"], r["splices"])]))
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     db, described, ds, per_quality = load_split(args.home, args.gardens, args.teacher, args.student, args.quality)
     splits = walks(len(ds.queries))
     global _WORK
-    _WORK = (db, described, ds, splits)
+    _WORK = (db, described, ds, splits, database_hubness(db, ds))
     settings = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
         rows = []

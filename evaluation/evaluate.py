@@ -234,6 +234,7 @@ def evaluate(
     )
     results: list[dict[str, Any]] = []
     seqs = query_sequences(dataset.queries) if track is not None else []
+    hub = database_hubness(db_out.desc, dataset) if track is not None else None
     for q in quals:
         kw: dict[str, Any] = {
             "cache": cache,
@@ -254,7 +255,7 @@ def evaluate(
             rec = recall_from_ranks(ranks, ns)
             tracked: dict[str, Any] = {}
             if track is not None:
-                t_ranks = tracked_ranks(db_out.desc, out.desc, dataset, seqs, track, max(ns))
+                t_ranks = tracked_ranks(db_out.desc, out.desc, dataset, seqs, track, max(ns), hub)
                 t_rec = recall_from_ranks(t_ranks, ns)
                 tracked = {
                     "track_recall": {str(n): t_rec[n] for n in ns},
@@ -318,6 +319,11 @@ def query_sequences(queries: Sequence[Item]) -> list[np.ndarray]:
     ]
 
 
+def database_hubness(db_desc: np.ndarray, dataset: PlaceDataset) -> np.ndarray | None:
+    """Each database place's hubness as an index build of these descriptors records it (index/hubness.py)."""
+    return hubness(l2_normalize(db_desc), [Entry.of(it).utm for it in dataset.database])
+
+
 def tracked_ranks(
     db_desc: np.ndarray,
     q_desc: np.ndarray,
@@ -325,17 +331,17 @@ def tracked_ranks(
     seqs: Sequence[np.ndarray],
     settings: TrackSettings,
     k: int,
+    hub: np.ndarray | None,
 ) -> np.ndarray:
     """Per query, the rank of its first positive in the tracker's ranking after
     that frame (NOT_FOUND / NO_POSITIVE as in `first_positive_ranks`). The
     tracker sees each sequence causally, one frame at a time, with the same
-    candidates (`settings.candidates` nearest database places) a server would give it."""
+    candidates (`settings.candidates` nearest database places) a server would
+    give it, and their hubness (`database_hubness`, None for raw scores)."""
     metas = [it.meta() for it in dataset.database]
     profile = DatabaseProfile.from_rows(metas[:PROFILE_SAMPLE], len(metas))
     depth = max(1, min(max(settings.candidates, k), len(db_desc)))
     scores, ids = exact_knn(db_desc, q_desc, depth)
-    # as an index build records it (index/hubness.py), from the same database descriptors
-    hub = hubness(l2_normalize(db_desc), [Entry.of(it).utm for it in dataset.database])
     ranks = np.full(len(q_desc), NOT_FOUND, np.int64)
     for seq in seqs:
         tracker = Tracker(settings, profile)

@@ -59,6 +59,7 @@ def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | Non
             HUB_MAX_WORK,
         )
         return None
+    log.info("hubness of %d places (%d-d, %.1e multiply-adds)", n, dim, float(n) * n * dim)
     xy = _positions(positions, n)
     radius = 0.0
     if xy is not None:

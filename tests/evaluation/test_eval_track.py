@@ -11,7 +11,7 @@ import pytest
 from tests.evaluation.worlds import route_and_teacher
 from vpr.cli.main import main
 from vpr.data.datasets import Item, PlaceDataset
-from vpr.evaluation.evaluate import NOT_FOUND, query_sequences, recall_from_ranks, tracked_ranks
+from vpr.evaluation.evaluate import NOT_FOUND, database_hubness, query_sequences, recall_from_ranks, tracked_ranks
 from vpr.settings import TrackSettings
 
 TINY_CONFIG = {
@@ -45,7 +45,7 @@ def test_tracker_mends_an_ambiguous_frame() -> None:
     from vpr.evaluation.evaluate import first_positive_ranks
 
     frame = first_positive_ranks(db, q, ds.positives, 5)
-    tracked = tracked_ranks(db, q, ds, seqs, TrackSettings(), 5)
+    tracked = tracked_ranks(db, q, ds, seqs, TrackSettings(), 5, database_hubness(db, ds))
     assert frame[10] != 0 and tracked[10] == 0
     assert recall_from_ranks(tracked, (1,))[1] > recall_from_ranks(frame, (1,))[1]
     assert NOT_FOUND not in tracked
@@ -58,7 +58,7 @@ def test_each_folder_is_its_own_sequence() -> None:
     items += [Item(Path(f"/b/{i:03d}.jpg"), f"{i}") for i in range(20, 30)]
     q = np.stack([db[int(it.label)] for it in items])
     ds = walk_dataset(30, items)
-    tracked = tracked_ranks(db, q, ds, query_sequences(items), TrackSettings(), 1)
+    tracked = tracked_ranks(db, q, ds, query_sequences(items), TrackSettings(), 1, database_hubness(db, ds))
     assert (tracked == 0).all()
 
 
