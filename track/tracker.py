@@ -42,7 +42,7 @@ Why it is built this way:
   returned, "anywhere" is spread uniformly over the frame's candidates: the
   retrieval is the proposal. A lost walker's true place then gains the score
   ratio of the top candidates over the last one per frame until it wins; the
-  re-localization bound is measured in tests/track and bench/track_gardens.py.
+  re-localization bound is measured in tests/track and bench/track_relocalize.py.
 - **Several traversals of one route.** With positions, places of different
   traversals at one spot are equivalent: the belief splits among them, and the
   estimate's confidence is computed on mass summed within `reach` spacings
