@@ -319,16 +319,25 @@ def test_real_decompression_bombs(live, fmt):
     """Small files (a few KB) of up to 16 M pixels: refused from the header,
     never decoded (decoded, the largest is 48 MB of RGB: the peak RSS shows it)."""
     bombs = {side: real_bomb(fmt, side) for side in (400, 1000, 4000)}
-    base = settled_rss()
-    can_watch_peak = reset_peak_rss()
-    for side, data in bombs.items():
-        assert len(data) < LIMIT  # the body limit does not catch them: the pixel limit must
-        for multipart in (False, True):
-            r = post_image(live, data, FORMATS[fmt], multipart)
-            assert_error(r, 413, "image_too_large")
-            assert f"{side}x{side}" in r.json()["detail"]
-    if can_watch_peak:
-        assert peak_rss_bytes() - base < 32 * 1024 * 1024
+    rises = []
+    # The high-water mark is the whole test process's: an unrelated thread's burst (a fixture
+    # of an earlier module winding down) can lift it once. A server that decodes the bombs
+    # lifts it every time, so the bound must hold on one of three passes, not on all.
+    for _ in range(3):
+        base = settled_rss()
+        can_watch_peak = reset_peak_rss()
+        for side, data in bombs.items():
+            assert len(data) < LIMIT  # the body limit does not catch them: the pixel limit must
+            for multipart in (False, True):
+                r = post_image(live, data, FORMATS[fmt], multipart)
+                assert_error(r, 413, "image_too_large")
+                assert f"{side}x{side}" in r.json()["detail"]
+        if not can_watch_peak:
+            break
+        rises.append(peak_rss_bytes() - base)
+        if rises[-1] < 32 * 1024 * 1024:
+            break
+    assert not rises or min(rises) < 32 * 1024 * 1024, f"peak RSS rose by {rises} bytes"
     assert_still_serving(live)
 
 
