@@ -320,7 +320,7 @@ def test_real_decompression_bombs(live, fmt):
     never decoded (decoded, the largest is 48 MB of RGB: the peak RSS shows it)."""
     bombs = {side: real_bomb(fmt, side) for side in (400, 1000, 4000)}
     rises = []
-    # The high-water mark is the whole test process's: an unrelated thread's burst (a fixture
+    # The high-water mark is the whole test process's: an unrelated thread's burst (for example a fixture
     # of an earlier module winding down) can lift it once. A server that decodes the bombs
     # lifts it every time, so the bound must hold on one of three passes, not on all.
     for _ in range(3):
