@@ -28,8 +28,7 @@ import numpy as np  # noqa: E402
 from vpr.data.datasets import open_dataset  # noqa: E402
 from vpr.describe.cache import DescriptorCache  # noqa: E402
 from vpr.describe.describe import describe  # noqa: E402
-from vpr.index.faiss_backend import l2_normalize  # noqa: E402
-from vpr.index.hubness import hubness  # noqa: E402
+from vpr.evaluation.evaluate import database_hubness  # noqa: E402
 from vpr.index.knn import exact_knn  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.model.registry import Registry  # noqa: E402
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     for qset in ("day_right", "night_right"):
         ds = open_dataset("traversal", args.gardens, database="day_left", queries=qset)
         db = describe(teacher, [i.path for i in ds.database], "orig", cache=cache, device="cpu").desc
-        hub = hubness(l2_normalize(db))  # as an index build of this database records it
+        hub = database_hubness(db, ds)  # as an index build of this database records it
         assert hub is not None
         pos = [set(p.tolist()) for p in ds.positives]
         n = len(ds.queries)

@@ -73,6 +73,7 @@ def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | Non
     out = np.empty(n, np.float32)
     rows = max(1, BATCH_FLOATS // max(1, n))
     order = np.arange(n)
+    k = min(HUB_K, n)
     for a in range(0, n, rows):
         b = min(n, a + rows)
         sim = x[a:b] @ x.T
@@ -81,7 +82,6 @@ def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | Non
         else:
             near = np.linalg.norm(xy[a:b, None, :] - xy[None, :, :], axis=2) <= radius
         sim[near] = -np.inf
-        k = min(HUB_K, n)
         top = -np.partition(-sim, k - 1, axis=1)[:, :k]
         finite = np.isfinite(top)
         count = finite.sum(axis=1)

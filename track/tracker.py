@@ -179,10 +179,10 @@ class Tracker:
         its place looks (index/hubness.py); `hub_weight` of it is taken off
         its score, so that places that match any frame do not pull the belief."""
         if hubness is not None:
-            hub = np.asarray(hubness, np.float64).ravel()
-            if hub.shape != np.asarray(scores).ravel().shape:
-                raise ValueError(f"{np.asarray(scores).size} scores but {hub.size} hubness values")
-            scores = np.asarray(scores, np.float64).ravel() - self.settings.hub_weight * np.nan_to_num(hub)
+            raw, hub = np.asarray(scores, np.float64).ravel(), np.asarray(hubness, np.float64).ravel()
+            if hub.shape != raw.shape:
+                raise ValueError(f"{raw.size} scores but {hub.size} hubness values")
+            scores = raw - self.settings.hub_weight * np.nan_to_num(hub)
         cand, score, cmeta = self._candidates(ids, scores, metas)
         if cand.size == 0:
             return None
