@@ -120,8 +120,9 @@ def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple
 def run_tag(args: argparse.Namespace) -> str:
     share = "d" if args.orig_share is None else f"{args.orig_share:g}"  # d: DistillConfig's default
     val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
+    dark = "d" if args.low_light_share is None else f"{args.low_light_share:g}"
     tag = (
-        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-"
+        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-ll{dark}-"
         f"{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
         f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}"
     )
@@ -146,7 +147,15 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         device=args.device,
         progress=True,
         run_dir=home.home / "runs" / run_tag(args),
-        **{k: v for k, v in (("orig_share", args.orig_share), ("val_fraction", args.val_fraction)) if v is not None},
+        **{
+            k: v
+            for k, v in (
+                ("orig_share", args.orig_share),
+                ("val_fraction", args.val_fraction),
+                ("low_light_share", args.low_light_share),
+            )
+            if v is not None
+        },
     )
     clock = Clock()
     result = run_distill(cfg, home, resume=cfg.run_dir.joinpath("state.json").exists())
@@ -158,6 +167,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         "best_epoch": result.best_epoch,
         "chosen_by": details.get("validation"),  # the label-free validation (train.validation), not the test
         "stopped": details.get("stopped"),
+        "low_light": details.get("low_light"),
         "history": details["history"],
         "run_dir": str(result.run_dir),
     }
@@ -251,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="database", choices=["database", "native", "upsample"])
     p.add_argument("--orig-share", type=float, help="full-quality share of training samples (default: DistillConfig's)")
     p.add_argument("--val-fraction", type=float, help="held-out share for the label-free validation (default: its)")
+    p.add_argument(
+        "--low-light-share", type=float, help="share of degraded samples also in low light (default: DistillConfig's)"
+    )
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--name", default="gardens-student")

@@ -119,6 +119,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     DISTILL.add(q, "--val-radius", type=float, help="validation: neighbours within metres count as right")
     DISTILL.add(q, "--patience", type=int, help="stop after this many epochs without a better validation score")
     DISTILL.add(q, "--orig-share", type=float, help="share of training samples at full quality (orig)")
+    DISTILL.add(
+        q,
+        "--low-light-share",
+        type=float,
+        help="share of the degraded samples also taken in low light (the -dark<F> quality step; 0: off)",
+    )
+    DISTILL.add(q, "--low-light-factor", type=int, help="low light: F times less light than the image had")
     DISTILL.add(q, "--margin", field="triplet.margin", type=float, help="triplet margin (squared distance)")
     DISTILL.add(q, "--pos-dist", field="triplet.pos_dist", type=float, help="triplet positives within metres")
     DISTILL.add(q, "--neg-dist", field="triplet.neg_dist", type=float, help="triplet negatives beyond metres")

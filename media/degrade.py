@@ -8,7 +8,11 @@ A quality spec is a short string:
   already N pixels high or smaller is kept at its size: a spec models a
   camera or link limit, and upsampling is not a degradation (how a small
   query then reaches the network is the model's `small_policy`).
-- ``h<N>`` (or ``orig``) followed by one codec step:
+- ``h<N>`` (or ``orig``) optionally followed by ``-dark<F>``: the scene
+  gave the camera F times less light (night, indoors), the camera's gain
+  brought the brightness back, and the sensor's shot and read noise came
+  with it (`low_light`: a physical model, not a filter fitted to a dataset).
+- then optionally one codec step:
   ``-jpeg<Q>`` / ``-webp<Q>`` (Pillow, Q in 1..100),
   ``-h264-qp<Q>`` / ``-h265-qp<Q>`` (constant QP 0..51, libx264 / libx265
   through PyAV), or ``-h264-kbps<N>`` (libx264 average bitrate N kbit/s with a
@@ -33,10 +37,12 @@ the spec asks for, whatever the aspect ratio.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -74,17 +80,30 @@ _MIN_SIDE = {"h264": 2, "h265": 16}
 _LABELS = {"h264": "H.264", "h265": "HEVC (H.265)"}
 
 SPEC_HELP = (
-    "orig or h<N>, optionally followed by one of -jpeg<Q>, -webp<Q>, -h264-qp<Q>, "
-    "-h265-qp<Q>, -h264-kbps<N> (e.g. h180-jpeg20, h240-h264-qp38)"
+    "orig or h<N>, optionally followed by -dark<F> (F times less light), then optionally by one of "
+    "-jpeg<Q>, -webp<Q>, -h264-qp<Q>, -h265-qp<Q>, -h264-kbps<N> (e.g. h180-jpeg20, h240-h264-qp38, "
+    "h180-dark32-jpeg20)"
 )
 _SPEC_RE = re.compile(
     r"^(?:(?P<orig>orig)|h(?P<height>\d+))"
+    r"(?:-dark(?P<dark>\d+))?"
     r"(?:-(?P<img>jpeg|webp)(?P<imgq>\d+)"
     r"|-(?P<vid>h264|h265)-qp(?P<qp>\d+)"
     r"|-h264-kbps(?P<kbps>\d+))?$"
 )
 MIN_HEIGHT, MAX_HEIGHT = 8, 8640
 MAX_KBPS = 1_000_000
+MAX_DARK = 1024
+
+# The low-light sensor model (`low_light`): a small phone-camera pixel. At the
+# exposure the image was taken with, white fills FULL_WELL electrons; read noise
+# is READ_NOISE electrons (typical of 1-1.4 um smartphone pixels: full wells of
+# a few thousand electrons, read noise of 1.5-3 e-). Photon shot noise is the
+# square root of the signal. With F times less light, a mid-grey pixel (18 %)
+# collects 0.18 * FULL_WELL / F electrons: at F=32 about 34, a signal-to-noise
+# ratio near 5 once the gain has restored the brightness.
+FULL_WELL = 6000.0
+READ_NOISE = 2.5
 
 
 @dataclass(frozen=True)
@@ -95,9 +114,12 @@ class Quality:
     codec: str | None = None  # jpeg | webp | h264 | h265 | None
     level: int | None = None  # JPEG/WebP quality, or the video QP
     kbps: int | None = None  # H.264 target bitrate (instead of a QP)
+    dark: int | None = None  # low light: F times less light before the codec (None: as taken)
 
     def __str__(self) -> str:
         base = "orig" if self.height is None else f"h{self.height}"
+        if self.dark is not None:
+            base += f"-dark{self.dark}"
         if self.codec in ("jpeg", "webp"):
             return f"{base}-{self.codec}{self.level}"
         if self.codec in _ENCODERS:
@@ -110,7 +132,7 @@ class Quality:
 
     @property
     def is_original(self) -> bool:
-        return self.height is None and self.codec is None
+        return self.height is None and self.codec is None and self.dark is None
 
     @property
     def is_video(self) -> bool:
@@ -152,11 +174,14 @@ def parse_quality(spec: str | Quality) -> Quality:
     height = None if m["orig"] else int(m["height"])
     if height is not None and not MIN_HEIGHT <= height <= MAX_HEIGHT:
         raise _bad(spec, f"height must be {MIN_HEIGHT}..{MAX_HEIGHT} pixels, got {height}")
+    dark = None if m["dark"] is None else int(m["dark"])
+    if dark is not None and not 2 <= dark <= MAX_DARK:
+        raise _bad(spec, f"the light factor of -dark must be 2..{MAX_DARK}, got {dark}")
     if m["img"]:
         q = int(m["imgq"])
         if not 1 <= q <= 100:
             raise _bad(spec, f"{m['img'].upper()} quality must be 1..100, got {q}")
-        return Quality(height, m["img"], q)
+        return Quality(height, m["img"], q, dark=dark)
     if m["vid"] or m["kbps"]:
         codec = m["vid"] or "h264"
         _require_encoder(spec, codec)
@@ -164,12 +189,19 @@ def parse_quality(spec: str | Quality) -> Quality:
             kbps = int(m["kbps"])
             if not 1 <= kbps <= MAX_KBPS:
                 raise _bad(spec, f"bitrate must be 1..{MAX_KBPS} kbit/s, got {kbps}")
-            return Quality(height, codec, None, kbps)
+            return Quality(height, codec, None, kbps, dark)
         qp = int(m["qp"])
         if not 0 <= qp <= 51:
             raise _bad(spec, f"{_LABELS[codec]} QP must be 0..51, got {qp}")
-        return Quality(height, codec, qp)
-    return Quality(height)
+        return Quality(height, codec, qp, dark=dark)
+    return Quality(height, dark=dark)
+
+
+def in_low_light(spec: str | Quality, factor: int) -> Quality:
+    """`spec` taken with `factor` times less light (a spec that already has a
+    -dark step keeps its own)."""
+    q = parse_quality(spec)
+    return q if q.dark is not None else parse_quality(str(dataclasses.replace(q, dark=factor)))
 
 
 def _require_encoder(spec: str, codec: str) -> None:
@@ -219,10 +251,36 @@ class DegradedClip:
     settings: dict
 
 
+def _srgb_to_linear(v: np.ndarray) -> np.ndarray:
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def _linear_to_srgb(v: np.ndarray) -> np.ndarray:
+    return np.where(v <= 0.0031308, v * 12.92, 1.055 * np.power(v, 1 / 2.4) - 0.055)
+
+
+def low_light(img: Image.Image, factor: int) -> Image.Image:
+    """The picture as a camera would take it with `factor` times less light.
+
+    Per pixel and colour channel: sRGB -> linear light -> electrons collected
+    (`FULL_WELL` for white, divided by `factor`) -> plus shot noise (variance =
+    the signal) and read noise (`READ_NOISE`) -> times the gain `factor`, which
+    restores the brightness -> clipped -> sRGB, 8 bits. The noise is drawn from
+    a generator seeded by the image's own pixels: same input, same output."""
+    arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    rng = np.random.default_rng([zlib.crc32(arr.tobytes()), arr.shape[0], arr.shape[1], factor])
+    electrons = _srgb_to_linear(arr.astype(np.float64) / 255.0) * (FULL_WELL / factor)
+    noisy = electrons + rng.standard_normal(arr.shape) * np.sqrt(electrons + READ_NOISE**2)
+    linear = np.clip(noisy * (factor / FULL_WELL), 0.0, 1.0)
+    return Image.fromarray(np.round(_linear_to_srgb(linear) * 255.0).astype(np.uint8))
+
+
 def _resize(img: Image.Image, q: Quality) -> Image.Image:
+    """Everything before the codec: the size, then the light."""
     img = img if img.mode == "RGB" else img.convert("RGB")
     size = q.output_size(*img.size)
-    return img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+    img = img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+    return img if q.dark is None else low_light(img, q.dark)
 
 
 def _encode_image(img: Image.Image, q: Quality) -> tuple[Image.Image, bytes]:

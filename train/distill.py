@@ -10,7 +10,8 @@ label-free: any folder of images works (for instance the database images of
 the place being served, so no query is ever seen). With positions, the
 triplet loss becomes available. Either way a held-out share of the images
 decides the registered epoch and when to stop (`train.validation`), a
-quarter of the samples stay at full quality (`orig_share`) and the student
+quarter of the samples stay at full quality (`orig_share`), a quarter of the
+degraded ones are also taken in low light (`low_light_share`), and the student
 is trained at the input size an index of its images records (the size rule
 of `model.preprocess`, inherited from the teacher).
 
@@ -106,6 +107,14 @@ class DistillConfig(BaseModel):
     # and full-quality clients exist too (issue 12). 0.25 is one sample in four,
     # what adding `orig` to a list of three degraded levels gives.
     orig_share: float = Field(0.25, ge=0, le=1)
+    # Share of the degraded samples also taken in low light (`media.degrade`'s
+    # -dark<F> step: F times less light, the camera's gain, its sensor noise):
+    # the training images are day images, and a phone's low-quality frames are
+    # often night ones. The factor comes from the physics, not from a dataset:
+    # street lighting gives about 1/1000 of daylight, a phone's longer exposure
+    # wins back about 30x, the rest is gain. 0: off.
+    low_light_share: float = Field(0.25, ge=0, le=1)
+    low_light_factor: int = Field(32, ge=2, le=1024)
     # Held-out share of the images for the label-free validation that chooses the
     # registered epoch and stops training (train.validation); 0: off (then the
     # training loss chooses).
@@ -170,13 +179,36 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: DistillConfig) -
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
 
 
-def plan_qualities(qualities: list[str], orig_share: float, n: int, seed: list[int]) -> list[str]:
+def plan_qualities(
+    qualities: list[str],
+    orig_share: float,
+    n: int,
+    seed: list[int],
+    low_light_share: float = 0.0,
+    low_light_factor: int = 32,
+) -> list[str]:
     """One quality per image for an epoch: `orig` with probability `orig_share`,
-    else one of `qualities` uniformly (seeded; `orig` listed there counts too)."""
+    else one of `qualities` uniformly (seeded; `orig` listed there counts too),
+    taken in low light (`in_low_light`) with probability `low_light_share`."""
+    from vpr.media.degrade import in_low_light
+
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(qualities), n)
     full = rng.random(n) < orig_share if orig_share > 0 else np.zeros(n, bool)
-    return ["orig" if f else qualities[d] for f, d in zip(full, draws)]
+    plan = ["orig" if f else qualities[d] for f, d in zip(full, draws)]
+    if low_light_share > 0:  # drawn after the others: a share of 0 gives the plan it always gave
+        dark = rng.random(n) < low_light_share
+        plan = [str(in_low_light(q, low_light_factor)) if d and not f else q for q, d, f in zip(plan, dark, full)]
+    return plan
+
+
+def low_light_twins(qualities: list[str], share: float, factor: int) -> list[str]:
+    """The validation's extra qualities: each training quality in low light (none when off)."""
+    from vpr.media.degrade import in_low_light
+
+    if share <= 0:
+        return []
+    return list(dict.fromkeys(str(in_low_light(q, factor)) for q in ["orig", *qualities]))
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -272,7 +304,11 @@ class Distiller:
             )
         utm = np.array([i.utm for i in self.images], np.float64) if positions else None
         self.train_ids, self.validation = make_validation_set(
-            len(self.images), cfg.val_fraction, cfg.qualities, utm, cfg.val_radius
+            len(self.images),
+            cfg.val_fraction,
+            [*cfg.qualities, *low_light_twins(cfg.qualities, cfg.low_light_share, cfg.low_light_factor)],
+            utm,
+            cfg.val_radius,
         )
         self.val_ids = self.validation.val_ids if self.validation else np.zeros(0, np.int64)
         self.val_mode = "none" if self.validation is None else "self-retrieval"
@@ -378,7 +414,10 @@ class Distiller:
     def epoch_plan(self, epoch: int) -> tuple[list[int], dict[int, str]]:
         """This process's image order for `epoch` and each image's quality (seeded, same for any world size)."""
         n = len(self.images)
-        quality = plan_qualities(self.cfg.qualities, self.cfg.orig_share, n, [self.cfg.seed, epoch, 7])
+        cfg = self.cfg
+        quality = plan_qualities(
+            cfg.qualities, cfg.orig_share, n, [cfg.seed, epoch, 7], cfg.low_light_share, cfg.low_light_factor
+        )
         order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
         pad = (-len(order)) % self.ctx.world_size
         order = np.concatenate([order, order[:pad]])
@@ -621,6 +660,7 @@ class Distiller:
             "stopped": self.state.stopped,
             "qualities": list(cfg.qualities),
             "orig_share": cfg.orig_share,
+            "low_light": {"share": cfg.low_light_share, "factor": cfg.low_light_factor},
             "description": self.description,
             "student_input_side": self.input_side,
             "losses": self.losses.describe(),

@@ -40,6 +40,10 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
         ("h120-h264-kbps300", "h120-h264-kbps300", Quality(120, "h264", None, 300)),
         ("orig-jpeg50", "orig-jpeg50", Quality(None, "jpeg", 50)),
         ("h60-h264-qp0", "h60-h264-qp0", Quality(60, "h264", 0)),
+        ("h180-DARK32-jpeg20", "h180-dark32-jpeg20", Quality(180, "jpeg", 20, dark=32)),
+        ("orig-dark8", "orig-dark8", Quality(dark=8)),
+        ("h120-dark16-h264-qp40", "h120-dark16-h264-qp40", Quality(120, "h264", 40, dark=16)),
+        ("h120-dark4-h264-kbps200", "h120-dark4-h264-kbps200", Quality(120, "h264", None, 200, 4)),
     ],
 )
 def test_parse_good_specs(spec, canonical, expected):
@@ -72,6 +76,11 @@ def test_parse_good_specs(spec, canonical, expected):
         ("h180-h264-qp52", "H.264 QP must be 0..51"),
         ("h180-h265-qp99", "QP must be 0..51"),
         ("h180-h264-kbps0", "bitrate must be"),
+        ("h180-dark1", "light factor of -dark must be 2..1024"),
+        ("h180-dark2000-jpeg20", "light factor"),
+        ("h180-jpeg20-dark32", "expected"),
+        ("dark32", "expected"),
+        ("h180-dark", "expected"),
     ],
 )
 def test_parse_bad_specs(spec, why):
@@ -160,6 +169,53 @@ def test_degradation_is_deterministic(spec):
     a, b = degrade(img, spec), degrade(img.copy(), spec)
     assert a.nbytes == b.nbytes and a.encoded == b.encoded
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def to_linear(img: Image.Image) -> np.ndarray:
+    v = np.asarray(img, np.float64) / 255.0
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def test_low_light_is_the_sensor_model():
+    # a flat mid-grey (18 % linear) card: after the gain its mean is kept, and its
+    # noise is the model's: sqrt(signal + read^2) / signal, signal = 0.18 * FULL_WELL / F
+    grey = Image.new("RGB", (200, 150), (118, 118, 118))
+    base = to_linear(grey).mean()
+    for factor in (8, 32, 128):
+        lin = to_linear(dg.low_light(grey, factor))
+        signal = base * dg.FULL_WELL / factor
+        expected = np.sqrt(signal + dg.READ_NOISE**2) / signal
+        assert lin.mean() == pytest.approx(base, rel=0.03)  # the gain restores the brightness
+        assert lin.std() / lin.mean() == pytest.approx(expected, rel=0.1), factor
+    # the spec path applies it before the codec; orig-dark is not the original
+    q = parse_quality("orig-dark32")
+    assert not q.is_original
+    assert np.array_equal(np.asarray(degrade_image(grey, q)), np.asarray(dg.low_light(grey, 32)))
+
+
+def test_low_light_is_deterministic_per_image_and_noisier_with_less_light():
+    img = textured(160, 120, seed=2)
+    a, b = degrade_image(img, "h60-dark32-jpeg50"), degrade_image(img.copy(), "h60-dark32-jpeg50")
+    assert a.size == (80, 60) and np.array_equal(np.asarray(a), np.asarray(b))
+    clean = np.asarray(degrade_image(img, "h60"), np.float64)
+    errors = [np.abs(np.asarray(degrade_image(img, f"h60-dark{f}"), np.float64) - clean).mean() for f in (4, 32, 256)]
+    assert 0 < errors[0] < errors[1] < errors[2]
+    # the noise follows the picture's content: another picture gets other noise
+    other = textured(160, 120, seed=9)
+    noise_a = np.asarray(dg.low_light(img, 32), np.float64) - np.asarray(img, np.float64)
+    noise_b = np.asarray(dg.low_light(other, 32), np.float64) - np.asarray(other, np.float64)
+    assert not np.allclose(noise_a, noise_b)
+    # a clip in low light: every frame noisy, still one encode
+    clip = degrade_sequence([img, other], "h60-dark32-h264-qp30")
+    assert len(clip.images) == 2 and clip.bitrate_kbps is not None
+
+
+def test_in_low_light_adds_the_step_once():
+    assert str(dg.in_low_light("h180-jpeg20", 32)) == "h180-dark32-jpeg20"
+    assert str(dg.in_low_light("orig", 16)) == "orig-dark16"
+    assert str(dg.in_low_light("h90-dark8-h264-qp40", 32)) == "h90-dark8-h264-qp40"
+    with pytest.raises(ValueError, match="light factor"):
+        dg.in_low_light("h90", 1)
 
 
 def test_sequence_is_one_clip_with_inter_frames():

@@ -16,7 +16,7 @@ from vpr.model.network import build_model
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
 from vpr.train import ddp
-from vpr.train.distill import DistillConfig, Distiller, plan_qualities, run_distill
+from vpr.train.distill import DistillConfig, Distiller, low_light_twins, plan_qualities, run_distill
 from vpr.train.validation import (
     holdout_split,
     make_validation_set,
@@ -79,6 +79,22 @@ def test_full_quality_share_of_the_training_mix():
     assert {q: plan.count(q) / len(plan) for q in qs} == pytest.approx(dict.fromkeys(qs, 0.25), abs=0.01)
     assert "orig" not in plan_qualities(qs, 0.0, 1000, [0, 1, 7])
     assert DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path(".")).orig_share == 0.25
+
+
+def test_low_light_share_of_the_training_mix():
+    qs = ["h90-jpeg20", "h60-jpeg20", "h90-h264-qp40"]
+    cfg = DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path("."))
+    assert (cfg.low_light_share, cfg.low_light_factor) == (0.25, 32)
+    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], 0.25, 32)
+    dark = [q for q in plan if "-dark32" in q]
+    assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)  # full quality stays full quality
+    assert len(dark) / len(plan) == pytest.approx(0.75 * 0.25, abs=0.01)  # a quarter of the degraded ones
+    assert {q.replace("-dark32", "") for q in dark} == set(qs)
+    # off: exactly the plan without the option (old runs reproduce)
+    assert plan_qualities(qs, 0.25, 500, [0, 1, 7], 0.0) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
+    # the validation checks every training quality in low light too, `orig` included
+    assert low_light_twins(["h90-jpeg20", "orig"], 0.25, 32) == ["orig-dark32", "h90-dark32-jpeg20"]
+    assert low_light_twins(qs, 0.0, 32) == []
 
 
 def tiny_teacher(home: Path) -> str:
