@@ -150,6 +150,10 @@ def old_default(reg: Registry, teacher: LoadedModel) -> str:
 
 
 def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_dir: Path, tag: str) -> dict:
+    low_light = {} if args.low_light_share is None else {"low_light_share": args.low_light_share}
+    share = low_light.get("low_light_share", DistillConfig.model_fields["low_light_share"].default)
+    # runs before the low-light share existed trained without it: their folders have no `ll` part
+    run = f"{tag}-e{args.epochs}-ll{share:g}-q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(
         teacher=teacher,
         name=f"{tag}-student",
@@ -158,7 +162,8 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         epochs=args.epochs,
         seed=0,
         progress=True,
-        run_dir=home.home / "runs" / f"{tag}-e{args.epochs}-q{args.train_qualities}".replace(",", "_"),
+        run_dir=home.home / "runs" / run,
+        **low_light,
     )
     t0 = time.perf_counter()
     result = run_distill(cfg, home, resume=cfg.run_dir is not None and (cfg.run_dir / "state.json").exists())
@@ -171,6 +176,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         "validation_baseline": details.get("validation_baseline"),
         "history": details["history"],
         "orig_share": details.get("orig_share"),
+        "low_light": details.get("low_light"),
         "student_input_side": details.get("student_input_side"),
         "train_images": details.get("train_images"),
         "val_images": details.get("val_images"),
@@ -270,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--train-qualities", help="default: the degraded levels of the dataset")
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--low-light-share", type=float, help="default: DistillConfig's")
     p.add_argument("--old-query-limit", type=int, default=50, help="queries per set for the old-default column")
     p.add_argument("--spacing", type=float, default=0.5, help="gopro: metres between database frames")
     p.add_argument("--frame-side", type=int, default=320, help="gopro: longer side of the stored frames")

@@ -12,6 +12,16 @@ simulated routes of tests/track, never on these queries).
 
     .venv/bin/python bench/track_gardens.py --home /tmp/track-home \\
         --out bench/results/track_gardens.json
+
+`--folder` runs the same on a folder dataset with positions instead (one
+query folder, the tracker in its positions mode), for example the GoPro walk
+as bench/beyond_gardens.py builds it:
+
+    .venv/bin/python bench/track_gardens.py --home var/bench-beyond \\
+        --folder var/bench-beyond/data/gopro_s0.5_m320 --radius 1.0 \\
+        --teacher gopro-vgg16-k64@1 --student gopro-student@1 \\
+        --quality orig,h120-jpeg20,h90-jpeg20,h60-jpeg20,h120-h264-qp40 \\
+        --out bench/results/track_gopro.json
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", default=QUALITIES)
     p.add_argument("--teacher-quality", default=QUALITIES, help="qualities at which the teacher also queries")
     p.add_argument("--query-set", action="append", help="day_right, night_right (default both)")
+    p.add_argument("--folder", type=Path, help="a folder dataset with positions instead of Gardens Point")
+    p.add_argument("--radius", type=float, default=25.0, help="--folder: a query is right within this many metres")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "track_gardens.json")
     args = p.parse_args(argv)
@@ -59,8 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = TrackSettings()
     t0 = time.perf_counter()
     reports = {}
-    for qset in args.query_set or ["day_right", "night_right"]:
-        ds = open_dataset("traversal", args.gardens, database="day_left", queries=qset)
+    if args.folder:
+        sets = {"walk": open_dataset("folder", args.folder, radius=args.radius)}
+    else:
+        sets = {
+            q: open_dataset("traversal", args.gardens, database="day_left", queries=q)
+            for q in args.query_set or ["day_right", "night_right"]
+        }
+    for qset, ds in sets.items():
         runs = [(args.student, args.quality)]
         if args.teacher_quality:
             runs.append((args.teacher, args.teacher_quality))
@@ -93,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     series: dict[str, list[tuple[str, float]]] = {}
     for qset, rep in reports.items():
         for r in rep["results"]:
-            name = r["query_model"].split("@")[0].replace("gardens-", "")
+            name = r["query_model"].split("@")[0].replace("gardens-", "").replace("gopro-", "")
             series.setdefault(f"{qset} {name} frame", []).append((r["quality"], r["recall"]["1"]))
             series.setdefault(f"{qset} {name} tracked", []).append((r["quality"], r["track_recall"]["1"]))
-    plot_series(series, args.out.with_suffix(".png"), "Gardens Point: per-frame vs tracked recall@1")
+    title = args.folder.name if args.folder else "Gardens Point"
+    plot_series(series, args.out.with_suffix(".png"), f"{title}: per-frame vs tracked recall@1")
     print(f"wrote {args.out}")
     return 0
 
