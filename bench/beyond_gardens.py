@@ -152,8 +152,8 @@ def old_default(reg: Registry, teacher: LoadedModel) -> str:
 def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_dir: Path, tag: str) -> dict:
     low_light = {} if args.low_light_share is None else {"low_light_share": args.low_light_share}
     share = low_light.get("low_light_share", DistillConfig.model_fields["low_light_share"].default)
-    # runs before the low-light share existed trained without it: their folders have no `ll` part
-    run = f"{tag}-e{args.epochs}-ll{share:g}-q{args.train_qualities}".replace(",", "_")
+    # without low light (the default) a run keeps the name runs had before the option existed
+    run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(
         teacher=teacher,
         name=f"{tag}-student",

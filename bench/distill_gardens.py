@@ -120,9 +120,10 @@ def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple
 def run_tag(args: argparse.Namespace) -> str:
     share = "d" if args.orig_share is None else f"{args.orig_share:g}"  # d: DistillConfig's default
     val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
-    dark = "d" if args.low_light_share is None else f"{args.low_light_share:g}"
+    # low light in the mix: named by its share; off (the default) keeps the names of runs made before it existed
+    dark = args.low_light_share or DistillConfig.model_fields["low_light_share"].default
     tag = (
-        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-ll{dark}-"
+        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-{f'll{dark:g}-' if dark else ''}"
         f"{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
         f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}"
     )
@@ -261,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", default="database", choices=["database", "native", "upsample"])
     p.add_argument("--orig-share", type=float, help="full-quality share of training samples (default: DistillConfig's)")
     p.add_argument("--val-fraction", type=float, help="held-out share for the label-free validation (default: its)")
-    p.add_argument(
-        "--low-light-share", type=float, help="share of degraded samples also in low light (default: DistillConfig's)"
-    )
+    p.add_argument("--low-light-share", type=float, help="share of degraded samples also in low light (default: off)")
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--name", default="gardens-student")

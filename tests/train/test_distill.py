@@ -18,7 +18,7 @@ from vpr.model.preprocess import load_image, to_input
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
 from vpr.train import ddp
-from vpr.train.distill import DistillConfig, Distiller, lr_factor, run_distill
+from vpr.train.distill import DistillConfig, Distiller, low_light_twins, lr_factor, run_distill
 from vpr.train.distill_cache import TensorCache
 from vpr.train.distill_data import PrefixRunner, split_student, trainable_names
 from vpr.train.mining import NegativeMiner, TripletConfig
@@ -229,17 +229,29 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, images, capsys):
 def test_label_free_validation_picks_the_epoch_with_the_best_self_retrieval(tmp_path, images):
     home = tmp_path / "home"
     teacher = tiny_teacher(home)
-    res = run_distill(
-        config(teacher, images, home, name="val", limit=6, val_fraction=0.34, epochs=3, schedule="constant"),
-        HomeSettings(home=home),
+    cfg = config(
+        teacher,
+        images,
+        home,
+        name="val",
+        limit=6,
+        val_fraction=0.34,
+        epochs=3,
+        schedule="constant",
+        low_light_share=0.5,
     )
+    res = run_distill(cfg, HomeSettings(home=home))
     m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
     assert m["details"]["validation"] == "self-retrieval"
     assert (m["details"]["train_images"], m["details"]["val_images"], m["details"]["image_count"]) == (4, 2, 6)
     scores = [(h["val"]["recall@1"], -h["val"]["val_loss"]) for h in res.history]
     assert res.best_epoch == 1 + max(range(len(scores)), key=lambda k: scores[k])
     assert m["metrics"]["val_recall@1"] == pytest.approx(max(scores)[0])
-    assert set(res.history[0]["val"]["per_quality"]) == set(QUALITIES)
+    # with low light in the mix, the validation checks every quality in low light too
+    twins = low_light_twins(QUALITIES, cfg.low_light_share, cfg.low_light_factor)
+    assert twins == ["orig-dark32", "h48-dark32-jpeg30", "h36-dark32"]
+    assert set(res.history[0]["val"]["per_quality"]) == {*QUALITIES, *twins}
+    assert m["details"]["low_light"] == {"share": 0.5, "factor": 32}
     state = json.loads((res.run_dir / "state.json").read_text())
     assert state["best"]["epoch"] == res.best_epoch and state["baseline"]["rule"] == "self-retrieval"
 
@@ -346,7 +358,8 @@ def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
     assert m["details"]["train_images"] == 9 and m["details"]["losses"] == {"mse": 1.0, "triplet": 0.5}
     for h in res.history:
         assert 0.0 <= h["val"]["recall@1"] <= h["val"]["recall@5"] <= 1.0
-        assert set(h["val"]["per_quality"]) == {"orig", "h36"}
+        twins = low_light_twins(["orig", "h36"], cfg.low_light_share, cfg.low_light_factor)
+        assert set(h["val"]["per_quality"]) == {"orig", "h36", *twins}
         assert h["triplet"] >= 0
     assert "val_recall@1" in m["metrics"]
     records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]

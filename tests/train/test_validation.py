@@ -84,7 +84,7 @@ def test_full_quality_share_of_the_training_mix():
 def test_low_light_share_of_the_training_mix():
     qs = ["h90-jpeg20", "h60-jpeg20", "h90-h264-qp40"]
     cfg = DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path("."))
-    assert (cfg.low_light_share, cfg.low_light_factor) == (0.25, 32)
+    assert (cfg.low_light_share, cfg.low_light_factor) == (0.0, 32)  # off unless asked for
     plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], 0.25, 32)
     dark = [q for q in plan if "-dark32" in q]
     assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)  # full quality stays full quality
