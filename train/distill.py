@@ -110,10 +110,10 @@ class DistillConfig(BaseModel):
     # Share of the degraded samples also taken in low light (`media.degrade`'s
     # -dark<F> step: F times less light, the camera's gain, its sensor noise),
     # for students whose training images are day images and whose clients send
-    # night frames. Off by default: a quarter (fixed before any run) changed
-    # Gardens Point night recall by -0.5 to +1.5 points at 320 and 640 px and
-    # cost 0.5-3.5 points at 9 of 10 small-image cells (docs/BENCHMARKS.md,
-    # issue 12). The factor comes from the physics, not from a dataset: street
+    # night frames. Off by default: a quarter (fixed before any run) moved
+    # Gardens Point night recall@1 by -2 to +0.5 points at 640 px and cost
+    # 0.5-3.5 points at 9 of 10 small-image cells (docs/BENCHMARKS.md, issue
+    # 12). The factor comes from the physics, not from a dataset: street
     # lighting gives about 1/1000 of daylight, a phone's longer exposure wins
     # back about 30x, the rest is gain.
     low_light_share: float = Field(0.0, ge=0, le=1)
