@@ -275,7 +275,7 @@ def low_light(img: Image.Image, factor: int) -> Image.Image:
     return Image.fromarray(np.round(_linear_to_srgb(linear) * 255.0).astype(np.uint8))
 
 
-def _resize(img: Image.Image, q: Quality) -> Image.Image:
+def _before_codec(img: Image.Image, q: Quality) -> Image.Image:
     """Everything before the codec: the size, then the light."""
     img = img if img.mode == "RGB" else img.convert("RGB")
     size = q.output_size(*img.size)
@@ -370,7 +370,7 @@ def degrade(img: Image.Image, spec: str | Quality) -> Degraded:
     q = parse_quality(spec)
     if q.is_original:
         return Degraded(img if img.mode == "RGB" else img.convert("RGB"), q)
-    small = _resize(img, q)
+    small = _before_codec(img, q)
     if q.codec is None:
         return Degraded(small, q)
     if q.codec in ("jpeg", "webp"):
@@ -391,9 +391,9 @@ def degrade_sequence(frames: Sequence[Image.Image], spec: str | Quality) -> Degr
     q = parse_quality(spec)
     if not frames:
         raise ValueError("degrade_sequence needs at least one frame")
-    small = [_resize(f, q) for f in frames]
-    if len({f.size for f in small}) != 1:
-        raise ValueError(f"{q}: all frames of a clip must have the same size, got {sorted({f.size for f in small})}")
+    sizes_out = {q.output_size(*f.size) for f in frames}
+    if len(sizes_out) != 1:
+        raise ValueError(f"{q}: all frames of a clip must have the same size, got {sorted(sizes_out)}")
     if not q.is_video:
         parts = [degrade(f, q) for f in frames]
         sizes: list[int] | None = None
@@ -403,7 +403,7 @@ def degrade_sequence(frames: Sequence[Image.Image], spec: str | Quality) -> Degr
                 assert p.nbytes is not None  # degrade() reports the size of every JPEG/WebP file
                 sizes.append(p.nbytes)
         return DegradedClip([p.image for p in parts], q, sum(sizes) if sizes else None, None, sizes, {})
-    images, frame_sizes, stream = _video_roundtrip(small, q)
+    images, frame_sizes, stream = _video_roundtrip([_before_codec(f, q) for f in frames], q)
     return DegradedClip(images, q, len(stream), _kbps(len(stream), len(frames)), frame_sizes, dict(VIDEO_SETTINGS))
 
 

@@ -172,8 +172,7 @@ def test_degradation_is_deterministic(spec):
 
 
 def to_linear(img: Image.Image) -> np.ndarray:
-    v = np.asarray(img, np.float64) / 255.0
-    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+    return dg._srgb_to_linear(np.asarray(img, np.float64) / 255.0)
 
 
 def test_low_light_is_the_sensor_model():
