@@ -153,7 +153,9 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     low_light = {} if args.low_light_share is None else {"low_light_share": args.low_light_share}
     share = low_light.get("low_light_share", DistillConfig.model_fields["low_light_share"].default)
     # without low light (the default) a run keeps the name runs had before the option existed
-    run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}q{args.train_qualities}".replace(",", "_")
+    trainable = {} if args.trainable is None else {"trainable": args.trainable.split(",")}
+    parts = f"t{args.trainable}-" if args.trainable else ""  # default parts: the name runs always had
+    run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}{parts}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(
         teacher=teacher,
         name=f"{tag}-student",
@@ -164,6 +166,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         progress=True,
         run_dir=home.home / "runs" / run,
         **low_light,
+        **trainable,
     )
     t0 = time.perf_counter()
     result = run_distill(cfg, home, resume=cfg.run_dir is not None and (cfg.run_dir / "state.json").exists())
@@ -177,6 +180,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         "history": details["history"],
         "orig_share": details.get("orig_share"),
         "low_light": details.get("low_light"),
+        "trainable": details.get("trainable"),
         "student_input_side": details.get("student_input_side"),
         "train_images": details.get("train_images"),
         "val_images": details.get("val_images"),
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-qualities", help="default: the degraded levels of the dataset")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--low-light-share", type=float, help="default: DistillConfig's")
+    p.add_argument("--trainable", help="parts the student trains, e.g. conv4,conv5,netvlad; default: DistillConfig's")
     p.add_argument("--old-query-limit", type=int, default=50, help="queries per set for the old-default column")
     p.add_argument("--spacing", type=float, default=0.5, help="gopro: metres between database frames")
     p.add_argument("--frame-side", type=int, default=320, help="gopro: longer side of the stored frames")

@@ -49,7 +49,10 @@ class TrackState(BaseModel):
     confidence: float = Field(description="belief within the motion reach of that place, 0..1")
     localized: bool = Field(description="confidence at or above VPR_TRACK_LOCALIZED")
     frames: int = Field(description="frames this tracker has observed")
-    mode: Literal["positions", "order"] = Field(description="motion model: metric positions, or database order")
+    mode: Literal["route", "positions", "order"] = Field(
+        description="motion model: along a route of positioned places, metric positions with compass headings, "
+        "or database order (track/tracker.py)"
+    )
     update_ms: float = Field(description="the tracker's update for this frame, ms (not in timings_ms.total)")
 
 

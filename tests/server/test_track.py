@@ -41,7 +41,7 @@ def post(client, path, session: str | None = None, **params):
 def check_track(track: dict, frames: int) -> None:
     assert set(track) == {"id", "label", "path", "position", "confidence", "localized", "frames", "mode", "update_ms"}
     assert 0.0 <= track["confidence"] <= 1.0 and isinstance(track["localized"], bool)
-    assert track["frames"] == frames and track["mode"] == "positions"  # the index has UTM positions
+    assert track["frames"] == frames and track["mode"] == "route"  # UTM positions along the id order
     assert track["update_ms"] >= 0
 
 

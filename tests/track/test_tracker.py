@@ -9,6 +9,7 @@ the per-frame answer or a bound, never against a recorded number.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -25,11 +26,26 @@ RELOCALIZE_BOUND = 8
 
 
 class Route:
-    """N places on a line (`laps` traversals of it: ids lap*N + i share position i)."""
+    """N places on a line (`laps` traversals of it: ids lap*N + i share position i);
+    with `turn_every`, the route turns by 90 degrees every that many places
+    (a zigzag, whose legs head 30 and -60 degrees: between compass headings)."""
 
-    def __init__(self, n: int, laps: int = 1, spacing: float = 2.0, noise: float = 0.26, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        laps: int = 1,
+        spacing: float = 2.0,
+        noise: float = 0.26,
+        seed: int = 0,
+        turn_every: int | None = None,
+    ) -> None:
         self.n, self.laps, self.spacing, self.noise = n, laps, spacing, noise
         self.rng = np.random.default_rng(seed)
+        heading = np.zeros(n)
+        if turn_every:
+            heading = np.radians(np.where((np.arange(n) // turn_every) % 2 == 0, 30.0, -60.0))
+        steps = spacing * np.stack([np.cos(heading), np.sin(heading)], axis=1)
+        self.xy = np.concatenate([np.zeros((1, 2)), np.cumsum(steps[:-1], axis=0)])
 
     def place(self, pid: np.ndarray) -> np.ndarray:
         return np.asarray(pid) % self.n
@@ -37,7 +53,7 @@ class Route:
     def metas(self, ids: np.ndarray, positions: bool) -> list[dict[str, float] | None]:
         if not positions:
             return [{"label": str(i)} for i in ids]
-        return [{"utm_e": float(self.place(i)) * self.spacing, "utm_n": 0.0} for i in ids]
+        return [{"utm_e": float(self.xy[self.place(i), 0]), "utm_n": float(self.xy[self.place(i), 1])} for i in ids]
 
     def frame(self, true_place: float, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (ids, scores) for a query at `true_place`."""
@@ -52,8 +68,17 @@ class Route:
         return DatabaseProfile.from_rows(rows, self.n * self.laps)
 
 
-def run(route: Route, path: np.ndarray, positions: bool = False, at: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    tracker = Tracker(SETTINGS, route.profile(positions))
+def run(
+    route: Route, path: np.ndarray, positions: bool = False, at: np.ndarray | None = None, planar: bool = False
+) -> dict[str, np.ndarray]:
+    """Track `path` (true places per frame). `positions`: the index has them (a
+    route, from this id order); `planar`: as if its ids were not a route (the
+    compass-heading motion of a photo collection)."""
+    profile = route.profile(positions)
+    if planar:
+        assert profile.mode == "route"
+        profile = dataclasses.replace(profile, route=False)
+    tracker = Tracker(SETTINGS, profile)
     frame_err, track_err, conf = [], [], []
     for t, p in enumerate(path):
         ids, scores = route.frame(float(p))
@@ -77,14 +102,31 @@ def first_right_after(err: np.ndarray, start: int) -> int:
     return len(err)
 
 
-@pytest.mark.parametrize("positions", [False, True], ids=["order", "positions"])
-def test_tracking_beats_the_single_frame_answer(positions: bool) -> None:
+@pytest.mark.parametrize(
+    ("positions", "planar"), [(False, False), (True, False), (True, True)], ids=["order", "route", "positions"]
+)
+def test_tracking_beats_the_single_frame_answer(positions: bool, planar: bool) -> None:
     route = Route(300, seed=1)
-    r = run(route, np.arange(0, 200), positions)
+    r = run(route, np.arange(0, 200), positions, planar=planar)
     assert recall(r["frame"]) < 0.8  # the noise makes single frames unreliable
     assert recall(r["track"][10:]) > recall(r["frame"][10:]) + 0.15
     assert recall(r["track"][10:]) >= 0.9
     assert np.all((r["conf"] >= 0) & (r["conf"] <= 1))
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_a_turning_route_is_followed_along_the_route(seed: int) -> None:
+    """Positions that zigzag by 90 degrees every 10 places, with legs between the
+    compass headings: the route mode moves along the route, so the turns are not
+    changes of velocity, and it tracks as well as on a straight line. The compass
+    headings of the planar mode fall behind at every turn."""
+    route = Route(300, seed=seed, turn_every=10)
+    assert route.profile(True).mode == "route"
+    along = run(route, np.arange(0, 200), positions=True)
+    planar = run(Route(300, seed=seed, turn_every=10), np.arange(0, 200), positions=True, planar=True)
+    assert recall(along["track"][10:]) >= 0.9
+    assert recall(along["track"][10:]) > recall(along["frame"][10:]) + 0.15
+    assert recall(along["track"][10:]) > recall(planar["track"][10:])
 
 
 def test_stop_then_go() -> None:
@@ -261,6 +303,12 @@ def test_profile_from_metadata() -> None:
     assert p.positions and p.spacing == pytest.approx(2.0)
     assert not DatabaseProfile.from_rows([{"utm_e": None, "utm_n": None}] * 5, 5).positions
     assert not DatabaseProfile.from_rows([{"utm_e": 1.0, "utm_n": 1.0}] * 5, 5).positions  # all at one point
+    assert p.mode == "route"  # consecutive ids are steps along a walk
+    laps = walk + walk  # two traversals, one jump back between them: still a route
+    assert DatabaseProfile.from_rows(laps, 100).mode == "route"
+    rng = np.random.default_rng(0)
+    collection = [{"utm_e": float(e), "utm_n": float(n)} for e, n in rng.uniform(0, 500, (50, 2))]
+    assert DatabaseProfile.from_rows(collection, 50).mode == "positions"  # ids in no order along the ground
     assert DatabaseProfile.from_rows([], 0).mode == "order"
 
 
