@@ -2,7 +2,9 @@
 """Per-frame tracker cost against database size (1k, 100k, 1M synthetic places), in one run.
 
 Each database is a route of N places with unit-norm random descriptors and
-UTM positions 2 m apart (the tracker's positions mode, the costlier one). A
+UTM positions 2 m apart, tracked in the planar `positions` mode (compass
+headings: 49 velocities, the costlier one; `--mode route` for the mode such a
+route gets by itself, 13 velocities). A
 walker moves one place per frame; its query is its place's descriptor plus
 noise. Candidates come from THE exact search (`index.knn.exact_knn`, FAISS
 Flat, timed separately: it is the index's cost, which grows with N, not the
@@ -15,6 +17,7 @@ hubness in a table of every place, is timed per frame.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -33,7 +36,9 @@ from vpr.settings import TrackSettings  # noqa: E402
 from vpr.track.tracker import DatabaseProfile, Tracker  # noqa: E402
 
 
-def one_size(n: int, dim: int, frames: int, rng: np.random.Generator, settings: TrackSettings) -> dict:
+def one_size(
+    n: int, dim: int, frames: int, rng: np.random.Generator, settings: TrackSettings, mode: str = "positions"
+) -> dict:
     db = rng.standard_normal((n, dim), dtype=np.float32)
     db /= np.linalg.norm(db, axis=1, keepdims=True)
     start = int(rng.integers(0, n - frames))
@@ -44,7 +49,10 @@ def one_size(n: int, dim: int, frames: int, rng: np.random.Generator, settings: 
     search_ms = (time.perf_counter() - t) * 1000 / frames
     metas_of = lambda row: [{"utm_e": 2.0 * float(i), "utm_n": 0.0} for i in row]  # noqa: E731
     rows = metas_of(range(min(n, 4096)))
-    tracker = Tracker(settings, DatabaseProfile.from_rows(rows, n))
+    profile = DatabaseProfile.from_rows(rows, n)
+    if mode == "positions":
+        profile = dataclasses.replace(profile, route=False)  # as if the ids were not a route
+    tracker = Tracker(settings, profile)
     # a hubness table of every place, looked up per frame as the server does (values do not matter for time)
     table = Hubness(np.arange(n), rng.uniform(0.1, 0.3, n).astype(np.float32))
     per_frame, right = [], 0
@@ -57,6 +65,7 @@ def one_size(n: int, dim: int, frames: int, rng: np.random.Generator, settings: 
     ms = np.array(per_frame[5:])  # the first frames warm numpy's caches
     return {
         "places": n,
+        "mode": profile.mode,
         "dim": dim,
         "frames": frames,
         "tracker_ms_p50": round(float(np.percentile(ms, 50)), 4),
@@ -73,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1000,100000,1000000")
     p.add_argument("--dim", type=int, default=32, help="descriptor size (small: the tracker never sees descriptors)")
     p.add_argument("--frames", type=int, default=500)
+    p.add_argument("--mode", choices=["positions", "route"], default="positions")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "track_cost.json")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     settings = TrackSettings()
-    rows = [one_size(int(s), args.dim, args.frames, rng, settings) for s in args.sizes.split(",")]
+    rows = [one_size(int(s), args.dim, args.frames, rng, settings, args.mode) for s in args.sizes.split(",")]
     for r in rows:
         print(
             f"{r['places']:>9} places: tracker p50 {r['tracker_ms_p50']:.3f} ms, p99 {r['tracker_ms_p99']:.3f} ms "
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(
         args.out,
         {
-            "what": "per-frame tracker cost vs database size (synthetic descriptors, positions mode)",
+            "what": f"per-frame tracker cost vs database size (synthetic descriptors, {args.mode} mode)",
             "track_settings": settings.model_dump(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (a 2-core VM shared with other work), "
             f"numpy {np.__version__}",
