@@ -20,7 +20,8 @@ Why it is built this way:
 - **Motion model from the database** (`DatabaseProfile`, from a bounded sample
   of the metadata in id order). Three modes:
   - `route`: positions (UTM in the index metadata) whose consecutive ids form
-    a traversal (nearly every step within `ROUTE_STEP` x the median step). The
+    a traversal (nearly every step within `ROUTE_STEP` x the median step, and
+    that step short against the map). The
     walker moves along the route, in database order, so a velocity is a speed
     along the route and a turn of the route is not a change of velocity. The
     positions still set the confidence (the same spot in other traversals counts).
@@ -33,7 +34,8 @@ Why it is built this way:
   heading falls between them, or that turns, most of its recall: on the
   validation split with routes of made-up geometry, a route turning by 90
   degrees every 10 places tracked 0.62 in that mode against 0.87 along the
-  route (docs/BENCHMARKS.md); real databases are nearly always traversals.
+  route (docs/BENCHMARKS.md). A database recorded by walking or driving is a
+  traversal, so the `route` mode is what most positioned indexes get.
 - **The walker's velocity is part of the state.** The belief is over (place,
   velocity) pairs: velocities on a grid of `SPEED_STEP` spacings per frame up
   to `reach` (signed along the database order; in the `positions` mode's
@@ -55,13 +57,14 @@ Why it is built this way:
   retrieval is the proposal. A lost walker's true place then gains the score
   ratio of the top candidates over the last one per frame until it wins; the
   re-localization bound is measured in tests/track and bench/track_relocalize.py.
-- **Several traversals of one route.** With positions, places of different
-  traversals at one spot are equivalent: the belief splits among them, and the
-  estimate's confidence is computed on mass summed within `reach` spacings
-  (so a split between traversals does not lower the confidence). In order-only
-  mode the tracker cannot know that two ids are one place: each traversal is a
-  separate chain, the belief splits among them and the confidence is the share
-  of the chain it reports (honestly lower); the reported place is still a right one.
+- **Several traversals of one route.** Each traversal is a chain of ids that
+  the walker moves along (in the `route` and `order` modes), and the belief
+  splits among the chains. With positions, places of different traversals at
+  one spot are equivalent for the estimate: its confidence is computed on mass
+  summed within `reach` spacings (so a split between traversals does not lower
+  it). Without positions the tracker cannot know that two ids are one place:
+  the confidence is the share of the chain it reports (honestly lower); the
+  reported place is still a right one.
 - **Generic places.** A candidate's score is lowered by `hub_weight` times its
   place's hubness, when the index has it (index/hubness.py: the mean cosine of
   the place to its most similar places elsewhere on the map). Compressed night
