@@ -419,8 +419,7 @@ class IndexStore:
             t0 = time.perf_counter()
             meta_db.create(tmp / META_FILE, rows)
             hub = hub_mod.hubness(x, [e.utm for e in entries])
-            hub_method = hub_mod.method_for(*x.shape) or "skipped"
-            hub_record = hub_mod.save(tmp, ids_arr, hub, hub_method) if hub is not None else None
+            hub_record = hub_mod.save(tmp, ids_arr, hub) if hub is not None else None
             fields = backend.build(tmp, name, x, ids_arr, fb.normalize_spec(factory), progress)
             manifest = {
                 "format": FORMAT,
