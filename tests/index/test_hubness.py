@@ -57,6 +57,45 @@ def test_positions_exclude_the_same_spot_in_another_traversal() -> None:
     assert np.all(by_order > with_positions + 0.04)
 
 
+def test_a_slowly_changing_street_has_no_generic_middle() -> None:
+    """A street whose look drifts slowly (cosine 0.93 to the next place, 0.93**d
+    to the place d away): without the distance profile the middle of the street,
+    with more of it within a few spacings, would look generic and its ends
+    distinctive; relative to the profile neither does, and a place that really
+    looks like many others elsewhere still stands out."""
+    rng = np.random.default_rng(6)
+    u = np.zeros((60, 256))
+    u[0] = rng.standard_normal(256)
+    for i in range(1, 60):
+        u[i] = 0.93 * u[i - 1] + np.sqrt(1 - 0.93**2) * rng.standard_normal(256)
+    db = unit(u)
+    ends, middle = np.r_[0:5, 55:60], np.r_[25:35]
+    sim = db @ db.T
+    sim[np.abs(np.arange(60)[:, None] - np.arange(60)[None, :]) <= hub_mod.HUB_EXCLUDE] = -np.inf
+    raw = np.sort(sim, axis=1)[:, -hub_mod.HUB_K :].mean(axis=1)  # the top-10 mean without the profile
+    assert raw[middle].mean() > raw[ends].mean() + 0.05
+    h = hubness(db)
+    assert h is not None
+    assert abs(h[middle].mean() - h[ends].mean()) < 0.02
+    generic = db.copy()
+    generic[30] = unit(db[[0, 8, 16, 44, 52, 59]].sum(axis=0))  # like six places along the street at once
+    g = hubness(generic)
+    assert g is not None and int(np.argmax(g)) == 30
+
+
+def test_distance_profile_is_non_increasing() -> None:
+    """Two traversals of one route in id order: the same spot 60 ids on is not
+    "usual" at that distance (the profile does not rise back to it)."""
+    rng = np.random.default_rng(7)
+    base = unit(rng.standard_normal((60, 32)))
+    db = unit(np.concatenate([base, base]) + 0.05 * rng.standard_normal((120, 32))).astype(np.float32)
+    order = np.arange(120, dtype=np.float64)
+    profile = hub_mod.distance_profile(db, lambda rows: np.abs(order[rows][:, None] - order[None, :]))
+    assert profile.shape == (120,) and profile[0] == pytest.approx(1.0, abs=1e-5)
+    assert np.all(np.diff(profile) <= 1e-7)
+    assert profile[60] < 0.5  # the twins (cosine ~0.99) 60 ids apart do not lift it
+
+
 def test_too_large_a_database_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_mod, "HUB_MAX_WORK", 100 * 100 * 8 - 1)
     assert hubness(unit(np.random.default_rng(3).standard_normal((100, 8)))) is None
