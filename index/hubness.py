@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 HUB_FILE = "hubness.npz"  # ids and hubness, in id order
 HUB_KEY = "hubness"  # the manifest's record of it
+HUB_RELATIVE_TO = "distance profile"  # what the record says each cosine is taken relative to (absent: raw cosines)
 HUB_K = 10  # most similar places elsewhere whose similarity is averaged
 HUB_EXCLUDE = 3.0  # database spacings around a place that are "the same place"
 HUB_MAX_WORK = 2e13  # N x N x D multiply-adds at most (a few minutes on 2 cores)
@@ -143,7 +144,7 @@ def save(folder: Path, ids: np.ndarray, values: np.ndarray) -> dict[str, Any]:
         "file": HUB_FILE,
         "k": HUB_K,
         "exclude_spacings": HUB_EXCLUDE,
-        "relative_to": "distance profile",
+        "relative_to": HUB_RELATIVE_TO,
         "mean": round(float(np.mean(values)), 6),
     }
 
@@ -164,6 +165,12 @@ class Hubness:
         record = manifest.get(HUB_KEY)
         if not record:
             return None
+        if record.get("relative_to") != HUB_RELATIVE_TO:
+            log.info(
+                "%s: hubness of raw cosines (an index built before the distance profile); it is used as it is, "
+                "and a rebuild of the index computes the current one",
+                folder,
+            )
         path = folder / str(record["file"])
         try:
             with np.load(path, allow_pickle=False) as z:
