@@ -235,6 +235,7 @@ def evaluate(
     results: list[dict[str, Any]] = []
     seqs = query_sequences(dataset.queries) if track is not None else []
     hub = database_hubness(db_out.desc, dataset) if track is not None else None
+    motion = track_profile(dataset).mode if track is not None else None
     for q in quals:
         kw: dict[str, Any] = {
             "cache": cache,
@@ -259,7 +260,13 @@ def evaluate(
                 t_rec = recall_from_ranks(t_ranks, ns)
                 tracked = {
                     "track_recall": {str(n): t_rec[n] for n in ns},
-                    "track": {"sequences": len(seqs), "sequence_encoded": q.is_video, **track.model_dump()},
+                    "track": {
+                        "sequences": len(seqs),
+                        "sequence_encoded": q.is_video,
+                        "mode": motion,  # the tracker's motion model for this database (track/tracker.py)
+                        "hubness": hub is not None,
+                        **track.model_dump(),
+                    },
                 }
             results.append(
                 {
@@ -324,6 +331,12 @@ def database_hubness(db_desc: np.ndarray, dataset: PlaceDataset) -> np.ndarray |
     return hubness(l2_normalize(db_desc), [Entry.of(it).utm for it in dataset.database])
 
 
+def track_profile(dataset: PlaceDataset) -> DatabaseProfile:
+    """The tracker's view of the database (its motion mode and spacing), as a server's index of it gives it."""
+    metas = [it.meta() for it in dataset.database[:PROFILE_SAMPLE]]
+    return DatabaseProfile.from_rows(metas, len(dataset.database))
+
+
 def tracked_ranks(
     db_desc: np.ndarray,
     q_desc: np.ndarray,
@@ -339,7 +352,7 @@ def tracked_ranks(
     candidates (`settings.candidates` nearest database places) a server would
     give it, and their hubness (`database_hubness`, None for raw scores)."""
     metas = [it.meta() for it in dataset.database]
-    profile = DatabaseProfile.from_rows(metas[:PROFILE_SAMPLE], len(metas))
+    profile = track_profile(dataset)
     depth = max(1, min(max(settings.candidates, k), len(db_desc)))
     scores, ids = exact_knn(db_desc, q_desc, depth)
     ranks = np.full(len(q_desc), NOT_FOUND, np.int64)

@@ -62,6 +62,9 @@ def test_each_folder_is_its_own_sequence() -> None:
     assert (tracked == 0).all()
 
 
+MODE = "route"  # the synthetic route's places have positions along their id order
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("evaltrack")
@@ -82,6 +85,7 @@ def test_cli_eval_track_report_and_plot(world, tmp_path: Path, capsys) -> None:
         assert set(r["track_recall"]) == set(r["recall"]) == {"1", "5", "10", "20"}
         assert all(0.0 <= v <= 1.0 for v in r["track_recall"].values())
         assert r["track"]["sequences"] == 1 and r["track"]["sequence_encoded"] == (r["quality"] != "orig")
+        assert r["track"]["mode"] == MODE and r["track"]["hubness"] is True  # the report says how it tracked
     video = [r for r in report["results"] if r["quality"] == "h36-h264-qp30"]
     assert video[0]["mean_bitrate_kbps"] > 0
     # the sequence was encoded once as a video: its frames are kept, one PNG per query
