@@ -86,7 +86,8 @@ def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | Non
     for a in range(0, n, rows):
         b = min(n, a + rows)
         d = distance(np.arange(a, b))
-        sim = x[a:b] @ x.T - profile[np.minimum(np.rint(d).astype(np.int64), profile.size - 1)]
+        sim = x[a:b] @ x.T
+        sim -= profile[_bins(d, profile.size)]
         sim[d <= HUB_EXCLUDE] = -np.inf
         top = -np.partition(-sim, k - 1, axis=1)[:, :k]
         finite = np.isfinite(top)
@@ -108,7 +109,7 @@ def distance_profile(x: np.ndarray, distance: Callable[[np.ndarray], np.ndarray]
     total, count = np.zeros(0), np.zeros(0)
     for a in range(0, rows.size, max(1, BATCH_FLOATS // max(1, n))):
         part = rows[a : a + max(1, BATCH_FLOATS // max(1, n))]
-        bins = np.rint(distance(part)).astype(np.int64).ravel()
+        bins = _bins(distance(part), None).ravel()
         sims = (x[part] @ x.T).ravel().astype(np.float64)
         size = max(total.size, int(bins.max()) + 1)
         total = np.pad(total, (0, size - total.size)) + np.bincount(bins, weights=sims, minlength=size)
@@ -117,9 +118,16 @@ def distance_profile(x: np.ndarray, distance: Callable[[np.ndarray], np.ndarray]
     return np.minimum.accumulate(mean).astype(np.float32)
 
 
+def _bins(d: np.ndarray, size: int | None) -> np.ndarray:
+    """Whole spacings of distances `d` (int32), capped at `size` - 1 when given."""
+    bins = d.astype(np.int32) if d.dtype.kind in "iu" else np.rint(d).astype(np.int32)
+    return bins if size is None else np.minimum(bins, size - 1, out=bins)
+
+
 def _distances(positions: Sequence[tuple[float, float] | None] | None, n: int) -> Callable[[np.ndarray], np.ndarray]:
-    """distance(rows) -> (len(rows), n) distances in spacings: metric when every
-    row has a position (and they are not all at one point), else in row order."""
+    """distance(rows) -> (len(rows), n) distances in spacings: metric (float) when
+    every row has a position (and they are not all at one point), else in row
+    order (int32)."""
     xy = _positions(positions, n)
     if xy is not None:
         steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
@@ -127,7 +135,7 @@ def _distances(positions: Sequence[tuple[float, float] | None] | None, n: int) -
         if steps.size:
             scaled = xy / float(np.median(steps))
             return lambda rows: np.linalg.norm(scaled[rows][:, None, :] - scaled[None, :, :], axis=2)
-    order = np.arange(n, dtype=np.float64)
+    order = np.arange(n, dtype=np.int32)
     return lambda rows: np.abs(order[rows][:, None] - order[None, :])
 
 
