@@ -155,6 +155,8 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     # without low light (the default) a run keeps the name runs had before the option existed
     trainable = {} if args.trainable is None else {"trainable": args.trainable.split(",")}
     parts = f"t{args.trainable}-" if args.trainable else ""  # default parts: the name runs always had
+    parts += f"v{args.val_rule}-" if args.val_rule else ""
+    rule = {} if args.val_rule is None else {"val_rule": args.val_rule}
     run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}{parts}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(
         teacher=teacher,
@@ -167,6 +169,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         run_dir=home.home / "runs" / run,
         **low_light,
         **trainable,
+        **rule,
     )
     t0 = time.perf_counter()
     result = run_distill(cfg, home, resume=cfg.run_dir is not None and (cfg.run_dir / "state.json").exists())
@@ -181,6 +184,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         "orig_share": details.get("orig_share"),
         "low_light": details.get("low_light"),
         "trainable": details.get("trainable"),
+        "validation": details.get("validation"),
         "student_input_side": details.get("student_input_side"),
         "train_images": details.get("train_images"),
         "val_images": details.get("val_images"),
@@ -282,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--low-light-share", type=float, help="default: DistillConfig's")
     p.add_argument("--trainable", help="parts the student trains, e.g. conv4,conv5,netvlad; default: DistillConfig's")
+    p.add_argument("--val-rule", choices=["self", "neighbours"], help="default: DistillConfig's")
     p.add_argument("--old-query-limit", type=int, default=50, help="queries per set for the old-default column")
     p.add_argument("--spacing", type=float, default=0.5, help="gopro: metres between database frames")
     p.add_argument("--frame-side", type=int, default=320, help="gopro: longer side of the stored frames")

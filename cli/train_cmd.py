@@ -117,6 +117,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "training (0: off, the training loss picks)",
     )
     DISTILL.add(q, "--val-radius", type=float, help="validation: neighbours within metres count as right")
+    DISTILL.add(
+        q,
+        "--val-rule",
+        help="validation: 'self' (a held-out image finds its own original among all the images) or "
+        "'neighbours' (held-out images left out; one must find a neighbour: harder, closer to a query)",
+    )
     DISTILL.add(q, "--patience", type=int, help="stop after this many epochs without a better validation score")
     DISTILL.add(q, "--orig-share", type=float, help="share of training samples at full quality (orig)")
     DISTILL.add(

@@ -71,7 +71,7 @@ from vpr.train.distill_data import (
 from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
 from vpr.train.mining import NegativeMiner, TripletConfig
 from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
-from vpr.train.validation import make_validation_set, self_retrieval, should_stop, summarise
+from vpr.train.validation import make_validation_set, rule_name, self_retrieval, should_stop, summarise
 from vpr.train.validation import score as validation_score
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,9 @@ class DistillConfig(BaseModel):
     # training loss chooses).
     val_fraction: float = Field(0.1, ge=0, lt=1)
     val_radius: float = Field(25.0, gt=0)  # with positions: neighbours within this many metres count as right
+    # "self": a held-out image must find its own original (or a neighbour) among all the images;
+    # "neighbours": the held-out images are left out and one must find a neighbour (train.validation)
+    val_rule: Literal["self", "neighbours"] = "self"
     patience: int | None = Field(2, ge=1)  # stop after this many epochs without a better validation score
     triplet: TripletConfig = TripletConfig()
     prefix_cache: Literal["disk", "memory", "off"] = "disk"
@@ -312,9 +315,10 @@ class Distiller:
             [*cfg.qualities, *low_light_twins(cfg.qualities, cfg.low_light_share, cfg.low_light_factor)],
             utm,
             cfg.val_radius,
+            cfg.val_rule,
         )
         self.val_ids = self.validation.val_ids if self.validation else np.zeros(0, np.int64)
-        self.val_mode = "none" if self.validation is None else "self-retrieval"
+        self.val_mode = "none" if self.validation is None else rule_name(cfg.val_rule)
 
     # -- setup / resume
     def _prepare(self, resume: bool) -> None:
@@ -337,11 +341,12 @@ class Distiller:
     def _resume(self) -> None:
         old = self.files.read_state()
         new = self.state.config
-        changed = sorted(
-            k for k in set(old.config) | set(new) if k not in RESUMABLE_CHANGES and old.config.get(k) != new.get(k)
-        )
+        fields = DistillConfig.model_fields
+        # a setting the old run's version did not have yet ran at its default
+        was = {k: old.config.get(k, fields[k].default if k in fields else None) for k in set(old.config) | set(new)}
+        changed = sorted(k for k in was if k not in RESUMABLE_CHANGES and was[k] != new.get(k))
         if changed:
-            diffs = "; ".join(f"{k}: {old.config.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            diffs = "; ".join(f"{k}: {was[k]!r} -> {new.get(k)!r}" for k in changed)
             raise ValueError(
                 f"{self.files.state_path}: --resume with different settings ({diffs}); "
                 "use the original ones or a new --run-dir"
@@ -485,6 +490,8 @@ class Distiller:
             return None
         ids = [int(i) for i in self.validation.val_ids]
         db = self.targets.desc.numpy()
+        if self.validation.database_ids is not None:
+            db = db[self.validation.database_ids]
         per_quality: dict[str, dict[str, float]] = {}
         for q in self.validation.qualities:
             desc, maps = self.describe(ids, q)
@@ -501,7 +508,7 @@ class Distiller:
                 "val_loss": loss,
                 **{k: float(v) for k, v in parts.items()},
             }
-        return summarise(per_quality)
+        return summarise(per_quality, self.validation.rule)
 
     def score(self, train: dict[str, float], val: dict[str, Any] | None) -> tuple[float, ...]:
         """Higher is better (`train.validation.score`)."""

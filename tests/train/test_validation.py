@@ -49,6 +49,45 @@ def test_right_answers_are_the_original_or_neighbours_within_the_radius():
     assert validation_qualities(["h90", "orig"]) == ["orig", "h90"]
 
 
+def test_neighbours_rule_leaves_the_held_out_images_out_and_asks_for_a_neighbour():
+    train, vs = make_validation_set(30, 0.1, ["h60-jpeg20"], rule="neighbours")
+    assert vs is not None and vs.rule == "neighbours" and vs.val_ids.tolist() == [5, 15, 25]
+    assert vs.database_ids is not None and vs.database_ids.tolist() == train.tolist()
+    assert not set(vs.val_ids.tolist()) & set(vs.database_ids.tolist())  # own originals are not there
+    for i, rows in zip(vs.val_ids, vs.positives):  # rows of the validation database: images within 2 places
+        assert vs.database_ids[rows].tolist() == [j for j in (i - 2, i - 1, i + 1, i + 2)]
+    # with positions, the radius decides; a held-out image with no neighbour in reach is left out
+    utm = np.stack([np.arange(30) * 10.0, np.zeros(30)], axis=1)
+    utm[15] = (5000.0, 5000.0)
+    _, vs = make_validation_set(30, 0.1, ["orig"], utm, radius=15.0, rule="neighbours")
+    assert vs is not None and vs.val_ids.tolist() == [5, 25] and vs.radius == 15.0
+    assert [vs.database_ids[r].tolist() for r in vs.positives] == [[4, 6], [24, 26]]
+    with pytest.raises(ValueError, match="unknown validation rule 'own'"):
+        make_validation_set(30, 0.1, ["orig"], rule="own")
+
+
+def test_a_run_with_the_neighbours_rule_records_it(tmp_path):
+    home = tmp_path / "home"
+    teacher = tiny_teacher(home)
+    images = tmp_path / "imgs"
+    random_images(images, 20, size=(64, 48), seed=7)
+    cfg = DistillConfig(
+        teacher=teacher,
+        name="s",
+        qualities=["h24"],
+        images=images,
+        epochs=1,
+        batch_size=4,
+        val_rule="neighbours",
+        progress=False,
+    )
+    res = run_distill(cfg, HomeSettings(home=home))
+    m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
+    assert m["details"]["validation"] == "neighbours" and m["details"]["val_images"] == 2
+    assert res.history[0]["val"]["rule"] == "neighbours"
+    assert 0.0 <= res.history[0]["val"]["recall@1"] <= 1.0
+
+
 def test_self_retrieval_counts_own_original_or_a_neighbour():
     db = np.eye(6, dtype=np.float32)
     # queries 0 and 1 find their own originals; query 2 finds image 4, a neighbour only with positions
