@@ -74,6 +74,7 @@ def tracked_recall(db: np.ndarray, walk: np.ndarray, xy: np.ndarray | None, plan
         [{} for _ in range(len(db))] if xy is None else [{"utm_e": float(e), "utm_n": float(n)} for e, n in xy]
     )
     profile = DatabaseProfile.from_rows(metas, len(db))
+    assert profile.mode == ("order" if xy is None else "route"), f"a made-up route profiled as {profile.mode}"
     if planar:
         profile = dataclasses.replace(profile, route=False)
     x = db / np.linalg.norm(db, axis=1, keepdims=True)

@@ -53,8 +53,10 @@ HUB_RELATIVE_TO = "distance profile"  # what the record says each cosine is take
 HUB_K = 10  # most similar places elsewhere whose similarity is averaged
 HUB_EXCLUDE = 3.0  # database spacings around a place that are "the same place"
 HUB_MAX_WORK = 2e13  # N x N x D multiply-adds at most (a few minutes on 2 cores)
-BATCH_FLOATS = 1 << 25  # similarity rows computed at once (128 MB of float32)
+BATCH_FLOATS = 1 << 25  # similarity entries per batch (128 MB of float32; with positions the
+# batch's distances take about four times that)
 PROFILE_ROWS = 2048  # rows (evenly spread) whose similarities to every place give the distance profile
+PROFILE_MIN_BINS = 64  # the profile runs to max(this, N) spacings; farther counts as that far
 
 
 def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | None = None) -> np.ndarray | None:
@@ -87,7 +89,7 @@ def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | Non
         b = min(n, a + rows)
         d = distance(np.arange(a, b))
         sim = x[a:b] @ x.T
-        sim -= profile[_bins(d, profile.size)]
+        sim -= profile[_bins(d, profile.size - 1)]
         sim[d <= HUB_EXCLUDE] = -np.inf
         top = -np.partition(-sim, k - 1, axis=1)[:, :k]
         finite = np.isfinite(top)
@@ -105,23 +107,24 @@ def distance_profile(x: np.ndarray, distance: Callable[[np.ndarray], np.ndarray]
     no pair, or a rise such as the same spot in a second traversal far along
     the id order, takes the value before it)."""
     n = len(x)
+    cap = max(PROFILE_MIN_BINS, n)  # farther than this many spacings counts as this far (flat out there)
     rows = np.unique(np.linspace(0, n - 1, min(n, PROFILE_ROWS)).astype(np.int64))
-    total, count = np.zeros(0), np.zeros(0)
-    for a in range(0, rows.size, max(1, BATCH_FLOATS // max(1, n))):
-        part = rows[a : a + max(1, BATCH_FLOATS // max(1, n))]
-        bins = _bins(distance(part), None).ravel()
-        sims = (x[part] @ x.T).ravel().astype(np.float64)
-        size = max(total.size, int(bins.max()) + 1)
-        total = np.pad(total, (0, size - total.size)) + np.bincount(bins, weights=sims, minlength=size)
-        count = np.pad(count, (0, size - count.size)) + np.bincount(bins, minlength=size)
+    total, count = np.zeros(cap + 1), np.zeros(cap + 1)
+    step = max(1, BATCH_FLOATS // max(1, n))
+    for a in range(0, rows.size, step):
+        part = rows[a : a + step]
+        bins = _bins(distance(part), cap).ravel()
+        total += np.bincount(bins, weights=(x[part] @ x.T).ravel(), minlength=cap + 1)
+        count += np.bincount(bins, minlength=cap + 1)
     mean = np.where(count > 0, total / np.maximum(count, 1), np.inf)
     return np.minimum.accumulate(mean).astype(np.float32)
 
 
-def _bins(d: np.ndarray, size: int | None) -> np.ndarray:
-    """Whole spacings of distances `d` (int32), capped at `size` - 1 when given."""
-    bins = d.astype(np.int32) if d.dtype.kind in "iu" else np.rint(d).astype(np.int32)
-    return bins if size is None else np.minimum(bins, size - 1, out=bins)
+def _bins(d: np.ndarray, cap: int) -> np.ndarray:
+    """Whole spacings of distances `d` (int32), at most `cap` (also for a non-finite distance)."""
+    if d.dtype.kind in "iu":
+        return np.minimum(d, cap).astype(np.int32, copy=False)
+    return np.rint(np.minimum(np.nan_to_num(d, nan=cap, posinf=cap), cap)).astype(np.int32)
 
 
 def _distances(positions: Sequence[tuple[float, float] | None] | None, n: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -56,7 +56,8 @@ class Profiles:
         if found is None:
             index = serving.index
             rows = index.meta(range(min(index.count, PROFILE_SAMPLE)))
-            found = DatabaseProfile.from_rows([rows[i] for i in sorted(rows)], index.count)
+            ids = sorted(rows)
+            found = DatabaseProfile.from_rows([rows[i] for i in ids], index.count, ids)
             self._by_index[key] = found
             while len(self._by_index) > PROFILES_KEPT:
                 self._by_index.popitem(last=False)

@@ -20,12 +20,13 @@ Why it is built this way:
 - **Motion model from the database** (`DatabaseProfile`, from a bounded sample
   of the metadata in id order). Three modes:
   - `route`: positions (UTM in the index metadata) whose consecutive ids form
-    a traversal (nearly every step within `ROUTE_STEP` x the median step, and
-    that step short against the map). The
+    a traversal (one image per place, ids one apart, nearly every step within
+    `ROUTE_STEP` x the median step, and that step short against the map). The
     walker moves along the route, in database order, so a velocity is a speed
     along the route and a turn of the route is not a change of velocity. The
     positions still set the confidence (the same spot in other traversals counts).
-  - `positions`: positions whose id order is not a route (a photo collection).
+  - `positions`: positions whose id order is not a route (a photo collection,
+    several views per place, ids far apart).
     Distances are metric, divided by the spacing (the median step between
     consecutive ids), and velocities have `DIRECTIONS` compass headings.
   - `order`: no positions; the distance in database order (ids of a traversal
@@ -67,7 +68,8 @@ Why it is built this way:
   reported place is still a right one.
 - **Generic places.** A candidate's score is lowered by `hub_weight` times its
   place's hubness, when the index has it (index/hubness.py: the mean cosine of
-  the place to its most similar places elsewhere on the map). Compressed night
+  the place to its most similar places elsewhere on the map, each relative to
+  the map's usual cosine at that distance). Compressed night
   frames land near a few generic-looking places scattered along the route;
   without this a belief that may stand still settles on them.
 - **Observation likelihood.** exp(score / T), normalised over the support. T
@@ -122,7 +124,9 @@ class DatabaseProfile:
         return self.positions and not self.route
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Mapping[str, Any]], count: int) -> DatabaseProfile:
+    def from_rows(
+        cls, rows: Sequence[Mapping[str, Any]], count: int, ids: Sequence[int] | None = None
+    ) -> DatabaseProfile:
         """Profile from metadata rows in id order (`utm_e`, `utm_n` when known).
 
         Positions are used only when every sampled row has them and they are not
@@ -132,18 +136,27 @@ class DatabaseProfile:
         route when at least `ROUTE_SHARE` of those steps are within `ROUTE_STEP`
         spacings (the jumps between concatenated traversals are a few steps) and
         a step is short against the map (`ROUTE_LOCAL`: consecutive places of a
-        photo collection are as far apart as any two)."""
+        photo collection are as far apart as any two), and the ids are of one
+        image per place, one apart (`ids`: the rows' ids, None: consecutive), as
+        the route mode moves by id: several views at one spot, or ids that skip,
+        keep the metric `positions` mode."""
         xy = positions_of(rows)
         if len(rows) < 2 or np.isnan(xy).any():
             return cls(int(count), False, 1.0)
-        steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
-        steps = steps[steps > 1e-6]
+        all_steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
+        steps = all_steps[all_steps > 1e-6]
         if steps.size == 0:
             return cls(int(count), False, 1.0)
         spacing = float(np.median(steps))
-        pairs = np.linalg.norm(xy - xy[np.random.default_rng(0).permutation(len(xy))], axis=1)
-        on_route = float(np.mean(steps <= ROUTE_STEP * spacing)) >= ROUTE_SHARE
-        route = on_route and spacing <= ROUTE_LOCAL * float(np.median(pairs))
+        some = xy[np.unique(np.linspace(0, len(xy) - 1, min(len(xy), 256)).astype(np.int64))]
+        pairs = np.linalg.norm(some[:, None] - some[None, :], axis=2)[np.triu_indices(len(some), 1)]
+        id_steps = np.diff(np.asarray(ids, np.int64)) if ids is not None else np.ones(len(rows) - 1)
+        route = (
+            float(np.mean(all_steps <= ROUTE_STEP * spacing)) >= ROUTE_SHARE
+            and float(np.mean(all_steps > 1e-6)) >= ROUTE_SHARE  # one image per place
+            and float(np.mean(id_steps == 1)) >= ROUTE_SHARE  # ids one apart
+            and spacing <= ROUTE_LOCAL * float(np.median(pairs))
+        )
         return cls(int(count), True, spacing, route)
 
 

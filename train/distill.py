@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 from tqdm import tqdm
 
 from vpr.describe.cache import DescriptorCache
@@ -342,8 +343,9 @@ class Distiller:
         old = self.files.read_state()
         new = self.state.config
         fields = DistillConfig.model_fields
-        # a setting the old run's version did not have yet ran at its default
-        was = {k: old.config.get(k, fields[k].default if k in fields else None) for k in set(old.config) | set(new)}
+        # a setting the old run's version did not have yet ran at its default (compared as the state stores it)
+        default = {k: to_jsonable_python(f.default) for k, f in fields.items() if not f.is_required()}
+        was = {k: old.config.get(k, default.get(k)) for k in set(old.config) | set(new)}
         changed = sorted(k for k in was if k not in RESUMABLE_CHANGES and was[k] != new.get(k))
         if changed:
             diffs = "; ".join(f"{k}: {was[k]!r} -> {new.get(k)!r}" for k in changed)

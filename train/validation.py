@@ -32,11 +32,14 @@ training, the teacher's own score), registers the best epoch and stops after
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ORIG = "orig"
 RECALL_NS = (1, 5)
@@ -91,28 +94,38 @@ def make_validation_set(
     if not len(val_ids):
         return train_ids, None
     xy = None if utm is None else np.asarray(utm, np.float64)
-    if xy is not None:
-        near = np.linalg.norm(xy[val_ids][:, None, :] - xy[None, :, :], axis=2) <= radius
-    else:
-        near = np.abs(val_ids[:, None] - np.arange(n)[None, :]) <= (NEIGHBOURS if rule == "neighbours" else 0)
+    reach = NEIGHBOURS if rule == "neighbours" else 0
+
+    def near(i: int) -> np.ndarray:  # the images that count as the same place as image i (i included)
+        if xy is not None:
+            return np.flatnonzero(np.linalg.norm(xy - xy[i], axis=1) <= radius)
+        return np.arange(max(0, i - reach), min(n, i + reach + 1))
+
     radius_or_none = None if xy is None else radius
     if rule == "self":
-        positives = [np.union1d(np.flatnonzero(row), [i]).astype(np.int64) for row, i in zip(near, val_ids)]
+        positives = [np.union1d(near(int(i)), [i]).astype(np.int64) for i in val_ids]
         return train_ids, ValidationSet(val_ids, positives, validation_qualities(qualities), radius_or_none)
-    db_ids = train_ids  # the held-out images are not in the validation database
-    row_of = np.full(n, -1, np.int64)
-    row_of[db_ids] = np.arange(db_ids.size)
-    kept, positives = [], []
-    for i, row in zip(val_ids, near):
-        rows = row_of[np.flatnonzero(row)]
+    row_of = np.full(n, -1, np.int64)  # the held-out images are not in the validation database
+    row_of[train_ids] = np.arange(train_ids.size)
+    kept, positives, dropped = [], [], []
+    for i in val_ids.tolist():
+        rows = row_of[near(i)]
         rows = rows[rows >= 0]
         if rows.size:
-            kept.append(int(i))
+            kept.append(i)
             positives.append(rows)
+        else:
+            dropped.append(i)
+    if dropped:  # nothing to find for them: they train instead
+        log.warning("validation: %d held-out image(s) have no neighbour and train instead", len(dropped))
+        train_ids = np.union1d(train_ids, dropped).astype(np.int64)
+        row_of[:] = -1
+        row_of[train_ids] = np.arange(train_ids.size)
+        positives = [row_of[near(i)][row_of[near(i)] >= 0] for i in kept]
     if not kept:
         return train_ids, None
     return train_ids, ValidationSet(
-        np.asarray(kept, np.int64), positives, validation_qualities(qualities), radius_or_none, rule, db_ids
+        np.asarray(kept, np.int64), positives, validation_qualities(qualities), radius_or_none, rule, train_ids
     )
 
 

@@ -89,16 +89,37 @@ def test_distance_profile_is_non_increasing() -> None:
     rng = np.random.default_rng(7)
     base = unit(rng.standard_normal((60, 32)))
     db = unit(np.concatenate([base, base]) + 0.05 * rng.standard_normal((120, 32))).astype(np.float32)
-    order = np.arange(120, dtype=np.float64)
+    order = np.arange(120, dtype=np.int32)  # distances in row order, as `hubness` gives them
     profile = hub_mod.distance_profile(db, lambda rows: np.abs(order[rows][:, None] - order[None, :]))
-    assert profile.shape == (120,) and profile[0] == pytest.approx(1.0, abs=1e-5)
+    assert profile.shape == (121,) and profile[0] == pytest.approx(1.0, abs=1e-5)
     assert np.all(np.diff(profile) <= 1e-7)
     assert profile[60] < 0.5  # the twins (cosine ~0.99) 60 ids apart do not lift it
+
+
+def test_a_far_outlier_position_keeps_the_profile_small() -> None:
+    """One position a thousand kilometres off a 1 cm-spaced route: distances beyond the
+    profile's reach count as its last bin, so its size stays bounded by the places."""
+    rng = np.random.default_rng(8)
+    db = unit(rng.standard_normal((50, 16))).astype(np.float32)
+    xy = [(0.01 * i, 0.0) for i in range(49)] + [(1e6, 0.0)]
+    h = hubness(db, xy)
+    assert h is not None and np.isfinite(h).all()
+    profile = hub_mod.distance_profile(db, lambda rows: np.full((len(rows), 50), 1e8))
+    assert profile.shape == (hub_mod.PROFILE_MIN_BINS + 1,)
 
 
 def test_too_large_a_database_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_mod, "HUB_MAX_WORK", 100 * 100 * 8 - 1)
     assert hubness(unit(np.random.default_rng(3).standard_normal((100, 8)))) is None
+
+
+def test_an_older_index_raw_hubness_still_loads(tmp_path: Path) -> None:
+    """A manifest from before the distance profile (no `relative_to`) is read as it is."""
+    record = hub_mod.save(tmp_path, np.array([0, 1]), np.array([0.2, 0.4]))
+    assert record["relative_to"] == hub_mod.HUB_RELATIVE_TO
+    del record["relative_to"]
+    table = Hubness.open(tmp_path, {hub_mod.HUB_KEY: record})
+    assert table is not None and np.allclose(table.of([1, 0]), [0.4, 0.2])
 
 
 def test_saved_table_reads_back_by_id(tmp_path: Path) -> None:

@@ -309,6 +309,12 @@ def test_profile_from_metadata() -> None:
     rng = np.random.default_rng(0)
     collection = [{"utm_e": float(e), "utm_n": float(n)} for e, n in rng.uniform(0, 500, (50, 2))]
     assert DatabaseProfile.from_rows(collection, 50).mode == "positions"  # ids in no order along the ground
+    # the route mode moves by id: ids that skip, or several views of each place, keep the metric mode
+    assert DatabaseProfile.from_rows(walk, 50, ids=list(range(0, 250, 5))).mode == "positions"
+    assert DatabaseProfile.from_rows(walk, 50, ids=list(range(50))).mode == "route"
+    views = [row for row in walk for _ in range(4)]
+    assert DatabaseProfile.from_rows(views, 200).mode == "positions"
+    assert DatabaseProfile.from_rows(walk[:8], 8).mode == "route"  # a short street (from about 8 places)
     assert DatabaseProfile.from_rows([], 0).mode == "order"
 
 

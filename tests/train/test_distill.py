@@ -300,6 +300,12 @@ def test_resume_after_a_crash_reaches_the_same_student(tmp_path, images, monkeyp
         run_distill(cfg, settings)
     with pytest.raises(ValueError, match=r"different settings \(lr"):
         run_distill(cfg.model_copy(update={"lr": 5e-4}), settings, resume=True)
+    # a state written by a version without some settings: they ran at their defaults
+    state_path = home / "runs" / "crashy" / "state.json"
+    older = json.loads(state_path.read_text())
+    for key in ("val_rule", "triplet"):
+        del older["config"][key]
+    state_path.write_text(json.dumps(older))
     resumed = run_distill(cfg, settings, resume=True)
     assert states_close(trained_student(home, str(straight.ref)), trained_student(home, str(resumed.ref)), 1e-6)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]

@@ -59,8 +59,9 @@ def test_neighbours_rule_leaves_the_held_out_images_out_and_asks_for_a_neighbour
     # with positions, the radius decides; a held-out image with no neighbour in reach is left out
     utm = np.stack([np.arange(30) * 10.0, np.zeros(30)], axis=1)
     utm[15] = (5000.0, 5000.0)
-    _, vs = make_validation_set(30, 0.1, ["orig"], utm, radius=15.0, rule="neighbours")
+    train, vs = make_validation_set(30, 0.1, ["orig"], utm, radius=15.0, rule="neighbours")
     assert vs is not None and vs.val_ids.tolist() == [5, 25] and vs.radius == 15.0
+    assert 15 in train.tolist() and vs.database_ids is not None and vs.database_ids.tolist() == train.tolist()
     assert [vs.database_ids[r].tolist() for r in vs.positives] == [[4, 6], [24, 26]]
     with pytest.raises(ValueError, match="unknown validation rule 'own'"):
         make_validation_set(30, 0.1, ["orig"], rule="own")
