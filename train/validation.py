@@ -105,23 +105,16 @@ def make_validation_set(
     if rule == "self":
         positives = [np.union1d(near(int(i)), [i]).astype(np.int64) for i in val_ids]
         return train_ids, ValidationSet(val_ids, positives, validation_qualities(qualities), radius_or_none)
-    row_of = np.full(n, -1, np.int64)  # the held-out images are not in the validation database
+    # the held-out images are not in the validation database; one with no neighbour there trains instead
+    in_db = np.zeros(n, bool)
+    in_db[train_ids] = True
+    kept = [i for i in val_ids.tolist() if in_db[near(i)].any()]
+    if len(kept) < len(val_ids):
+        log.warning("validation: %d held-out image(s) have no neighbour and train instead", len(val_ids) - len(kept))
+        train_ids = np.union1d(train_ids, np.setdiff1d(val_ids, kept)).astype(np.int64)
+    row_of = np.full(n, -1, np.int64)
     row_of[train_ids] = np.arange(train_ids.size)
-    kept, positives, dropped = [], [], []
-    for i in val_ids.tolist():
-        rows = row_of[near(i)]
-        rows = rows[rows >= 0]
-        if rows.size:
-            kept.append(i)
-            positives.append(rows)
-        else:
-            dropped.append(i)
-    if dropped:  # nothing to find for them: they train instead
-        log.warning("validation: %d held-out image(s) have no neighbour and train instead", len(dropped))
-        train_ids = np.union1d(train_ids, dropped).astype(np.int64)
-        row_of[:] = -1
-        row_of[train_ids] = np.arange(train_ids.size)
-        positives = [row_of[near(i)][row_of[near(i)] >= 0] for i in kept]
+    positives = [rows[rows >= 0] for rows in (row_of[near(i)] for i in kept)]
     if not kept:
         return train_ids, None
     return train_ids, ValidationSet(
