@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from vpr.index.hubness import Hubness  # noqa: E402
+from vpr.index.hubness import Hubness, step_pair, step_similarity  # noqa: E402
 from vpr.index.knn import exact_knn  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.settings import TrackSettings  # noqa: E402
@@ -49,7 +49,8 @@ def one_size(
     search_ms = (time.perf_counter() - t) * 1000 / frames
     metas_of = lambda row: [{"utm_e": 2.0 * float(i), "utm_n": 0.0} for i in row]  # noqa: E731
     rows = metas_of(range(min(n, 4096)))
-    profile = DatabaseProfile.from_rows(rows, n)
+    # the step similarity an index build records (the tracker compares consecutive frames' cosine with it)
+    profile = DatabaseProfile.from_rows(rows, n, step=step_pair(step_similarity(db[: min(n, 4096)])))
     if mode == "positions":
         profile = dataclasses.replace(profile, route=False)  # as if the ids were not a route
     tracker = Tracker(settings, profile)
@@ -59,7 +60,7 @@ def one_size(
     for f in range(frames):
         metas = metas_of(ids[f])
         t = time.perf_counter()
-        fix = tracker.observe(ids[f], scores[f], metas, at=f, hubness=table.of(ids[f]))
+        fix = tracker.observe(ids[f], scores[f], metas, at=f, hubness=table.of(ids[f]), descriptor=q[f])
         per_frame.append((time.perf_counter() - t) * 1000)
         right += fix is not None and abs(fix.id - path[f]) <= 2
     ms = np.array(per_frame[5:])  # the first frames warm numpy's caches
@@ -80,7 +81,7 @@ def one_size(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,100000,1000000")
-    p.add_argument("--dim", type=int, default=32, help="descriptor size (small: the tracker never sees descriptors)")
+    p.add_argument("--dim", type=int, default=32, help="descriptor size (one dot product per frame)")
     p.add_argument("--frames", type=int, default=500)
     p.add_argument("--mode", choices=["positions", "route"], default="positions")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "track_cost.json")

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from vpr.data.datasets import open_dataset  # noqa: E402
 from vpr.describe.cache import DescriptorCache  # noqa: E402
 from vpr.describe.describe import describe  # noqa: E402
-from vpr.evaluation.evaluate import database_hubness  # noqa: E402
+from vpr.evaluation.evaluate import database_hubness, track_profile  # noqa: E402
 from vpr.index.knn import exact_knn  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.model.registry import Registry  # noqa: E402
@@ -40,12 +40,12 @@ SIDE = 40  # frames before and after a splice or a turn
 STAY = 5  # right for this many frames in a row counts as re-localized
 
 
-def frames_to_relocalize(order: list[int], splice: int, ids, scores, hub, positives, settings) -> int:
+def frames_to_relocalize(order: list[int], splice: int, ids, scores, hub, positives, settings, step, qd) -> int:
     """Frames after position `splice` of `order` until the track is right for STAY frames."""
-    tracker = Tracker(settings, DatabaseProfile(len(hub), False, 1.0))
+    tracker = Tracker(settings, DatabaseProfile(len(hub), False, 1.0, step=step))
     right = []
     for t, qi in enumerate(order):
-        fix = tracker.observe(ids[qi], scores[qi], at=t, hubness=hub[ids[qi]])
+        fix = tracker.observe(ids[qi], scores[qi], at=t, hubness=hub[ids[qi]], descriptor=qd[qi])
         right.append(fix is not None and fix.id in positives[qi])
     for t in range(splice, len(order) - STAY + 1):
         if all(right[t : t + STAY]):
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         db = describe(teacher, [i.path for i in ds.database], "orig", cache=cache, device="cpu").desc
         hub = database_hubness(db, ds)  # as an index build of this database records it
         assert hub is not None
+        step = track_profile(ds, db).step  # and its step similarity (standing vs moving from frames)
         pos = [set(p.tolist()) for p in ds.positives]
         n = len(ds.queries)
         for q in args.quality.split(","):
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                 for b in range(0, n - SIDE + 1, 20):
                     if abs(a - b) >= 60:
                         order = list(range(a - SIDE, a)) + list(range(b, b + SIDE))
-                        splices.append(frames_to_relocalize(order, SIDE, ids, scores, hub, pos, settings))
+                        splices.append(frames_to_relocalize(order, SIDE, ids, scores, hub, pos, settings, step, qd))
             turns = []
             for s in range(SIDE, n - 39, 10):
                 order = list(range(s - SIDE, s)) + list(range(s - 2, s - 2 - SIDE, -1))
-                turns.append(frames_to_relocalize(order, SIDE, ids, scores, hub, pos, settings))
+                turns.append(frames_to_relocalize(order, SIDE, ids, scores, hub, pos, settings, step, qd))
             row = {
                 "query_set": qset,
                 "quality": q,

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import numpy as np  # noqa: E402
 from track_validate import add_split_arguments, load_split  # noqa: E402
 
-from vpr.index.hubness import hubness  # noqa: E402
+from vpr.index.hubness import hubness, step_pair, step_similarity  # noqa: E402
 from vpr.index.knn import exact_knn  # noqa: E402
 from vpr.model.fileio import atomic_write_json  # noqa: E402
 from vpr.settings import TrackSettings  # noqa: E402
@@ -73,18 +73,26 @@ def tracked_recall(db: np.ndarray, walk: np.ndarray, xy: np.ndarray | None, plan
     metas: list[dict[str, float]] = (
         [{} for _ in range(len(db))] if xy is None else [{"utm_e": float(e), "utm_n": float(n)} for e, n in xy]
     )
-    profile = DatabaseProfile.from_rows(metas, len(db))
+    x = db / np.linalg.norm(db, axis=1, keepdims=True)
+    step = step_pair(step_similarity(x, None if xy is None else [tuple(p) for p in xy]))
+    profile = DatabaseProfile.from_rows(metas, len(db), step=step)
     assert profile.mode == ("order" if xy is None else "route"), f"a made-up route profiled as {profile.mode}"
     if planar:
         profile = dataclasses.replace(profile, route=False)
-    x = db / np.linalg.norm(db, axis=1, keepdims=True)
     hub = hubness(x, None if xy is None else [tuple(p) for p in xy])
     scores, ids = exact_knn(db, walk, min(s.candidates, len(db)))
     tracker = Tracker(s, profile)
     right = frame = 0
     for k in range(len(walk)):
         cand = ids[k]
-        tracker.observe(cand, scores[k], [metas[j] for j in cand], at=k, hubness=None if hub is None else hub[cand])
+        tracker.observe(
+            cand,
+            scores[k],
+            [metas[j] for j in cand],
+            at=k,
+            hubness=None if hub is None else hub[cand],
+            descriptor=walk[k],
+        )
         right += int(tracker.ranking()[0] in (k, k + 1))
         frame += int(cand[0] in (k, k + 1))
     return right / len(walk), frame / len(walk)

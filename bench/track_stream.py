@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from vpr.data.datasets import read_ground_truth_csv  # noqa: E402
 from vpr.describe.cache import DescriptorCache  # noqa: E402
 from vpr.describe.describe import describe  # noqa: E402
-from vpr.index.hubness import HUB_KEY, HUB_RELATIVE_TO  # noqa: E402
+from vpr.index.hubness import HUB_KEY, HUB_RELATIVE_TO, STEP_KEY  # noqa: E402
 from vpr.index.meta import Entry  # noqa: E402
 from vpr.index.store import IndexStore, ModelStamp  # noqa: E402
 from vpr.media.degrade import degrade  # noqa: E402
@@ -54,9 +54,9 @@ INDEX = "gp-day-left"
 def build_index(home: Path, teacher: str, db_dir: Path) -> str:
     store = IndexStore(home / "indexes")
     if INDEX in store.names():
-        record = store.manifest(store.resolve(INDEX)).get(HUB_KEY) or {}
-        if record.get("relative_to") == HUB_RELATIVE_TO:
-            return str(store.resolve(INDEX))  # its hubness is the current one
+        manifest = store.manifest(store.resolve(INDEX))
+        if (manifest.get(HUB_KEY) or {}).get("relative_to") == HUB_RELATIVE_TO and manifest.get(STEP_KEY):
+            return str(store.resolve(INDEX))  # its hubness is the current one, and it records the step similarity
     model = Registry(home / "models").load(teacher, "cpu")
     paths = list_images(db_dir)
     entries = [Entry(p, p.stem) for p in paths]

@@ -35,7 +35,7 @@ from vpr.data.spec import DatasetSpec
 from vpr.describe.cache import DescriptorCache, image_sha256
 from vpr.describe.describe import POLICIES, Described, describe, describe_many, with_policy
 from vpr.index.faiss_backend import l2_normalize
-from vpr.index.hubness import hubness
+from vpr.index.hubness import hubness, step_pair, step_similarity
 from vpr.index.knn import exact_knn
 from vpr.index.meta import Entry, description_record
 from vpr.media.degrade import (
@@ -235,7 +235,7 @@ def evaluate(
     results: list[dict[str, Any]] = []
     seqs = query_sequences(dataset.queries) if track is not None else []
     hub = database_hubness(db_out.desc, dataset) if track is not None else None
-    motion = track_profile(dataset).mode if track is not None else None
+    profile = track_profile(dataset, db_out.desc) if track is not None else None
     for q in quals:
         kw: dict[str, Any] = {
             "cache": cache,
@@ -263,8 +263,11 @@ def evaluate(
                     "track": {
                         "sequences": len(seqs),
                         "sequence_encoded": q.is_video,
-                        "mode": motion,  # the tracker's motion model for this database (track/tracker.py)
+                        # the tracker's motion model for this database (track/tracker.py)
+                        "mode": profile.mode if profile else None,
                         "hubness": hub is not None,
+                        # (mean, spread) cosine of places one spacing apart: standing vs moving from frames
+                        "step_similarity": list(profile.step) if profile and profile.step else None,
                         **track.model_dump(),
                     },
                 }
@@ -331,10 +334,15 @@ def database_hubness(db_desc: np.ndarray, dataset: PlaceDataset) -> np.ndarray |
     return hubness(l2_normalize(db_desc), [Entry.of(it).utm for it in dataset.database])
 
 
-def track_profile(dataset: PlaceDataset) -> DatabaseProfile:
-    """The tracker's view of the database (its motion mode and spacing), as a server's index of it gives it."""
+def track_profile(dataset: PlaceDataset, db_desc: np.ndarray | None = None) -> DatabaseProfile:
+    """The tracker's view of the database (its motion mode and spacing; with
+    `db_desc`, the step similarity), as a server's index of it gives it."""
     metas = [it.meta() for it in dataset.database[:PROFILE_SAMPLE]]
-    return DatabaseProfile.from_rows(metas, len(dataset.database))
+    step = None
+    if db_desc is not None:
+        record = step_similarity(l2_normalize(db_desc), [Entry.of(it).utm for it in dataset.database])
+        step = step_pair(record, dataset.name)
+    return DatabaseProfile.from_rows(metas, len(dataset.database), step=step)
 
 
 def tracked_ranks(
@@ -350,9 +358,10 @@ def tracked_ranks(
     that frame (NOT_FOUND / NO_POSITIVE as in `first_positive_ranks`). The
     tracker sees each sequence causally, one frame at a time, with the same
     candidates (`settings.candidates` nearest database places) a server would
-    give it, and their hubness (`database_hubness`, None for raw scores)."""
+    give it, and their hubness (`database_hubness`, None for raw scores), and
+    each frame's own descriptor (the tracker reads standing vs moving from it)."""
     metas = [it.meta() for it in dataset.database]
-    profile = track_profile(dataset)
+    profile = track_profile(dataset, db_desc)
     depth = max(1, min(max(settings.candidates, k), len(db_desc)))
     scores, ids = exact_knn(db_desc, q_desc, depth)
     ranks = np.full(len(q_desc), NOT_FOUND, np.int64)
@@ -366,6 +375,7 @@ def tracked_ranks(
                 [metas[j] if j >= 0 else None for j in cand],
                 at=t,
                 hubness=None if hub is None else hub[np.maximum(cand, 0)],
+                descriptor=q_desc[qi],
             )
             order = list(dict.fromkeys([*tracker.ranking().tolist(), *ids[qi].tolist()]))[:k]
             pos = np.asarray(dataset.positives[qi], np.int64)

@@ -31,6 +31,14 @@ skipped (logged, and the manifest says so), and the tracker then uses the raw
 scores. Edits (add/remove) change other places' neighbourhoods and do not
 carry it over: a rebuild restores it.
 
+The build also records one more statistic of the map (`step_similarity`,
+`STEP_KEY` in the manifest): the mean and spread of the cosine between two
+places one spacing apart. The tracker holds two consecutive frames' cosine
+against it to tell a walker who stands (frames nearly alike) from one who
+moves (frames as different as places a spacing apart, or more). It is cheap
+(only the pairs one spacing apart are multiplied), so it is recorded at any
+size, and an edit keeps it (a few places more or less hardly move a mean).
+
 The defaults were chosen on validation data only (bench/track_validate.py's
 split of `day_left`, and walks over database frames; docs/BENCHMARKS.md),
 never on test queries.
@@ -57,6 +65,7 @@ BATCH_FLOATS = 1 << 25  # similarity entries per batch (128 MB of float32; with 
 # batch's distances take about four times that)
 PROFILE_ROWS = 2048  # rows (evenly spread) whose similarities to every place give the distance profile
 PROFILE_MIN_BINS = 64  # the profile runs to max(this, N) spacings; farther counts as that far
+STEP_KEY = "step_similarity"  # the manifest's record of how alike places one spacing apart are
 
 
 def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | None = None) -> np.ndarray | None:
@@ -146,6 +155,55 @@ def _positions(positions: Sequence[tuple[float, float] | None] | None, n: int) -
     if positions is None or len(positions) != n or any(p is None for p in positions):
         return None
     return np.asarray(positions, dtype=np.float64).reshape(n, 2)
+
+
+def step_similarity(
+    x: np.ndarray, positions: Sequence[tuple[float, float] | None] | None = None
+) -> dict[str, Any] | None:
+    """How alike two places one spacing apart are: the mean and standard
+    deviation of the cosine over the pairs of rows of `x` (L2-normalised, in id
+    order) that lie one spacing apart (metric with `positions`, else in row
+    order), from up to `PROFILE_ROWS` evenly spread rows; None with fewer than
+    two such pairs. The tracker compares two consecutive frames' cosine with it
+    to tell a walker standing from one moving (track/tracker.py). Cheap: only
+    the pairs at that distance are multiplied (a few per row)."""
+    n = len(x)
+    if n < 2:
+        return None
+    distance = _distances(positions, n)
+    rows = np.unique(np.linspace(0, n - 1, min(n, PROFILE_ROWS)).astype(np.int64))
+    step = max(1, BATCH_FLOATS // max(1, n))
+    sims = []
+    for a in range(0, rows.size, step):
+        part = rows[a : a + step]
+        r, c = np.nonzero(_bins(distance(part), 2) == 1)
+        sims.append(np.einsum("ij,ij->i", x[part[r]], x[c], dtype=np.float64))
+    s = np.concatenate(sims)
+    if s.size < 2 or not np.isfinite(s).all():
+        return None
+    return {"mean": round(float(s.mean()), 6), "spread": round(float(s.std()), 6), "pairs": int(s.size)}
+
+
+def step_of(manifest: dict[str, Any], where: Path | str = "index") -> tuple[float, float] | None:
+    """(mean, spread) of a manifest's step similarity record; None when it has
+    none (an index built before it was recorded) or an unusable one (logged)."""
+    return step_pair(manifest.get(STEP_KEY), where)
+
+
+def step_pair(record: dict[str, Any] | None, where: Path | str = "index") -> tuple[float, float] | None:
+    """(mean, spread) of a step similarity record (`step_similarity`); None for
+    none, or for an unusable one (logged: a map whose neighbours all look
+    exactly alike, a damaged manifest)."""
+    if not record:
+        return None
+    try:
+        mean, spread = float(record["mean"]), float(record["spread"])
+    except (KeyError, TypeError, ValueError):
+        mean = spread = float("nan")
+    if not (np.isfinite(mean) and np.isfinite(spread) and spread > 0 and -1.0 <= mean <= 1.0):
+        log.warning("%s: unusable %s record %r; the tracker reads no motion from frames", where, STEP_KEY, record)
+        return None
+    return mean, spread
 
 
 def save(folder: Path, ids: np.ndarray, values: np.ndarray) -> dict[str, Any]:

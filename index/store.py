@@ -181,6 +181,8 @@ class LoadedIndex:
         self._searcher = searcher
         self._meta = meta
         self.hubness = hubness  # how generic each place looks (index/hubness.py); None when not recorded
+        # how alike places one spacing apart are, (mean, spread) of their cosine; None when not recorded
+        self.step = hub_mod.step_of(manifest, path)
 
     def __repr__(self) -> str:
         return f"LoadedIndex({self.ref}, {self.count} x {self.dim}-d, {self.manifest.get('factory')})"
@@ -420,6 +422,7 @@ class IndexStore:
             meta_db.create(tmp / META_FILE, rows)
             hub = hub_mod.hubness(x, [e.utm for e in entries])
             hub_record = hub_mod.save(tmp, ids_arr, hub) if hub is not None else None
+            step_record = hub_mod.step_similarity(x, [e.utm for e in entries])
             fields = backend.build(tmp, name, x, ids_arr, fb.normalize_spec(factory), progress)
             manifest = {
                 "format": FORMAT,
@@ -440,6 +443,7 @@ class IndexStore:
                 "details": details or {},
                 **({meta_db.DESCRIPTION_KEY: description} if description else {}),
                 **({hub_mod.HUB_KEY: hub_record} if hub_record else {}),
+                **({hub_mod.STEP_KEY: step_record} if step_record else {}),
                 **fields,
             }
             return self._publish(tmp, manifest, activate)

@@ -59,6 +59,7 @@ class Answer:
     embed_ms: float
     search_ms: float
     batch_size: int
+    descriptor: np.ndarray | None = None  # the query's descriptor (the tracker compares consecutive frames')
 
 
 @dataclass(eq=False)
@@ -227,7 +228,8 @@ class MicroBatcher:
             queue_ms = (started - it.enqueued) * 1000
             if self.metrics:
                 self.metrics.stage.labels("queue").observe(queue_ms / 1000)
-            it.future.set_result(Answer(list(h)[: it.k], queue_ms, embed_ms[id(it)], ms, sizes[id(it)]))
+            answer = Answer(list(h)[: it.k], queue_ms, embed_ms[id(it)], ms, sizes[id(it)], descs[id(it)])
+            it.future.set_result(answer)
 
 
 def _fail_item(item: _Item, error: Exception) -> None:

@@ -206,7 +206,7 @@ class QueryService:
             return {**answer_json(hits, serving), "timings_ms": _timings(prepared, answer, _ms_since(started))}
         timings = _timings(prepared, answer, _ms_since(started))
         t = time.perf_counter()
-        state = track.observe(serving, answer.hits, at)
+        state = track.observe(serving, answer.hits, at, answer.descriptor)
         if state is not None:
             state["update_ms"] = round(_ms_since(t), 3)
         return {**answer_json(hits, serving), "track": state, "timings_ms": timings}

@@ -7,7 +7,9 @@ the least recently used session is forgotten first) and in time (a session
 idle for `VPR_TRACK_SESSION_IDLE_S` is forgotten). Each tracker's belief is
 bounded by `VPR_TRACK_SUPPORT` (place, velocity) states, so the table's memory is
 bounded by their product (`Sessions.nbytes` sums it; under 8 KB per session at the
-defaults: 64 states of 40 bytes, the velocity grid, a label per place).
+defaults: 64 states of 40 bytes, the velocity grid, a label per place), plus the
+last frame's descriptor in float16 (64 KB for NetVLAD's 32,768 dimensions; so at
+most 72 MB for the default 1,024 sessions).
 
 A stream's frames are dated by their numbers (dropped ones widen the motion);
 an HTTP session's requests count one step each (a client that sends every
@@ -31,6 +33,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from vpr.index.store import Hit
 from vpr.server.errors import BadRequest
@@ -57,7 +61,7 @@ class Profiles:
             index = serving.index
             rows = index.meta(range(min(index.count, PROFILE_SAMPLE)))
             ids = sorted(rows)
-            found = DatabaseProfile.from_rows([rows[i] for i in ids], index.count, ids)
+            found = DatabaseProfile.from_rows([rows[i] for i in ids], index.count, ids, index.step)
             self._by_index[key] = found
             while len(self._by_index) > PROFILES_KEPT:
                 self._by_index.popitem(last=False)
@@ -77,14 +81,19 @@ class Track:
     def nbytes(self) -> int:
         return 256 + (self.tracker.nbytes if self.tracker else 0)
 
-    def observe(self, serving: Serving, hits: Sequence[Hit], at: float | None = None) -> dict[str, Any] | None:
-        """Update with one frame's candidates; the `track` of its answer (None without hits)."""
+    def observe(
+        self, serving: Serving, hits: Sequence[Hit], at: float | None = None, descriptor: np.ndarray | None = None
+    ) -> dict[str, Any] | None:
+        """Update with one frame's candidates (and its descriptor: consecutive
+        frames' tell standing from moving); the `track` of its answer (None without hits)."""
         if self.tracker is None or self.index_spec != serving.index_spec:
             self.tracker = Tracker(self.settings, self.profiles.of(serving))
             self.index_spec = serving.index_spec
         ids = [h.id for h in hits]
         hub = serving.index.hubness.of(ids) if serving.index.hubness is not None else None
-        fix = self.tracker.observe(ids, [h.score for h in hits], [h.meta for h in hits], at=at, hubness=hub)
+        fix = self.tracker.observe(
+            ids, [h.score for h in hits], [h.meta for h in hits], at=at, hubness=hub, descriptor=descriptor
+        )
         return track_json(fix, self.tracker.profile.mode) if fix is not None else None
 
 

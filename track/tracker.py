@@ -72,6 +72,21 @@ Why it is built this way:
   the map's usual cosine at that distance). Compressed night
   frames land near a few generic-looking places scattered along the route;
   without this a belief that may stand still settles on them.
+- **Standing or moving, from the frames themselves** (`frame_motion`). A
+  stretch of degraded night frames can match one place as well as the
+  walker's own, and "the walker stands there" then explains them best: the
+  belief stalls while the walker moves on (on Gardens Point at night, H.264
+  QP 40, the tracked misses were such 5-8 frame stalls). Frames of a walker
+  who stands are nearly alike; frames of one who moves are as different as
+  database places a spacing apart, or more. So each frame's descriptor is
+  compared with the last one's (cosine c) against the database's own cosine
+  between places one spacing apart (mean m, spread s; `DatabaseProfile.step`,
+  which an index build records): standing states are weighed by N(c; 1, s),
+  moving states and the jump by 1 when c <= m, else N(c; m, s). It tells
+  standing from moving, not a speed: heavily compressed frames are more alike
+  than database places as far apart, and reading a speed off c made the
+  validation walks worse. Chosen by a rule fixed before the run, on
+  validation data only (docs/BENCHMARKS.md).
 - **Observation likelihood.** exp(score / T), normalised over the support. T
   is `temperature` times the running median of the spread (standard deviation)
   of the candidates' scores over this stream's frames so far, so it adapts to the model and the
@@ -111,6 +126,9 @@ class DatabaseProfile:
     positions: bool  # metric positions (UTM) for the places
     spacing: float  # metres between consecutive places (positions), 1 id otherwise
     route: bool = False  # positions whose consecutive ids form a traversal: motion along the id order
+    # (mean, spread) of the cosine between two database places one spacing apart
+    # (index/hubness.step_similarity); None: the tracker reads no motion from the frames
+    step: tuple[float, float] | None = None
 
     @property
     def mode(self) -> str:
@@ -125,7 +143,11 @@ class DatabaseProfile:
 
     @classmethod
     def from_rows(
-        cls, rows: Sequence[Mapping[str, Any]], count: int, ids: Sequence[int] | None = None
+        cls,
+        rows: Sequence[Mapping[str, Any]],
+        count: int,
+        ids: Sequence[int] | None = None,
+        step: tuple[float, float] | None = None,
     ) -> DatabaseProfile:
         """Profile from metadata rows in id order (`utm_e`, `utm_n` when known).
 
@@ -139,14 +161,15 @@ class DatabaseProfile:
         photo collection are as far apart as any two), and the ids are of one
         image per place, one apart (`ids`: the rows' ids, None: consecutive), as
         the route mode moves by id: several views at one spot, or ids that skip,
-        keep the metric `positions` mode."""
+        keep the metric `positions` mode. `step`: the index's step similarity
+        record (passed through)."""
         xy = positions_of(rows)
         if len(rows) < 2 or np.isnan(xy).any():
-            return cls(int(count), False, 1.0)
+            return cls(int(count), False, 1.0, step=step)
         all_steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
         steps = all_steps[all_steps > 1e-6]
         if steps.size == 0:
-            return cls(int(count), False, 1.0)
+            return cls(int(count), False, 1.0, step=step)
         spacing = float(np.median(steps))
         some = xy[np.unique(np.linspace(0, len(xy) - 1, min(len(xy), 256)).astype(np.int64))]
         pairs = np.linalg.norm(some[:, None] - some[None, :], axis=2)[np.triu_indices(len(some), 1)]
@@ -157,7 +180,7 @@ class DatabaseProfile:
             and float(np.mean(id_steps == 1)) >= ROUTE_SHARE  # ids one apart
             and spacing <= ROUTE_LOCAL * float(np.median(pairs))
         )
-        return cls(int(count), True, spacing, route)
+        return cls(int(count), True, spacing, route, step)
 
 
 def positions_of(metas: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
@@ -201,12 +224,14 @@ class Tracker:
         self.spreads: deque[float] = deque(maxlen=SPREAD_WINDOW)
         self.frames = 0
         self.last_at: float | None = None
+        self.last_desc: np.ndarray | None = None  # the last frame's descriptor (unit length, float16)
 
     @property
     def nbytes(self) -> int:
         """Memory of the belief (bounded by `support`), for session accounting."""
         arrays = (self.ids, self.xy, self.vk, self.mass, self.velocities)
-        return int(sum(a.nbytes for a in arrays) + 64 * len(self.metas))
+        desc = self.last_desc.nbytes if self.last_desc is not None else 0
+        return int(sum(a.nbytes for a in arrays) + 64 * len(self.metas) + desc)
 
     # ---- one frame ---------------------------------------------------------------
     def observe(
@@ -216,6 +241,7 @@ class Tracker:
         metas: Sequence[Mapping[str, Any] | None] | None = None,
         at: float | None = None,
         hubness: Sequence[float] | np.ndarray | None = None,
+        descriptor: Sequence[float] | np.ndarray | None = None,
     ) -> Fix | None:
         """Update with one frame's candidates (best first); None when it has none.
 
@@ -224,7 +250,10 @@ class Tracker:
         clock in frames); the frames elapsed since the last observation widen
         the motion, and None counts one. `hubness`: per candidate, how generic
         its place looks (index/hubness.py); `hub_weight` of it is taken off
-        its score, so that places that match any frame do not pull the belief."""
+        its score, so that places that match any frame do not pull the belief.
+        `descriptor`: the frame's own descriptor; how alike it is to the last
+        frame's tells standing from moving (`_motion_cue`)."""
+        cue = self._motion_cue(descriptor)
         if hubness is not None:
             raw, hub = np.asarray(scores, np.float64).ravel(), np.asarray(hubness, np.float64).ravel()
             if hub.shape != raw.shape:
@@ -245,7 +274,7 @@ class Tracker:
         u_ids = np.concatenate([cand, places[carried]])
         cxy = positions_of(cmeta) if self.profile.positions else np.zeros((cand.size, 2))
         u_xy = np.concatenate([cxy, self.xy[first][carried]])
-        prior = self._predict(u_ids, u_xy, cand.size, steps)  # (places, velocities)
+        prior = self._predict(u_ids, u_xy, cand.size, steps, cue)  # (places, velocities)
         # observation: exp(score / T) per place; places not retrieved: FLOOR_DROP temperatures below the last candidate
         spread = float(np.std(score)) if score.size > 1 else 0.0
         if spread > MIN_SPREAD:
@@ -265,17 +294,51 @@ class Tracker:
         self.frames += 1
         return self.fix()
 
-    def _predict(self, u_ids: np.ndarray, u_xy: np.ndarray, n_cand: int, steps: float) -> np.ndarray:
+    def _motion_cue(self, descriptor: Sequence[float] | np.ndarray | None) -> tuple[float, float] | None:
+        """(likelihood of standing, of moving) from the cosine c of this frame's
+        descriptor with the last frame's, against the database's cosine between
+        places one spacing apart (mean m, spread s; `DatabaseProfile.step`).
+        Standing: N(c; 1, s), frames of one view nearly alike. Moving: 1 when
+        c <= m (frames as different as places a spacing apart, or more), else
+        N(c; m, s). It only tells standing from moving, not a speed: heavily
+        compressed frames are more alike than database places the same
+        distance apart, which would read as too slow. None (no cue) for the
+        first frame, without a descriptor or the database's record, or when
+        `frame_motion` is off. Remembers this frame's descriptor."""
+        step = self.profile.step
+        if descriptor is None or step is None or step[1] <= 0 or not self.settings.frame_motion:
+            return None
+        d = np.asarray(descriptor, np.float32).ravel()
+        norm = float(np.linalg.norm(d))
+        if not math.isfinite(norm) or norm <= 0:
+            return None
+        d = d / norm  # a new array: the caller's descriptor stays as it is
+        last, self.last_desc = self.last_desc, d.astype(np.float16)
+        if last is None or last.shape != d.shape:
+            return None
+        c = float(np.dot(last.astype(np.float32), d))
+        mean, spread = step
+        stand = math.exp(-0.5 * ((c - 1.0) / spread) ** 2)
+        move = 1.0 if c <= mean else math.exp(-0.5 * ((c - mean) / spread) ** 2)
+        return stand, move
+
+    def _predict(
+        self, u_ids: np.ndarray, u_xy: np.ndarray, n_cand: int, steps: float, cue: tuple[float, float] | None = None
+    ) -> np.ndarray:
         """Prior mass of each (place, velocity) after `steps` frames: each state
         keeps or changes its velocity, then moves by it (a Gaussian of width
         `width` around where it lands); the jump mass lands on the candidates,
-        spread evenly over velocities (a re-localizing walker's speed is unknown)."""
+        spread evenly over velocities (a re-localizing walker's speed is unknown).
+        With a motion `cue` (standing, moving likelihoods), the standing states
+        are weighed by the first and the moving states and the jump by the second."""
         s, n_vel = self.settings, len(self.velocities)
         jump = 1.0 - (1.0 - s.teleport) ** steps
         prior = np.zeros((u_ids.size, n_vel))
         prior[:n_cand] = (jump if self.ids.size else 1.0) / (n_cand * n_vel)
         if self.ids.size == 0:
             return prior
+        if cue is not None:
+            prior *= cue[1]
         change = 1.0 - (1.0 - s.speed_change) ** steps
         sigma = s.width * math.sqrt(steps)
         to, src = self._coords(u_ids, u_xy), self._coords(self.ids, self.xy)
@@ -285,6 +348,8 @@ class Tracker:
         moved = np.full((self.ids.size, n_vel), self.mass[:, None] * change / max(1, n_vel - 1))
         moved[np.arange(self.ids.size), self.vk] = self.mass * (1.0 - change)
         moved *= (1.0 - jump) / _lattice_sum(sigma)
+        if cue is not None:
+            moved *= np.where(np.linalg.norm(self.velocities, axis=1) == 0, cue[0], cue[1])[None, :]
         for k, v in enumerate(self.velocities):
             miss = ((offset - v * steps) ** 2).sum(axis=2)  # (places, states), squared spacings
             prior[:, k] += np.exp(-0.5 * miss / sigma**2) @ moved[:, k]

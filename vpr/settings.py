@@ -138,6 +138,11 @@ class TrackSettings(BaseSettings):
     # Observation temperature, in units of the stream's running median spread of
     # candidate scores: higher trusts each frame less and the motion more.
     temperature: float = Field(1.5, gt=0, le=100)
+    # Read standing vs moving from how alike consecutive frames are (their
+    # descriptors' cosine against the database's between places one spacing
+    # apart; the index records it): frames that change do not let the belief
+    # stand still on a place. Off: only the candidates' scores are evidence.
+    frame_motion: bool = True
     # Confidence at or above which the tracker says it is localized.
     localized: float = Field(0.5, gt=0, le=1)
     # HTTP sessions (`X-VPR-Session`): forgotten after this long idle, at most this many.

@@ -86,6 +86,8 @@ def test_cli_eval_track_report_and_plot(world, tmp_path: Path, capsys) -> None:
         assert all(0.0 <= v <= 1.0 for v in r["track_recall"].values())
         assert r["track"]["sequences"] == 1 and r["track"]["sequence_encoded"] == (r["quality"] != "orig")
         assert r["track"]["mode"] == MODE and r["track"]["hubness"] is True  # the report says how it tracked
+        mean, spread = r["track"]["step_similarity"]  # and what standing vs moving was read against
+        assert -1.0 <= mean <= 1.0 and spread > 0 and r["track"]["frame_motion"] is True
     video = [r for r in report["results"] if r["quality"] == "h36-h264-qp30"]
     assert video[0]["mean_bitrate_kbps"] > 0
     # the sequence was encoded once as a video: its frames are kept, one PNG per query

@@ -157,3 +157,46 @@ def test_an_index_build_keeps_its_hubness_and_an_edit_drops_it(tmp_path: Path) -
         assert index.hubness is None  # the tracker then weighs raw scores
     finally:
         index.close()
+
+
+def test_step_similarity_is_the_cosine_of_places_one_spacing_apart() -> None:
+    rng = np.random.default_rng(5)
+    walk = unit(np.cumsum(rng.standard_normal((80, 32)), axis=0))  # a random walk: neighbours alike
+    consecutive = np.sum(walk[1:] * walk[:-1], axis=1)
+    record = hub_mod.step_similarity(walk)
+    assert record is not None and record["pairs"] == 2 * 79  # each pair seen from both ends
+    assert record["mean"] == pytest.approx(consecutive.mean(), abs=1e-5)
+    assert record["spread"] == pytest.approx(consecutive.std(), abs=1e-5)
+    # with positions the pairs are the places one spacing apart on the ground (here 3 m)
+    metric = hub_mod.step_similarity(walk, [(500000.0 + 3.0 * i, 4e6) for i in range(80)])
+    assert metric == record
+    two_laps = hub_mod.step_similarity(np.concatenate([walk, walk]), [(3.0 * i, 0.0) for i in range(80)] * 2)
+    assert two_laps is not None and two_laps["pairs"] > 4 * 79  # the other lap's neighbours count too
+    assert hub_mod.step_similarity(walk[:1]) is None  # a single place has no step
+
+
+def test_an_index_records_its_step_similarity_and_keeps_it_through_edits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    db = unit(np.cumsum(rng.standard_normal((40, 16)), axis=0)).astype(np.float32)
+    stamp = ModelStamp("teacher@1", "a" * 64, 16)
+    items = [Entry(tmp_path / f"img{i:03d}.jpg", str(i)) for i in range(45)]
+    store = IndexStore(tmp_path / "indexes")
+    ref = store.build_from_descriptors("walk", db, items[:40], tmp_path, stamp)
+    record = store.manifest(ref)[hub_mod.STEP_KEY]
+    assert record == hub_mod.step_similarity(db)
+    index = store.load(ref)
+    try:
+        assert index.step == (record["mean"], record["spread"])
+    finally:
+        index.close()
+    edited = store.add_descriptors("walk", unit(rng.standard_normal((5, 16))), items[40:], stamp)
+    assert store.manifest(edited)[hub_mod.STEP_KEY] == record  # a statistic of the map: kept
+
+
+def test_a_missing_or_unusable_step_record_means_no_cue(caplog: pytest.LogCaptureFixture) -> None:
+    assert hub_mod.step_of({}) is None  # an index built before the record existed
+    assert hub_mod.step_of({hub_mod.STEP_KEY: {"mean": 0.5, "spread": 0.1}}) == (0.5, 0.1)
+    bad_records = ({"mean": 0.5}, {"mean": 0.5, "spread": 0.0}, {"mean": "x", "spread": 0.1}, {"mean": 2, "spread": 1})
+    for bad in bad_records:
+        assert hub_mod.step_of({hub_mod.STEP_KEY: bad}, "idx@1") is None
+    assert "idx@1: unusable step_similarity record" in caplog.text

@@ -108,6 +108,20 @@ def test_http_session_gets_a_track_and_sessions_are_isolated(served):
     assert r.json()["track"]["id"] == 4
 
 
+def test_the_tracker_sees_each_frame_descriptor_and_the_index_step(served):
+    """Standing vs moving (`frame_motion`) needs the frame's own descriptor and the
+    index's step similarity: both reach a session's tracker."""
+    client, h = served
+    for i in (5, 6):
+        assert post(client, h.images[i], session="motion").status_code == 200
+    service = client.app.state.service
+    tracker = service.sessions._tracks["motion"].tracker
+    index = client.app.state.runtime.current.index
+    assert index.step is not None and tracker.profile.step == index.step
+    assert tracker.last_desc is not None and tracker.last_desc.shape == (index.dim,)
+    assert abs(float(tracker.last_desc.astype("float32") @ tracker.last_desc.astype("float32")) - 1.0) < 1e-2
+
+
 def test_http_without_session_or_with_track_false_is_frame_only(served):
     client, h = served
     r = post(client, h.images[0])

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from vpr.index.hubness import step_similarity
 from vpr.settings import TrackSettings
 from vpr.track.tracker import DatabaseProfile, Tracker
 
@@ -335,3 +336,90 @@ def test_temperature_sets_how_much_one_frame_moves_the_belief():
         shares[temperature] = float(tracker.mass[np.isin(tracker.ids, far)].sum())
     assert shares[0.25] > shares[4.0], shares
     assert shares[4.0] < 0.5  # the warm tracker stays where the walk was
+
+
+# ---- standing vs moving from the frames themselves (`frame_motion`) ----------------------
+
+
+def looks(n: int, seed: int, dim: int = 64) -> np.ndarray:
+    """Unit descriptors of `n` places along a route: a smooth random field, so
+    that neighbouring places look alike (as consecutive frames of a walk do)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n + 8, dim))
+    kernel = np.exp(-0.5 * np.arange(-4, 5) ** 2)
+    x = np.stack([(base[i : i + 9] * kernel[:, None]).sum(axis=0) for i in range(n)])
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def described_run(seed: int, path: np.ndarray, frame_motion: bool, trap: tuple[int, int] | None = None) -> np.ndarray:
+    """Track `path` with each frame's descriptor (its place's look plus noise)
+    and the step similarity an index of those looks records; with `trap`
+    (first, last frame), every frame of that stretch also matches the trap's
+    first place as well as its best candidate (a stretch of a night walk that
+    looks like one place). The tracked place's error per frame."""
+    route = Route(200, noise=0.2, seed=seed)
+    db = looks(200, seed)
+    record = step_similarity(db)
+    assert record is not None
+    profile = DatabaseProfile.from_rows([{}] * 200, 200, step=(record["mean"], record["spread"]))
+    tracker = Tracker(TrackSettings(frame_motion=frame_motion), profile)
+    rng = np.random.default_rng(seed + 100)
+    err = []
+    for t, p in enumerate(path):
+        ids, scores = route.frame(float(p))
+        if trap and trap[0] <= t < trap[1]:
+            lifted = dict(zip(ids.tolist(), scores.tolist())) | {trap[0]: float(scores.max()) + 0.02}
+            best = sorted(lifted.items(), key=lambda kv: -kv[1])[:20]
+            ids, scores = np.array([i for i, _ in best]), np.array([s for _, s in best])
+        fix = tracker.observe(ids, scores, at=t, descriptor=db[p] + rng.normal(0, 0.3 / 8, db.shape[1]))
+        assert fix is not None
+        err.append(abs(fix.id - int(p)))
+    return np.array(err)
+
+
+@pytest.mark.parametrize("seed", [2, 6, 8])
+def test_frames_that_change_keep_the_belief_moving(seed: int) -> None:
+    """For 20 frames every frame matches the place where the stretch began as
+    well as the walker's own: the belief may explain them by a walker standing
+    there. The frames themselves keep changing, as frames of a moving walker
+    do, and with `frame_motion` that tells the tracker the walker moves on."""
+    path, trap = np.arange(0, 150), (60, 80)
+    without = described_run(seed, path, frame_motion=False, trap=trap)
+    with_cue = described_run(seed, path, frame_motion=True, trap=trap)
+    assert recall(without[60:80]) < 0.7  # the standing explanation wins for a while
+    assert recall(with_cue[60:80]) >= 0.95
+    assert recall(with_cue[10:]) >= recall(without[10:])
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_walker_who_stops_is_still_tracked_with_frame_motion(seed: int) -> None:
+    """Standing for 40 frames: the frames are alike (only noise between them),
+    which the cue reads as standing, so the stop is followed and so is the walk after it."""
+    path = np.concatenate([np.arange(0, 60), np.full(40, 60), np.arange(61, 140)])
+    err = described_run(seed, path, frame_motion=True)
+    assert recall(err[60:100]) >= 0.95
+    assert recall(err[100:]) >= 0.95
+
+
+def test_the_motion_cue_reads_standing_and_moving() -> None:
+    profile = DatabaseProfile(100, False, 1.0, step=(0.6, 0.1))
+    t = Tracker(SETTINGS, profile)
+    a, b = np.zeros(8), np.zeros(8)
+    a[0], b[1] = 1.0, 1.0
+    assert t._motion_cue(a) is None  # the first frame has nothing to compare with
+    same = a * 3.0
+    stand, move = t._motion_cue(same)  # the same view (scale does not matter)
+    assert stand == pytest.approx(1.0) and move < 0.01
+    assert same[0] == 3.0  # the caller's descriptor is left as it was
+    stand, move = t._motion_cue(b)  # nothing alike: a walker who moved
+    assert move == 1.0 and stand < 1e-20
+    assert t.last_desc is not None and t.last_desc.dtype == np.float16
+    assert t.nbytes >= t.last_desc.nbytes
+    assert t._motion_cue(np.ones(4)) is None  # another descriptor size: no comparison (and remembered)
+    assert t._motion_cue(np.zeros(4)) is None  # no direction
+    assert Tracker(SETTINGS, DatabaseProfile(100, False, 1.0))._motion_cue(a) is None  # no record: no cue
+    off = Tracker(TrackSettings(frame_motion=False), profile)
+    off._motion_cue(a)
+    assert off._motion_cue(a) is None and off.last_desc is None
+    t.reset()
+    assert t.last_desc is None
