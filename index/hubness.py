@@ -36,8 +36,8 @@ The build also records one more statistic of the map (`step_similarity`,
 places one spacing apart. The tracker holds two consecutive frames' cosine
 against it to tell a walker who stands (frames nearly alike) from one who
 moves (frames as different as places a spacing apart, or more). It is cheap
-(only the pairs one spacing apart are multiplied), so it is recorded at any
-size, and an edit keeps it (a few places more or less hardly move a mean).
+(at most `STEP_PAIRS` dot products of consecutive places), so it is recorded at
+any size, and an edit keeps it (a few places more or less hardly move a mean).
 
 The defaults were chosen on validation data only (bench/track_validate.py's
 split of `day_left`, and walks over database frames; docs/BENCHMARKS.md),
@@ -66,6 +66,7 @@ BATCH_FLOATS = 1 << 25  # similarity entries per batch (128 MB of float32; with 
 PROFILE_ROWS = 2048  # rows (evenly spread) whose similarities to every place give the distance profile
 PROFILE_MIN_BINS = 64  # the profile runs to max(this, N) spacings; farther counts as that far
 STEP_KEY = "step_similarity"  # the manifest's record of how alike places one spacing apart are
+STEP_PAIRS = 4096  # consecutive places (evenly spread) whose cosine gives the step similarity
 
 
 def hubness(x: np.ndarray, positions: Sequence[tuple[float, float] | None] | None = None) -> np.ndarray | None:
@@ -161,25 +162,28 @@ def step_similarity(
     x: np.ndarray, positions: Sequence[tuple[float, float] | None] | None = None
 ) -> dict[str, Any] | None:
     """How alike two places one spacing apart are: the mean and standard
-    deviation of the cosine over the pairs of rows of `x` (L2-normalised, in id
-    order) that lie one spacing apart (metric with `positions`, else in row
-    order), from up to `PROFILE_ROWS` evenly spread rows; None with fewer than
-    two such pairs. The tracker compares two consecutive frames' cosine with it
-    to tell a walker standing from one moving (track/tracker.py). Cheap: only
-    the pairs at that distance are multiplied (a few per row)."""
+    deviation of the cosine between consecutive rows of `x` (L2-normalised, in
+    id order: the steps of a traversal), from up to `STEP_PAIRS` evenly spread
+    steps. With positions (every row has one), only steps of about one spacing
+    count (0.5 to 1.5 times the median non-zero step): a jump between
+    traversals, or another view at the same spot, is not a walker's step. None
+    with fewer than two such steps, or when they are all alike (no spread).
+    The tracker compares two consecutive frames' cosine with it to tell a
+    walker standing from one moving (track/tracker.py). Cheap at any size:
+    `STEP_PAIRS` dot products."""
     n = len(x)
     if n < 2:
         return None
-    distance = _distances(positions, n)
-    rows = np.unique(np.linspace(0, n - 1, min(n, PROFILE_ROWS)).astype(np.int64))
-    step = max(1, BATCH_FLOATS // max(1, n))
-    sims = []
-    for a in range(0, rows.size, step):
-        part = rows[a : a + step]
-        r, c = np.nonzero(_bins(distance(part), 2) == 1)
-        sims.append(np.einsum("ij,ij->i", x[part[r]], x[c], dtype=np.float64))
-    s = np.concatenate(sims)
-    if s.size < 2 or not np.isfinite(s).all():
+    first = np.unique(np.linspace(0, n - 2, min(n - 1, STEP_PAIRS)).astype(np.int64))
+    xy = _positions(positions, n)
+    if xy is not None:
+        steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
+        moving = steps[steps > 1e-6]
+        if moving.size:
+            d = steps[first] / float(np.median(moving))
+            first = first[(d > 0.5) & (d < 1.5)]
+    s = np.einsum("ij,ij->i", x[first], x[first + 1], dtype=np.float64)
+    if s.size < 2 or not np.isfinite(s).all() or float(s.std()) <= 0:
         return None
     return {"mean": round(float(s.mean()), 6), "spread": round(float(s.std()), 6), "pairs": int(s.size)}
 

@@ -86,7 +86,11 @@ Why it is built this way:
   standing from moving, not a speed: heavily compressed frames are more alike
   than database places as far apart, and reading a speed off c made the
   validation walks worse. Chosen by a rule fixed before the run, on
-  validation data only (docs/BENCHMARKS.md).
+  validation data only (docs/BENCHMARKS.md). What it costs: a walker who
+  moves much less than a spacing per frame (a fast camera on a sparse map)
+  reads as standing, which is also the nearest velocity of the grid; and a
+  jump while consecutive frames stay alike is weighed by the moving
+  likelihood, so such a walker re-localizes somewhat later.
 - **Observation likelihood.** exp(score / T), normalised over the support. T
   is `temperature` times the running median of the spread (standard deviation)
   of the candidates' scores over this stream's frames so far, so it adapts to the model and the
@@ -110,6 +114,7 @@ from vpr.settings import TrackSettings
 SPREAD_WINDOW = 64  # frames whose score spread sets the temperature
 MIN_SPREAD = 1e-12  # candidates that all tie (an uninformative frame) do not set the temperature
 FLOOR_DROP = 2.0  # a place the index did not return: this many temperatures below the last one it did
+MIN_CUE = 1e-30  # the smaller of the standing/moving likelihoods at least this share of the larger
 SPEED_STEP = 0.5  # spacings per frame between the velocities a state can have
 DIRECTIONS = 8  # headings per speed in the plane (the `positions` mode)
 PROFILE_SAMPLE = 4096  # metadata rows read (in id order) to profile a database
@@ -253,13 +258,13 @@ class Tracker:
         its score, so that places that match any frame do not pull the belief.
         `descriptor`: the frame's own descriptor; how alike it is to the last
         frame's tells standing from moving (`_motion_cue`)."""
-        cue = self._motion_cue(descriptor)
         if hubness is not None:
             raw, hub = np.asarray(scores, np.float64).ravel(), np.asarray(hubness, np.float64).ravel()
             if hub.shape != raw.shape:
                 raise ValueError(f"{raw.size} scores but {hub.size} hubness values")
             scores = raw - self.settings.hub_weight * np.nan_to_num(hub)
         cand, score, cmeta = self._candidates(ids, scores, metas)
+        cue = self._motion_cue(descriptor)  # after the checks: a refused frame is not remembered
         if cand.size == 0:
             return None
         steps = 1.0
@@ -302,25 +307,31 @@ class Tracker:
         c <= m (frames as different as places a spacing apart, or more), else
         N(c; m, s). It only tells standing from moving, not a speed: heavily
         compressed frames are more alike than database places the same
-        distance apart, which would read as too slow. None (no cue) for the
-        first frame, without a descriptor or the database's record, or when
-        `frame_motion` is off. Remembers this frame's descriptor."""
+        distance apart, which would read as too slow. Scaled so that the larger
+        is 1 (only their ratio matters; both underflowing would empty the
+        belief), the smaller at least `MIN_CUE`. None (no cue) for the first
+        frame, without a descriptor or the database's record, or when
+        `frame_motion` is off. Remembers this frame's descriptor (and forgets the
+        last one when this frame has none: the next frame is not compared with
+        an older one)."""
         step = self.profile.step
-        if descriptor is None or step is None or step[1] <= 0 or not self.settings.frame_motion:
+        if not self.settings.frame_motion or step is None or not (step[1] > 0 and math.isfinite(step[0])):
             return None
-        d = np.asarray(descriptor, np.float32).ravel()
-        norm = float(np.linalg.norm(d))
-        if not math.isfinite(norm) or norm <= 0:
+        d = None if descriptor is None else np.asarray(descriptor, np.float32).ravel()
+        norm = float(np.linalg.norm(d)) if d is not None else 0.0
+        last, self.last_desc = self.last_desc, None
+        if d is None or not math.isfinite(norm) or norm <= 0:
             return None
         d = d / norm  # a new array: the caller's descriptor stays as it is
-        last, self.last_desc = self.last_desc, d.astype(np.float16)
+        self.last_desc = d.astype(np.float16)
         if last is None or last.shape != d.shape:
             return None
         c = float(np.dot(last.astype(np.float32), d))
         mean, spread = step
-        stand = math.exp(-0.5 * ((c - 1.0) / spread) ** 2)
-        move = 1.0 if c <= mean else math.exp(-0.5 * ((c - mean) / spread) ** 2)
-        return stand, move
+        log_stand = -0.5 * ((c - 1.0) / spread) ** 2
+        log_move = 0.0 if c <= mean else -0.5 * ((c - mean) / spread) ** 2
+        top = max(log_stand, log_move)
+        return max(MIN_CUE, math.exp(log_stand - top)), max(MIN_CUE, math.exp(log_move - top))
 
     def _predict(
         self, u_ids: np.ndarray, u_xy: np.ndarray, n_cand: int, steps: float, cue: tuple[float, float] | None = None

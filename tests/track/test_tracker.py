@@ -423,3 +423,57 @@ def test_the_motion_cue_reads_standing_and_moving() -> None:
     assert off._motion_cue(a) is None and off.last_desc is None
     t.reset()
     assert t.last_desc is None
+
+
+def test_the_cue_weighs_standing_states_and_the_rest_as_described() -> None:
+    """`_predict` with a cue: standing states by its first likelihood, moving
+    states and the jump mass by its second (checked at the extremes)."""
+    route = Route(100, noise=0.0, seed=15)
+    t = Tracker(SETTINGS, route.profile(False))
+    for p in range(10):
+        ids, scores = route.frame(float(p))
+        t.observe(ids, scores, at=p)
+    cand = route.frame(10.0)[0]
+    u = np.unique(np.concatenate([cand, t.ids]))
+    u = np.concatenate([cand, u[~np.isin(u, cand)]])
+    xy = np.zeros((u.size, 2))
+    standing = np.flatnonzero(np.linalg.norm(t.velocities, axis=1) == 0)
+    moving = np.setdiff1d(np.arange(len(t.velocities)), standing)
+    plain = t._predict(u, xy, cand.size, 1.0)
+    jump = np.zeros_like(plain)
+    jump[: cand.size] = SETTINGS.teleport / (cand.size * len(t.velocities))  # the jump mass, on the candidates
+    only_standing = t._predict(u, xy, cand.size, 1.0, (1.0, 0.0))
+    assert np.all(only_standing[:, moving] == 0)
+    assert np.allclose(only_standing[:, standing], (plain - jump)[:, standing])  # standing by motion only
+    only_moving = t._predict(u, xy, cand.size, 1.0, (0.0, 1.0))
+    assert np.allclose(only_moving[:, moving], plain[:, moving])
+    assert np.allclose(only_moving[:, standing], jump[:, standing])  # what is left standing: the jump mass
+
+
+def test_a_tiny_step_spread_does_not_break_the_belief() -> None:
+    """Frames whose cosine lies far from both 1 and the step similarity, with a
+    tiny spread: both likelihoods would underflow; the belief stays a distribution."""
+    route = Route(100, noise=0.05, seed=16)
+    t = Tracker(SETTINGS, DatabaseProfile(100, False, 1.0, step=(0.6, 0.004)))
+    a, b = np.zeros(4), np.zeros(4)
+    a[0], b[:2] = 1.0, (0.8, 0.6)  # cosine 0.8 between consecutive frames
+    for p in range(12):
+        ids, scores = route.frame(float(p))
+        fix = t.observe(ids, scores, descriptor=a if p % 2 == 0 else b)
+        assert fix is not None and np.isfinite(fix.confidence) and 0.0 <= fix.confidence <= 1.0
+    assert np.isfinite(t.mass).all() and t.mass.sum() == pytest.approx(1.0)
+
+
+def test_frames_without_a_descriptor_or_refused_are_not_compared() -> None:
+    """The cue compares a frame with the last frame the tracker took, never with an older one."""
+    t = Tracker(SETTINGS, DatabaseProfile(100, False, 1.0, step=(0.6, 0.1)))
+    d = np.ones(8)
+    t.observe([1, 2], [0.9, 0.8], descriptor=d)
+    assert t.last_desc is not None
+    with pytest.raises(ValueError, match="hubness"):
+        t.observe([1, 2], [0.9, 0.8], hubness=[0.1], descriptor=-d)
+    assert np.allclose(
+        t.last_desc.astype(np.float32), d / np.linalg.norm(d), atol=1e-3
+    )  # the refused frame left no trace
+    t.observe([1, 2], [0.9, 0.8])  # a frame without a descriptor
+    assert t.last_desc is None
