@@ -190,7 +190,16 @@ def step_similarity(
 
 def step_of(manifest: dict[str, Any], where: Path | str = "index") -> tuple[float, float] | None:
     """(mean, spread) of a manifest's step similarity record; None when it has
-    none (an index built before it was recorded) or an unusable one (logged)."""
+    none (an index built before it was recorded: logged, with the fix) or an
+    unusable one (logged)."""
+    if STEP_KEY not in manifest:
+        log.info(
+            "%s: no %s record (an index built before it existed): the tracker reads no motion from the frames; "
+            "rebuild the index to record it",
+            where,
+            STEP_KEY,
+        )
+        return None
     return step_pair(manifest.get(STEP_KEY), where)
 
 

@@ -199,7 +199,9 @@ def test_an_index_records_its_step_similarity_and_keeps_it_through_edits(tmp_pat
 
 
 def test_a_missing_or_unusable_step_record_means_no_cue(caplog: pytest.LogCaptureFixture) -> None:
-    assert hub_mod.step_of({}) is None  # an index built before the record existed
+    caplog.set_level("INFO", logger=hub_mod.__name__)
+    assert hub_mod.step_of({}, "old@1") is None  # an index built before the record existed
+    assert "old@1: no step_similarity record" in caplog.text and "rebuild the index" in caplog.text
     assert hub_mod.step_of({hub_mod.STEP_KEY: {"mean": 0.5, "spread": 0.1}}) == (0.5, 0.1)
     bad_records = ({"mean": 0.5}, {"mean": 0.5, "spread": 0.0}, {"mean": "x", "spread": 0.1}, {"mean": 2, "spread": 1})
     for bad in bad_records:
