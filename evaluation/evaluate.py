@@ -256,7 +256,7 @@ def evaluate(
             rec = recall_from_ranks(ranks, ns)
             tracked: dict[str, Any] = {}
             if track is not None:
-                t_ranks = tracked_ranks(db_out.desc, out.desc, dataset, seqs, track, max(ns), hub)
+                t_ranks = tracked_ranks(db_out.desc, out.desc, dataset, seqs, track, max(ns), hub, profile)
                 t_rec = recall_from_ranks(t_ranks, ns)
                 tracked = {
                     "track_recall": {str(n): t_rec[n] for n in ns},
@@ -353,15 +353,17 @@ def tracked_ranks(
     settings: TrackSettings,
     k: int,
     hub: np.ndarray | None,
+    profile: DatabaseProfile | None = None,
 ) -> np.ndarray:
     """Per query, the rank of its first positive in the tracker's ranking after
     that frame (NOT_FOUND / NO_POSITIVE as in `first_positive_ranks`). The
     tracker sees each sequence causally, one frame at a time, with the same
     candidates (`settings.candidates` nearest database places) a server would
     give it, and their hubness (`database_hubness`, None for raw scores), and
-    each frame's own descriptor (the tracker reads standing vs moving from it)."""
+    each frame's own descriptor (the tracker reads standing vs moving from it).
+    `profile`: `track_profile(dataset, db_desc)` when the caller has it."""
     metas = [it.meta() for it in dataset.database]
-    profile = track_profile(dataset, db_desc)
+    profile = profile or track_profile(dataset, db_desc)
     depth = max(1, min(max(settings.candidates, k), len(db_desc)))
     scores, ids = exact_knn(db_desc, q_desc, depth)
     ranks = np.full(len(q_desc), NOT_FOUND, np.int64)

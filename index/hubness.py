@@ -142,14 +142,20 @@ def _distances(positions: Sequence[tuple[float, float] | None] | None, n: int) -
     every row has a position (and they are not all at one point), else in row
     order (int32)."""
     xy = _positions(positions, n)
-    if xy is not None:
-        steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
-        steps = steps[steps > 1e-6]
-        if steps.size:
-            scaled = xy / float(np.median(steps))
-            return lambda rows: np.linalg.norm(scaled[rows][:, None, :] - scaled[None, :, :], axis=2)
+    walked = _steps(xy) if xy is not None else None
+    if xy is not None and walked is not None:
+        scaled = xy / walked[1]
+        return lambda rows: np.linalg.norm(scaled[rows][:, None, :] - scaled[None, :, :], axis=2)
     order = np.arange(n, dtype=np.int32)
     return lambda rows: np.abs(order[rows][:, None] - order[None, :])
+
+
+def _steps(xy: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """The steps between consecutive positions and the spacing (their median
+    non-zero step); None when they are all at one point."""
+    steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
+    moving = steps[steps > 1e-6]
+    return (steps, float(np.median(moving))) if moving.size else None
 
 
 def _positions(positions: Sequence[tuple[float, float] | None] | None, n: int) -> np.ndarray | None:
@@ -176,12 +182,10 @@ def step_similarity(
         return None
     first = np.unique(np.linspace(0, n - 2, min(n - 1, STEP_PAIRS)).astype(np.int64))
     xy = _positions(positions, n)
-    if xy is not None:
-        steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
-        moving = steps[steps > 1e-6]
-        if moving.size:
-            d = steps[first] / float(np.median(moving))
-            first = first[(d > 0.5) & (d < 1.5)]
+    walked = _steps(xy) if xy is not None else None
+    if walked is not None:
+        d = walked[0][first] / walked[1]
+        first = first[(d > 0.5) & (d < 1.5)]
     s = np.einsum("ij,ij->i", x[first], x[first + 1], dtype=np.float64)
     if s.size < 2 or not np.isfinite(s).all() or float(s.std()) <= 0:
         return None
@@ -200,7 +204,7 @@ def step_of(manifest: dict[str, Any], where: Path | str = "index") -> tuple[floa
             STEP_KEY,
         )
         return None
-    return step_pair(manifest.get(STEP_KEY), where)
+    return step_pair(manifest[STEP_KEY], where)
 
 
 def step_pair(record: dict[str, Any] | None, where: Path | str = "index") -> tuple[float, float] | None:
