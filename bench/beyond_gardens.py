@@ -156,6 +156,9 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     trainable = {} if args.trainable is None else {"trainable": args.trainable.split(",")}
     parts = f"t{args.trainable}-" if args.trainable else ""  # default parts: the name runs always had
     parts += f"v{args.val_rule}-" if args.val_rule else ""
+    # the epoch choice: named when it is not the one runs had before it existed ("exact")
+    choice = DistillConfig.model_fields["epoch_choice"].default
+    parts += f"c{choice}-" if choice != "exact" else ""
     rule = {} if args.val_rule is None else {"val_rule": args.val_rule}
     run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}{parts}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(

@@ -54,7 +54,7 @@ from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from vpr.model.registry import Registry, RegistryError
 from vpr.model.teacher import init_teacher
 from vpr.settings import HomeSettings
-from vpr.train.distill import DistillConfig, run_distill
+from vpr.train.distill import QUALITY_PLAN, DistillConfig, run_distill
 from vpr.train.losses import parse_loss
 
 log = logging.getLogger("distill_gardens")
@@ -119,6 +119,11 @@ def get_teacher(reg: Registry, args: argparse.Namespace, gardens: Path) -> tuple
 # ---- student -------------------------------------------------------------------------
 def run_tag(args: argparse.Namespace) -> str:
     share = "d" if args.orig_share is None else f"{args.orig_share:g}"  # d: DistillConfig's default
+    # the quality plan's version: under plan 2 a listed `orig` no longer adds to the share
+    share += f"p{QUALITY_PLAN}" if "orig" in args.train_qualities.split(",") else ""
+    # the epoch choice: named when it is not the one runs had before it existed ("exact")
+    choice = DistillConfig.model_fields["epoch_choice"].default
+    share += f"-c{choice}" if choice != "exact" else ""
     val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
     # low light in the mix: named by its share; off (the default) keeps the names of runs made before it existed
     dark = args.low_light_share or DistillConfig.model_fields["low_light_share"].default

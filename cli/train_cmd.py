@@ -124,7 +124,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'neighbours' (held-out images left out; one must find a neighbour: harder, closer to a query)",
     )
     DISTILL.add(q, "--patience", type=int, help="stop after this many epochs without a better validation score")
-    DISTILL.add(q, "--orig-share", type=float, help="share of training samples at full quality (orig)")
+    DISTILL.add(
+        q,
+        "--epoch-choice",
+        help="validation: 'exact' (highest held-out recall@1, then the held-out loss) or 'within-noise' "
+        "(recalls within one standard error count as tied and the held-out loss decides)",
+    )
+    DISTILL.add(
+        q,
+        "--orig-share",
+        type=float,
+        help="share of training samples at full quality (orig; a listed orig does not add to it)",
+    )
     DISTILL.add(
         q,
         "--low-light-share",

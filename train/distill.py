@@ -72,7 +72,7 @@ from vpr.train.distill_data import (
 from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
 from vpr.train.mining import NegativeMiner, TripletConfig
 from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
-from vpr.train.validation import make_validation_set, rule_name, self_retrieval, should_stop, summarise
+from vpr.train.validation import improves, make_validation_set, rule_name, self_retrieval, should_stop, summarise
 from vpr.train.validation import score as validation_score
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ class DistillConfig(BaseModel):
     # Share of training samples at full quality (`orig`), drawn before the listed
     # qualities: a student distilled only on degraded copies forgets full quality,
     # and full-quality clients exist too (issue 12). 0.25 is one sample in four,
-    # what adding `orig` to a list of three degraded levels gives.
+    # what adding `orig` to a list of three degraded levels gives. An `orig` in
+    # `qualities` does not add to it (`plan_qualities`).
     orig_share: float = Field(0.25, ge=0, le=1)
     # Share of the degraded samples also taken in low light (`media.degrade`'s
     # -dark<F> step: F times less light, the camera's gain, its sensor noise),
@@ -128,6 +129,12 @@ class DistillConfig(BaseModel):
     # "neighbours": the held-out images are left out and one must find a neighbour (train.validation)
     val_rule: Literal["self", "neighbours"] = "self"
     patience: int | None = Field(2, ge=1)  # stop after this many epochs without a better validation score
+    # How the best epoch is chosen (train.validation.improves): "exact" (highest held-out
+    # recall@1, then the held-out loss) or "within-noise" (recalls within one standard
+    # error count as tied and the held-out loss decides). "within-noise" won on a
+    # validation split of the database traversal, by a rule fixed before the run
+    # (bench/distill_validate.py; docs/BENCHMARKS.md, issue 12).
+    epoch_choice: Literal["exact", "within-noise"] = "within-noise"
     triplet: TripletConfig = TripletConfig()
     prefix_cache: Literal["disk", "memory", "off"] = "disk"
     cache_dir: Path | None = None  # default <home>/cache/distill
@@ -157,6 +164,10 @@ class DistillConfig(BaseModel):
     def loss_set(self) -> LossSet:
         return parse_loss(self.loss, self.loss_weights)
 
+
+# How `plan_qualities` draws; recorded in a run's state so that a run is never
+# resumed under another plan. 2: a listed `orig` no longer adds to `orig_share`.
+QUALITY_PLAN = 2
 
 # Fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = {
@@ -195,14 +206,22 @@ def plan_qualities(
     low_light_factor: int = 32,
 ) -> list[str]:
     """One quality per image for an epoch: `orig` with probability `orig_share`,
-    else one of `qualities` uniformly (seeded; `orig` listed there counts too),
-    taken in low light (`in_low_light`) with probability `low_light_share`."""
+    else one of the degraded `qualities` uniformly (seeded), taken in low light
+    (`in_low_light`) with probability `low_light_share`.
+
+    An `orig` in `qualities` does not add to the share: the share is what it
+    says (before issue 12's validation run it did, and `orig` listed among
+    four degraded levels made 0.25 into 0.40). A list of `orig` alone trains
+    at full quality only; a list without it draws as it always did."""
     from vpr.media.degrade import in_low_light
 
+    degraded = [q for q in qualities if q != "orig"]
+    if not degraded:
+        return ["orig"] * n
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(qualities), n)
+    draws = rng.integers(0, len(degraded), n)
     full = rng.random(n) < orig_share if orig_share > 0 else np.zeros(n, bool)
-    plan = ["orig" if f else qualities[d] for f, d in zip(full, draws)]
+    plan = ["orig" if f else degraded[d] for f, d in zip(full, draws)]
     if low_light_share > 0:  # drawn after the others: a share of 0 gives the plan it always gave
         dark = rng.random(n) < low_light_share
         plan = [str(in_low_light(q, low_light_factor)) if d and not f else q for q, d, f in zip(plan, dark, full)]
@@ -259,7 +278,7 @@ class Distiller:
         self._resume_tensors: dict[str, torch.Tensor] | None = None  # checkpoint read by _resume, used by _prepare
         n_shard = math.ceil(len(self.train_ids) / ctx.world_size)
         self.steps_per_epoch = math.ceil(n_shard / cfg.batch_size)
-        self.state = RunState(config=cfg.model_dump(mode="json"))
+        self.state = RunState(config={**cfg.model_dump(mode="json"), "quality_plan": QUALITY_PLAN})
 
     def _setup_data(self) -> None:
         """The caches: teacher targets always (computed once; on disk in THE descriptor
@@ -345,7 +364,11 @@ class Distiller:
         fields = DistillConfig.model_fields
         # a setting the old run's version did not have yet ran at its default (compared as the state stores it)
         default = {k: to_jsonable_python(f.default) for k, f in fields.items() if not f.is_required()}
+        default["quality_plan"] = 1  # runs before the version was recorded
+        default["epoch_choice"] = "exact"  # runs before the choice existed
         was = {k: old.config.get(k, default.get(k)) for k in set(old.config) | set(new)}
+        if "orig" not in self.cfg.qualities:  # both plans draw alike without a listed `orig`
+            was["quality_plan"] = new["quality_plan"]
         changed = sorted(k for k in was if k not in RESUMABLE_CHANGES and was[k] != new.get(k))
         if changed:
             diffs = "; ".join(f"{k}: {was[k]!r} -> {new.get(k)!r}" for k in changed)
@@ -510,7 +533,7 @@ class Distiller:
                 "val_loss": loss,
                 **{k: float(v) for k, v in parts.items()},
             }
-        return summarise(per_quality, self.validation.rule)
+        return summarise(per_quality, self.validation.rule, len(ids) * len(self.validation.qualities))
 
     def score(self, train: dict[str, float], val: dict[str, Any] | None) -> tuple[float, ...]:
         """Higher is better (`train.validation.score`)."""
@@ -582,7 +605,14 @@ class Distiller:
                 "cache": self.cache_stats(),
             }
             score = self.score(train, val)
-            improved = self.state.best is None or tuple(score) > tuple(self.state.best["score"])
+            seen = [r["val"]["recall@1"] for r in self.state.history if r.get("val")]
+            improved = improves(
+                score,
+                None if self.state.best is None else self.state.best["score"],
+                top=max([*seen, float(score[0])]),
+                queries=int((val or {}).get("queries", 0)),
+                choice=cfg.epoch_choice,
+            )
             if improved:
                 self.state.best = {"epoch": epoch, "score": list(score), "metrics": self._metrics(train, val)}
             if self.ctx.is_main:
@@ -668,6 +698,7 @@ class Distiller:
             "train_images": len(self.train_ids),
             "val_images": len(self.val_ids),
             "validation": self.val_mode,
+            "epoch_choice": cfg.epoch_choice,
             "validation_baseline": {k: v for k, v in (self.state.baseline or {}).items() if k != "per_quality"},
             "stopped": self.state.stopped,
             "qualities": list(cfg.qualities),

@@ -24,6 +24,12 @@ so no query, and no ground truth, is ever looked at:
 - The score of an epoch is the mean recall@1 over the validation qualities,
   ties broken by the held-out distillation loss (lower is better): recall@1
   is coarse with few held-out images, the loss is not.
+- Which epoch is best (`improves`), two ways (`DistillConfig.epoch_choice`):
+  - `exact`: the highest recall@1, ties broken by the loss.
+  - `within-noise`: recalls closer than one standard error of a difference
+    (`margin`, about 5 points with 50 held-out queries) count as tied, so the
+    loss decides between them. With 10-20 held-out images a recall@1 that is
+    one or two queries lower is not evidence that an epoch is worse.
 
 `train.distill.Distiller` computes it after every epoch (and once before
 training, the teacher's own score), registers the best epoch and stops after
@@ -33,6 +39,7 @@ training, the teacher's own score), registers the best epoch and stops after
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,9 +144,10 @@ def rule_name(rule: str) -> str:
     return "self-retrieval" if rule == "self" else rule
 
 
-def summarise(per_quality: dict[str, dict[str, float]], rule: str = "self") -> dict[str, Any]:
-    """Means over the validation qualities, beside the per-quality values."""
-    out: dict[str, Any] = {"per_quality": per_quality, "rule": rule_name(rule)}
+def summarise(per_quality: dict[str, dict[str, float]], rule: str = "self", queries: int = 0) -> dict[str, Any]:
+    """Means over the validation qualities, beside the per-quality values
+    (`queries`: how many held-out queries the recall counts, over all qualities)."""
+    out: dict[str, Any] = {"per_quality": per_quality, "rule": rule_name(rule), "queries": queries}
     for key in ("recall@1", "recall@5", "val_loss"):
         values = [v[key] for v in per_quality.values() if key in v]
         if values:
@@ -153,6 +161,38 @@ def score(val: dict[str, Any] | None, train_loss: float) -> tuple[float, ...]:
     if not val:
         return (-train_loss,)
     return (float(val.get("recall@1", 0.0)), -float(val.get("val_loss", 0.0)))
+
+
+EPOCH_CHOICES = ("exact", "within-noise")
+
+
+def margin(recall: float, queries: int) -> float:
+    """One standard error of the difference between two recalls measured on
+    `queries` queries each: sqrt(2 p (1 - p) / n), with p smoothed as
+    (k + 1) / (n + 2) so that a recall of 1.0 still has a margin."""
+    if queries <= 0:
+        return 0.0
+    p = (recall * queries + 1) / (queries + 2)
+    return math.sqrt(2 * p * (1 - p) / queries)
+
+
+def improves(
+    new: Sequence[float], best: Sequence[float] | None, top: float, queries: int, choice: str = "exact"
+) -> bool:
+    """Whether an epoch scoring `new` (`score`) replaces the best so far.
+
+    `top` is the highest recall@1 of any epoch so far, this one included. Under
+    `within-noise` an epoch whose recall is within `margin` of `top` replaces
+    the best when its held-out loss is lower; one whose recall beats the best's
+    by more than the margin always does."""
+    if choice not in EPOCH_CHOICES:
+        raise ValueError(f"unknown epoch choice {choice!r}; one of {', '.join(EPOCH_CHOICES)}")
+    if best is None:
+        return True
+    if choice == "exact" or len(new) == 1 or len(best) == 1:  # no validation: the training loss decides
+        return tuple(new) > tuple(best)
+    m = margin(top, queries)
+    return new[0] > best[0] + m or (new[0] >= top - m and new[1] > best[1])
 
 
 def should_stop(best_epoch: int, epoch: int, patience: int | None) -> bool:

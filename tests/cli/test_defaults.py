@@ -41,7 +41,8 @@ def all_parsers(parser: argparse.ArgumentParser):
 
 
 def help_text(*names: str) -> str:
-    return " ".join(subparser(*names).format_help().split())  # argparse wraps lines anywhere
+    # argparse wraps lines anywhere, hyphenated words (within-noise) at their hyphen
+    return re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(subparser(*names).format_help().split()))
 
 
 def test_distill_without_flags_is_distill_config_defaults():

@@ -22,6 +22,7 @@ from vpr.train.distill import DistillConfig, Distiller, low_light_twins, lr_fact
 from vpr.train.distill_cache import TensorCache
 from vpr.train.distill_data import PrefixRunner, split_student, trainable_names
 from vpr.train.mining import NegativeMiner, TripletConfig
+from vpr.train.validation import improves
 
 QUALITIES = ["orig", "h48-jpeg30", "h36"]
 
@@ -239,14 +240,22 @@ def test_label_free_validation_picks_the_epoch_with_the_best_self_retrieval(tmp_
         epochs=3,
         schedule="constant",
         low_light_share=0.5,
+        epoch_choice="within-noise",
     )
     res = run_distill(cfg, HomeSettings(home=home))
     m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
-    assert m["details"]["validation"] == "self-retrieval"
+    assert m["details"]["validation"] == "self-retrieval" and m["details"]["epoch_choice"] == "within-noise"
     assert (m["details"]["train_images"], m["details"]["val_images"], m["details"]["image_count"]) == (4, 2, 6)
-    scores = [(h["val"]["recall@1"], -h["val"]["val_loss"]) for h in res.history]
-    assert res.best_epoch == 1 + max(range(len(scores)), key=lambda k: scores[k])
-    assert m["metrics"]["val_recall@1"] == pytest.approx(max(scores)[0])
+    # the registered epoch is the one `improves` picks, epoch after epoch, on the recorded scores
+    best, chosen, top = None, 0, 0.0
+    for epoch, h in enumerate(res.history, 1):
+        assert h["val"]["queries"] == 2 * 6  # 2 held-out images x 3 qualities and their low-light twins
+        s = (h["val"]["recall@1"], -h["val"]["val_loss"])
+        top = max(top, s[0])
+        if improves(s, best, top, h["val"]["queries"], "within-noise"):
+            best, chosen = s, epoch
+    assert res.best_epoch == chosen and best is not None
+    assert m["metrics"]["val_recall@1"] == pytest.approx(best[0])
     # with low light in the mix, the validation checks every quality in low light too
     twins = low_light_twins(QUALITIES, cfg.low_light_share, cfg.low_light_factor)
     assert twins == ["orig-dark32", "h48-dark32-jpeg30", "h36-dark32"]
@@ -303,8 +312,13 @@ def test_resume_after_a_crash_reaches_the_same_student(tmp_path, images, monkeyp
     # a state written by a version without some settings: they ran at their defaults
     state_path = home / "runs" / "crashy" / "state.json"
     older = json.loads(state_path.read_text())
-    for key in ("val_rule", "triplet"):
+    for key in ("val_rule", "triplet", "quality_plan"):
         del older["config"][key]
+    state_path.write_text(json.dumps(older))
+    # ... except the quality plan: before version 2 a listed `orig` added to orig_share
+    with pytest.raises(ValueError, match=r"different settings \(quality_plan: 1 -> 2"):
+        run_distill(cfg, settings, resume=True)
+    older["config"]["quality_plan"] = 2
     state_path.write_text(json.dumps(older))
     resumed = run_distill(cfg, settings, resume=True)
     assert states_close(trained_student(home, str(straight.ref)), trained_student(home, str(resumed.ref)), 1e-6)

@@ -4,6 +4,7 @@ the full-quality share of the training mix, and the size rule a student inherits
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,11 @@ from vpr.settings import HomeSettings
 from vpr.train import ddp
 from vpr.train.distill import DistillConfig, Distiller, low_light_twins, plan_qualities, run_distill
 from vpr.train.validation import (
+    EPOCH_CHOICES,
     holdout_split,
+    improves,
     make_validation_set,
+    margin,
     score,
     self_retrieval,
     should_stop,
@@ -119,6 +123,11 @@ def test_full_quality_share_of_the_training_mix():
     assert {q: plan.count(q) / len(plan) for q in qs} == pytest.approx(dict.fromkeys(qs, 0.25), abs=0.01)
     assert "orig" not in plan_qualities(qs, 0.0, 1000, [0, 1, 7])
     assert DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path(".")).orig_share == 0.25
+    # a listed `orig` does not add to the share (it did: 0.25 + 0.75 / 4 = 0.44 here)
+    listed = plan_qualities(["orig", *qs], 0.25, 20000, [0, 1, 7])
+    assert listed == plan  # the same draws as the list without it
+    assert plan_qualities(["orig"], 0.25, 50, [0, 1, 7]) == ["orig"] * 50
+    assert plan_qualities(["orig", "h90-jpeg20"], 0.0, 100, [0, 1, 7]) == ["h90-jpeg20"] * 100
 
 
 def test_low_light_share_of_the_training_mix():
@@ -183,3 +192,33 @@ def test_validation_chooses_the_epoch_and_stops_early(tmp_path, monkeypatch):
     assert state["stopped"].startswith("early stop after epoch 3") and state["baseline"]["recall@1"] == 0.5
     m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
     assert m["metrics"]["best_epoch"] == 1 and m["details"]["stopped"] == state["stopped"]
+
+
+def test_epoch_choice_within_the_validation_noise():
+    # one standard error of a difference of two recalls on n queries; never 0, smaller with more queries
+    assert margin(0.92, 50) == pytest.approx(math.sqrt(2 * (47 / 52) * (5 / 52) / 50))
+    assert margin(1.0, 50) > 0 and margin(0.9, 400) < margin(0.9, 100) < margin(0.9, 25)
+    assert margin(0.9, 0) == 0.0
+    m = margin(0.94, 50)  # about 0.05
+    best = (0.94, -0.50)  # (recall@1, -held-out loss), as score() gives
+    # exact: any higher recall wins; a lower one never does, whatever its loss
+    assert improves((0.96, -0.60), best, top=0.96, queries=50, choice="exact")
+    assert not improves((0.92, -0.40), best, top=0.94, queries=50, choice="exact")
+    assert improves((0.94, -0.40), best, top=0.94, queries=50, choice="exact")  # tie: the loss
+    # within-noise: one query lower (2 points) with a lower loss replaces the best ...
+    assert improves((0.92, -0.40), best, top=0.94, queries=50, choice="within-noise")
+    # ... one query higher with a higher loss does not (a tie; the loss decides) ...
+    assert not improves((0.96, -0.60), best, top=0.96, queries=50, choice="within-noise")
+    # ... a gain beyond the margin does, and a loss beyond it never does
+    assert improves((0.94 + m + 0.01, -0.60), best, top=0.94 + m + 0.01, queries=50, choice="within-noise")
+    assert not improves((0.94 - m - 0.01, -0.10), best, top=0.94, queries=50, choice="within-noise")
+    # the margin is measured from the highest recall seen, not from the best epoch's: no drifting down
+    assert not improves((0.90, -0.30), (0.92, -0.40), top=0.98, queries=50, choice="within-noise")
+    # more queries, a narrower margin: 2 points is no longer noise on 2,000 queries
+    assert not improves((0.92, -0.40), best, top=0.94, queries=2000, choice="within-noise")
+    # no validation: the training loss decides either way; the first epoch is always the best
+    assert improves((-0.3,), (-0.4,), top=-0.3, queries=0, choice="within-noise")
+    assert improves((0.5, -1.0), None, top=0.5, queries=50, choice="within-noise")
+    with pytest.raises(ValueError, match="unknown epoch choice"):
+        improves((0.9, -0.4), best, top=0.94, queries=50, choice="best")
+    assert DistillConfig(teacher="t@1", name="s", qualities=["h90"], images=Path(".")).epoch_choice in EPOCH_CHOICES
