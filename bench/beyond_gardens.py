@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, default=REPO / "var" / "bench-beyond")
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--train-qualities", help="default: the degraded levels of the dataset")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=DistillConfig.model_fields["epochs"].default)
     p.add_argument("--low-light-share", type=float, help="default: DistillConfig's")
     p.add_argument("--trainable", help="parts the student trains, e.g. conv4,conv5,netvlad; default: DistillConfig's")
     p.add_argument("--val-rule", choices=["self", "neighbours"], help="default: DistillConfig's")

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", default="mse+ickd")
     p.add_argument("--loss-weights", help="name=value,...")
     p.add_argument("--trainable", default="conv5,netvlad")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=DistillConfig.model_fields["epochs"].default)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "step"])
     p.add_argument("--batch-size", type=int, default=8)

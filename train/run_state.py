@@ -55,6 +55,9 @@ class RunState:
     train_seconds: float = 0.0
     baseline: dict[str, Any] | None = None  # the validation of the untrained student (the teacher), epoch 0
     stopped: str | None = None  # why training ended before `epochs` (early stopping), else None
+    # the highest held-out recall@1 of any epoch so far (the epoch choice measures from it);
+    # None: no validation yet, or a state written before it was kept (then read off `history`)
+    top_recall: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, **self.__dict__}
