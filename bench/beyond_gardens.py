@@ -84,6 +84,13 @@ SMALL_LEVELS = "h90-jpeg20,h60-jpeg20,h45-jpeg20,h90-h264-qp40"
 GOPRO_LEVELS = "h120-jpeg20,h90-jpeg20,h60-jpeg20,h120-h264-qp40"
 
 
+def setup(args: argparse.Namespace) -> None:
+    """Log lines with their times, and the torch threads asked for (--threads)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def loadavg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -297,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(args)
     levels = SMALL_LEVELS if args.dataset == "small-gardens" else GOPRO_LEVELS
     args.train_qualities = args.train_qualities or levels
     qualities = ["orig", *[str(q) for q in parse_qualities(levels)]]

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from beyond_gardens import SMALL_LEVELS, get_teacher, loadavg, small_gardens
+from beyond_gardens import SMALL_LEVELS, get_teacher, loadavg, setup, small_gardens
 
 from vpr.describe.cache import DescriptorCache
 from vpr.describe.describe import describe, describe_many
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup(args)
     home = HomeSettings(home=args.home)
     reg = Registry(home.models_dir)
     small = small_gardens(args.gardens, args.home / "data", (160, 90))
@@ -150,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         change: dict[str, Any] = {}
         for part in name.split("+"):
             change.update(CANDIDATES[part])
-        runs = report["candidates"][name] = {"change": change, "seeds": {}}
+        runs: dict[str, Any] = {"change": change, "seeds": {}}
+        report["candidates"][name] = runs
         for seed in [int(s) for s in args.seeds.split(",")]:
             cfg = DistillConfig(
                 teacher=teacher_ref,
