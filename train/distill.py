@@ -72,7 +72,15 @@ from vpr.train.distill_data import (
 from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
 from vpr.train.mining import NegativeMiner, TripletConfig
 from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
-from vpr.train.validation import improves, make_validation_set, rule_name, self_retrieval, should_stop, summarise
+from vpr.train.validation import (
+    EpochChoice,
+    improves,
+    make_validation_set,
+    rule_name,
+    self_retrieval,
+    should_stop,
+    summarise,
+)
 from vpr.train.validation import score as validation_score
 
 log = logging.getLogger(__name__)
@@ -137,7 +145,7 @@ class DistillConfig(BaseModel):
     # error count as tied and the held-out loss decides). "within-noise" won on a
     # validation split of the database traversal, by a rule fixed before the run
     # (bench/distill_validate.py; docs/BENCHMARKS.md, issue 12).
-    epoch_choice: Literal["exact", "within-noise"] = "within-noise"
+    epoch_choice: EpochChoice = "within-noise"
     triplet: TripletConfig = TripletConfig()
     prefix_cache: Literal["disk", "memory", "off"] = "disk"
     cache_dir: Path | None = None  # default <home>/cache/distill

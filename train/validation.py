@@ -42,7 +42,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -163,7 +163,8 @@ def score(val: dict[str, Any] | None, train_loss: float) -> tuple[float, ...]:
     return (float(val.get("recall@1", 0.0)), -float(val.get("val_loss", 0.0)))
 
 
-EPOCH_CHOICES = ("exact", "within-noise")
+EpochChoice = Literal["exact", "within-noise"]  # DistillConfig.epoch_choice
+EPOCH_CHOICES: tuple[str, ...] = get_args(EpochChoice)
 
 
 def margin(recall: float, queries: int) -> float:
