@@ -42,7 +42,7 @@ from vpr.describe.cache import DescriptorCache
 from vpr.describe.describe import describe, describe_many
 from vpr.evaluation.evaluate import first_positive_ranks, recall_from_ranks
 from vpr.index.meta import description_record
-from vpr.media.degrade import parse_qualities
+from vpr.media.degrade import in_grey, parse_qualities
 from vpr.model.extract import cpu_name
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import database_config, list_images, query_config
@@ -66,6 +66,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "within-noise": {"epoch_choice": "within-noise"},
     # the third: longer training under the adopted epoch choice
     "e10": {"epochs": 10, "epoch_choice": "within-noise"},
+    # the fourth: monochrome copies in the mix (scored with --twins grey as well)
+    "grey": {"epochs": 10, "epoch_choice": "within-noise", "grey_share": 0.25},
 }
 
 
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="names from CANDIDATES, or a+b combinations")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--twins", choices=["grey"], help="also score each level taken by a monochrome camera")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     train, val = list_images(train_dir), list_images(val_dir)
     pos = positives(len(train), len(val))
     levels = [str(q) for q in parse_qualities(SMALL_LEVELS)]
-    qualities = ["orig", *levels]
+    twins = [str(in_grey(q)) for q in levels] if args.twins == "grey" else []
+    qualities = ["orig", *levels, *twins]
     report: dict[str, Any] = {
         "argv": sys.argv,
         "cpu": cpu_name(),
@@ -172,12 +176,17 @@ def main(argv: list[str] | None = None) -> int:
                 "best_epoch": result.best_epoch,
                 "recall": rec,
                 "score": round(float(np.mean([rec[q] for q in levels])), 4),
+                **({"twin_score": round(float(np.mean([rec[q] for q in twins])), 4)} if twins else {}),
                 "wall_s": round(time.perf_counter() - t, 1),
             }
             save()
         runs["score"] = round(float(np.mean([s["score"] for s in runs["seeds"].values()])), 4)
+        if twins:
+            runs["twin_score"] = round(float(np.mean([s["twin_score"] for s in runs["seeds"].values()])), 4)
         save()
     report["teacher_score"] = round(float(np.mean([report["teacher_recall"][q] for q in levels])), 4)
+    if twins:
+        report["teacher_twin_score"] = round(float(np.mean([report["teacher_recall"][q] for q in twins])), 4)
     report["total_s"] = round(time.perf_counter() - t0, 1)
     report["loadavg_end"] = loadavg()
     save()
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed, r in runs["seeds"].items():
             row = "".join(f"{r['recall'][q]:>15.3f}" for q in qualities)
             print(f"{name + ' s' + seed:<14}{row}{r['score']:>8.3f}  (epoch {r['best_epoch']})")
-        print(f"{name + ' mean':<14}{'':>{15 * len(qualities)}}{runs['score']:>8.3f}")
+        print(f"{name + ' mean':<14}{'':>{15 * len(qualities)}}{runs['score']:>8.3f}", runs.get("twin_score", ""))
     return 0
 
 

@@ -143,6 +143,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="share of the degraded samples also taken in low light (the -dark<F> quality step; 0: off)",
     )
     DISTILL.add(q, "--low-light-factor", type=int, help="low light: F times less light than the image had")
+    DISTILL.add(
+        q,
+        "--grey-share",
+        type=float,
+        help="share of the degraded samples also taken by a monochrome camera (the -grey quality step; 0: off)",
+    )
     DISTILL.add(q, "--margin", field="triplet.margin", type=float, help="triplet margin (squared distance)")
     DISTILL.add(q, "--pos-dist", field="triplet.pos_dist", type=float, help="triplet positives within metres")
     DISTILL.add(q, "--neg-dist", field="triplet.neg_dist", type=float, help="triplet negatives beyond metres")

@@ -12,6 +12,9 @@ A quality spec is a short string:
   gave the camera F times less light (night, indoors), the camera's gain
   brought the brightness back, and the sensor's shot and read noise came
   with it (`low_light`: a physical model, not a filter fitted to a dataset).
+- then optionally ``-grey``: a monochrome camera (robots' global-shutter
+  sensors, IR night modes): the picture's luma (ITU-R 601, Pillow's "L") in
+  all three channels.
 - then optionally one codec step:
   ``-jpeg<Q>`` / ``-webp<Q>`` (Pillow, Q in 1..100),
   ``-h264-qp<Q>`` / ``-h265-qp<Q>`` (constant QP 0..51, libx264 / libx265
@@ -80,13 +83,15 @@ _MIN_SIDE = {"h264": 2, "h265": 16}
 _LABELS = {"h264": "H.264", "h265": "HEVC (H.265)"}
 
 SPEC_HELP = (
-    "orig or h<N>, optionally followed by -dark<F> (F times less light), then optionally by one of "
+    "orig or h<N>, optionally followed by -dark<F> (F times less light), then by -grey "
+    "(a monochrome camera), then optionally by one of "
     "-jpeg<Q>, -webp<Q>, -h264-qp<Q>, -h265-qp<Q>, -h264-kbps<N> (e.g. h180-jpeg20, h240-h264-qp38, "
-    "h180-dark32-jpeg20)"
+    "h180-dark32-jpeg20, h120-grey-jpeg20)"
 )
 _SPEC_RE = re.compile(
     r"^(?:(?P<orig>orig)|h(?P<height>\d+))"
     r"(?:-dark(?P<dark>\d+))?"
+    r"(?P<grey>-grey)?"
     r"(?:-(?P<img>jpeg|webp)(?P<imgq>\d+)"
     r"|-(?P<vid>h264|h265)-qp(?P<qp>\d+)"
     r"|-h264-kbps(?P<kbps>\d+))?$"
@@ -115,11 +120,14 @@ class Quality:
     level: int | None = None  # JPEG/WebP quality, or the video QP
     kbps: int | None = None  # H.264 target bitrate (instead of a QP)
     dark: int | None = None  # low light: F times less light before the codec (None: as taken)
+    grey: bool = False  # a monochrome camera: luma in all three channels, after the light, before the codec
 
     def __str__(self) -> str:
         base = "orig" if self.height is None else f"h{self.height}"
         if self.dark is not None:
             base += f"-dark{self.dark}"
+        if self.grey:
+            base += "-grey"
         if self.codec in ("jpeg", "webp"):
             return f"{base}-{self.codec}{self.level}"
         if self.codec in _ENCODERS:
@@ -132,7 +140,7 @@ class Quality:
 
     @property
     def is_original(self) -> bool:
-        return self.height is None and self.codec is None and self.dark is None
+        return self.height is None and self.codec is None and self.dark is None and not self.grey
 
     @property
     def is_video(self) -> bool:
@@ -175,13 +183,14 @@ def parse_quality(spec: str | Quality) -> Quality:
     if height is not None and not MIN_HEIGHT <= height <= MAX_HEIGHT:
         raise _bad(spec, f"height must be {MIN_HEIGHT}..{MAX_HEIGHT} pixels, got {height}")
     dark = None if m["dark"] is None else int(m["dark"])
+    grey = m["grey"] is not None
     if dark is not None and not 2 <= dark <= MAX_DARK:
         raise _bad(spec, f"the light factor of -dark must be 2..{MAX_DARK}, got {dark}")
     if m["img"]:
         q = int(m["imgq"])
         if not 1 <= q <= 100:
             raise _bad(spec, f"{m['img'].upper()} quality must be 1..100, got {q}")
-        return Quality(height, m["img"], q, dark=dark)
+        return Quality(height, m["img"], q, dark=dark, grey=grey)
     if m["vid"] or m["kbps"]:
         codec = m["vid"] or "h264"
         _require_encoder(spec, codec)
@@ -189,12 +198,12 @@ def parse_quality(spec: str | Quality) -> Quality:
             kbps = int(m["kbps"])
             if not 1 <= kbps <= MAX_KBPS:
                 raise _bad(spec, f"bitrate must be 1..{MAX_KBPS} kbit/s, got {kbps}")
-            return Quality(height, codec, None, kbps, dark)
+            return Quality(height, codec, None, kbps, dark, grey)
         qp = int(m["qp"])
         if not 0 <= qp <= 51:
             raise _bad(spec, f"{_LABELS[codec]} QP must be 0..51, got {qp}")
-        return Quality(height, codec, qp, dark=dark)
-    return Quality(height, dark=dark)
+        return Quality(height, codec, qp, dark=dark, grey=grey)
+    return Quality(height, dark=dark, grey=grey)
 
 
 def in_low_light(spec: str | Quality, factor: int) -> Quality:
@@ -202,6 +211,11 @@ def in_low_light(spec: str | Quality, factor: int) -> Quality:
     -dark step keeps its own)."""
     q = parse_quality(spec)
     return q if q.dark is not None else parse_quality(str(dataclasses.replace(q, dark=factor)))
+
+
+def in_grey(spec: str | Quality) -> Quality:
+    """`spec` taken by a monochrome camera (the -grey step; idempotent)."""
+    return dataclasses.replace(parse_quality(spec), grey=True)
 
 
 def _require_encoder(spec: str, codec: str) -> None:
@@ -276,11 +290,12 @@ def low_light(img: Image.Image, factor: int) -> Image.Image:
 
 
 def _before_codec(img: Image.Image, q: Quality) -> Image.Image:
-    """Everything before the codec: the size, then the light."""
+    """Everything before the codec: the size, the light, then the sensor's colour."""
     img = img if img.mode == "RGB" else img.convert("RGB")
     size = q.output_size(*img.size)
     img = img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
-    return img if q.dark is None else low_light(img, q.dark)
+    img = img if q.dark is None else low_light(img, q.dark)
+    return img.convert("L").convert("RGB") if q.grey else img
 
 
 def _encode_image(img: Image.Image, q: Quality) -> tuple[Image.Image, bytes]:

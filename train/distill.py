@@ -11,8 +11,8 @@ the place being served, so no query is ever seen). With positions, the
 triplet loss becomes available. Either way a held-out share of the images
 decides the registered epoch and when to stop (`train.validation`), a
 quarter of the samples stay at full quality (`orig_share`), a share of the
-degraded ones can also be taken in low light (`low_light_share`, off by
-default), and the student is trained at the input size an index of its
+degraded ones can also be taken in low light (`low_light_share`) or by a
+monochrome camera (`grey_share`), both off by default, and the student is trained at the input size an index of its
 images records (the size rule of `model.preprocess`, inherited from the teacher).
 
 How a step is computed (and why it is cheap on a CPU):
@@ -131,6 +131,10 @@ class DistillConfig(BaseModel):
     # back about 30x, the rest is gain.
     low_light_share: float = Field(0.0, ge=0, le=1)
     low_light_factor: int = Field(32, ge=2, le=1024)
+    # Share of the degraded samples also taken by a monochrome camera (the -grey
+    # step: luma in all three channels), drawn independently of low light: for
+    # clients with mono sensors or IR night modes querying a colour database.
+    grey_share: float = Field(0.0, ge=0, le=1)
     # Held-out share of the images for the label-free validation that chooses the
     # registered epoch and stops training (train.validation); 0: off (then the
     # training loss chooses).
@@ -215,16 +219,18 @@ def plan_qualities(
     seed: list[int],
     low_light_share: float = 0.0,
     low_light_factor: int = 32,
+    grey_share: float = 0.0,
 ) -> list[str]:
     """One quality per image for an epoch: `orig` with probability `orig_share`,
     else one of the degraded `qualities` uniformly (seeded), taken in low light
-    (`in_low_light`) with probability `low_light_share`.
+    (`in_low_light`) with probability `low_light_share` and by a monochrome
+    camera (`in_grey`) with probability `grey_share`, independently.
 
     An `orig` in `qualities` does not add to the share: the share is what it
     says (before issue 12's validation run it did, and `orig` listed among
     four degraded levels made 0.25 into 0.40). A list of `orig` alone trains
     at full quality only; a list without it draws as it always did."""
-    from vpr.media.degrade import in_low_light
+    from vpr.media.degrade import in_grey, in_low_light
 
     degraded = [q for q in qualities if q != "orig"]
     if not degraded:
@@ -236,16 +242,23 @@ def plan_qualities(
     if low_light_share > 0:  # drawn after the others: a share of 0 gives the plan it always gave
         dark = rng.random(n) < low_light_share
         plan = [str(in_low_light(q, low_light_factor)) if d and not f else q for q, d, f in zip(plan, dark, full)]
+    if grey_share > 0:  # drawn last, for the same reason
+        grey = rng.random(n) < grey_share
+        plan = [str(in_grey(q)) if g and not f else q for q, g, f in zip(plan, grey, full)]
     return plan
 
 
-def low_light_twins(qualities: list[str], share: float, factor: int) -> list[str]:
-    """The validation's extra qualities: each training quality in low light (none when off)."""
-    from vpr.media.degrade import in_low_light
+def camera_twins(
+    qualities: list[str], low_light_share: float, low_light_factor: int, grey_share: float = 0.0
+) -> list[str]:
+    """The validation's extra qualities: each training quality (and `orig`) in low
+    light, and by a monochrome camera, for the conditions in the mix (none when off)."""
+    from vpr.media.degrade import in_grey, in_low_light
 
-    if share <= 0:
-        return []
-    return list(dict.fromkeys(str(in_low_light(q, factor)) for q in ["orig", *qualities]))
+    every = ["orig", *qualities]
+    dark = [str(in_low_light(q, low_light_factor)) for q in every] if low_light_share > 0 else []
+    grey = [str(in_grey(q)) for q in every] if grey_share > 0 else []
+    return list(dict.fromkeys([*dark, *grey]))
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -343,7 +356,7 @@ class Distiller:
         self.train_ids, self.validation = make_validation_set(
             len(self.images),
             cfg.val_fraction,
-            [*cfg.qualities, *low_light_twins(cfg.qualities, cfg.low_light_share, cfg.low_light_factor)],
+            [*cfg.qualities, *camera_twins(cfg.qualities, cfg.low_light_share, cfg.low_light_factor, cfg.grey_share)],
             utm,
             cfg.val_radius,
             cfg.val_rule,
@@ -463,7 +476,13 @@ class Distiller:
         n = len(self.images)
         cfg = self.cfg
         quality = plan_qualities(
-            cfg.qualities, cfg.orig_share, n, [cfg.seed, epoch, 7], cfg.low_light_share, cfg.low_light_factor
+            cfg.qualities,
+            cfg.orig_share,
+            n,
+            [cfg.seed, epoch, 7],
+            cfg.low_light_share,
+            cfg.low_light_factor,
+            cfg.grey_share,
         )
         order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
         pad = (-len(order)) % self.ctx.world_size
@@ -719,6 +738,7 @@ class Distiller:
             "qualities": list(cfg.qualities),
             "orig_share": cfg.orig_share,
             "low_light": {"share": cfg.low_light_share, "factor": cfg.low_light_factor},
+            "grey_share": cfg.grey_share,
             "description": self.description,
             "student_input_side": self.input_side,
             "losses": self.losses.describe(),

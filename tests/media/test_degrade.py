@@ -217,6 +217,24 @@ def test_in_low_light_adds_the_step_once():
         dg.in_low_light("h90", 1)
 
 
+def test_grey_step_is_a_monochrome_camera_before_the_codec():
+    img = textured(160, 90, seed=3)
+    assert str(dg.parse_quality("H120-GREY-JPEG20")) == "h120-grey-jpeg20"
+    assert str(dg.in_grey("h90-dark32-h264-qp40")) == "h90-dark32-grey-h264-qp40"
+    assert dg.in_grey(dg.in_grey("orig")) == dg.parse_quality("orig-grey")
+    assert not dg.parse_quality("orig-grey").is_original  # it changes the pixels
+    with pytest.raises(ValueError, match="bad quality spec"):
+        dg.parse_quality("h90-grey-dark32")  # the light comes before the sensor's colour
+    luma = np.asarray(img.convert("L"))
+    out = np.asarray(degrade_image(img, "orig-grey"))
+    assert out.shape == (90, 160, 3) and all(np.array_equal(out[..., c], luma) for c in range(3))
+    for spec in ("h60-grey-jpeg20", "h60-grey-h264-qp40", "orig-dark32-grey"):
+        arr = np.asarray(degrade_image(img, spec)).astype(int)
+        assert np.abs(arr[..., 0] - arr[..., 1]).max() <= 2 and np.abs(arr[..., 1] - arr[..., 2]).max() <= 2, spec
+    colour = np.asarray(degrade_image(img, "h60-jpeg20")).astype(int)
+    assert np.abs(colour[..., 0] - colour[..., 2]).max() > 20  # the colour step keeps colour
+
+
 def test_sequence_is_one_clip_with_inter_frames():
     base = textured(340, 240, seed=5)
     frames = [base.crop((2 * i, 0, 2 * i + 320, 240)) for i in range(10)]  # a slow pan

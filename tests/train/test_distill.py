@@ -18,7 +18,7 @@ from vpr.model.preprocess import load_image, to_input
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
 from vpr.train import ddp
-from vpr.train.distill import DistillConfig, Distiller, low_light_twins, lr_factor, run_distill
+from vpr.train.distill import DistillConfig, Distiller, camera_twins, lr_factor, run_distill
 from vpr.train.distill_cache import TensorCache
 from vpr.train.distill_data import PrefixRunner, split_student, trainable_names
 from vpr.train.mining import NegativeMiner, TripletConfig
@@ -257,7 +257,7 @@ def test_label_free_validation_picks_the_epoch_with_the_best_self_retrieval(tmp_
     assert res.best_epoch == chosen and best is not None
     assert m["metrics"]["val_recall@1"] == pytest.approx(best[0])
     # with low light in the mix, the validation checks every quality in low light too
-    twins = low_light_twins(QUALITIES, cfg.low_light_share, cfg.low_light_factor)
+    twins = camera_twins(QUALITIES, cfg.low_light_share, cfg.low_light_factor)
     assert twins == ["orig-dark32", "h48-dark32-jpeg30", "h36-dark32"]
     assert set(res.history[0]["val"]["per_quality"]) == {*QUALITIES, *twins}
     assert m["details"]["low_light"] == {"share": 0.5, "factor": 32}
@@ -379,7 +379,7 @@ def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
     assert m["details"]["train_images"] == 9 and m["details"]["losses"] == {"mse": 1.0, "triplet": 0.5}
     for h in res.history:
         assert 0.0 <= h["val"]["recall@1"] <= h["val"]["recall@5"] <= 1.0
-        twins = low_light_twins(["orig", "h36"], cfg.low_light_share, cfg.low_light_factor)
+        twins = camera_twins(["orig", "h36"], cfg.low_light_share, cfg.low_light_factor)
         assert set(h["val"]["per_quality"]) == {"orig", "h36", *twins}
         assert h["triplet"] >= 0
     assert "val_recall@1" in m["metrics"]

@@ -17,7 +17,7 @@ from vpr.model.network import build_model
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
 from vpr.train import ddp
-from vpr.train.distill import DistillConfig, Distiller, low_light_twins, plan_qualities, run_distill
+from vpr.train.distill import DistillConfig, Distiller, camera_twins, plan_qualities, run_distill
 from vpr.train.validation import (
     EPOCH_CHOICES,
     holdout_split,
@@ -142,8 +142,29 @@ def test_low_light_share_of_the_training_mix():
     # off: exactly the plan without the option (old runs reproduce)
     assert plan_qualities(qs, 0.25, 500, [0, 1, 7], 0.0) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
     # the validation checks every training quality in low light too, `orig` included
-    assert low_light_twins(["h90-jpeg20", "orig"], 0.25, 32) == ["orig-dark32", "h90-dark32-jpeg20"]
-    assert low_light_twins(qs, 0.0, 32) == []
+    assert camera_twins(["h90-jpeg20", "orig"], 0.25, 32) == ["orig-dark32", "h90-dark32-jpeg20"]
+    assert camera_twins(qs, 0.0, 32) == []
+
+
+def test_monochrome_share_of_the_training_mix():
+    qs = ["h90-jpeg20", "h60-jpeg20", "h90-h264-qp40"]
+    assert DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path(".")).grey_share == 0.0
+    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], 0.0, 32, 0.25)
+    grey = [q for q in plan if "-grey" in q]
+    assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)
+    assert len(grey) / len(plan) == pytest.approx(0.75 * 0.25, abs=0.01)
+    assert {q.replace("-grey", "") for q in grey} == set(qs) and "h90-grey-jpeg20" in grey
+    assert plan_qualities(qs, 0.25, 500, [0, 1, 7], 0.0, 32, 0.0) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
+    # both conditions: drawn independently, so some samples are dark and grey
+    both = plan_qualities(qs, 0.25, 20000, [0, 1, 7], 0.5, 32, 0.5)
+    assert sum("-dark32-grey" in q for q in both) / len(both) == pytest.approx(0.75 * 0.25, abs=0.015)
+    assert camera_twins(["h90-jpeg20"], 0.0, 32, 0.25) == ["orig-grey", "h90-grey-jpeg20"]
+    assert camera_twins(["h90-jpeg20"], 0.5, 16, 0.5) == [
+        "orig-dark16",
+        "h90-dark16-jpeg20",
+        "orig-grey",
+        "h90-grey-jpeg20",
+    ]
 
 
 def tiny_teacher(home: Path) -> str:
