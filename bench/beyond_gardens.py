@@ -159,7 +159,9 @@ def old_default(reg: Registry, teacher: LoadedModel) -> str:
 def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_dir: Path, tag: str) -> dict:
     low_light = {} if args.low_light_share is None else {"low_light_share": args.low_light_share}
     share = low_light.get("low_light_share", DistillConfig.model_fields["low_light_share"].default)
-    # without low light (the default) a run keeps the name runs had before the option existed
+    # without low light (the default) a run keeps the name runs had before the option existed; grey likewise
+    grey = {} if args.grey_share is None else {"grey_share": args.grey_share}
+    grey_share = grey.get("grey_share", DistillConfig.model_fields["grey_share"].default)
     trainable = {} if args.trainable is None else {"trainable": args.trainable.split(",")}
     parts = f"t{args.trainable}-" if args.trainable else ""  # default parts: the name runs always had
     parts += f"v{args.val_rule}-" if args.val_rule else ""
@@ -167,7 +169,8 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     choice = DistillConfig.model_fields["epoch_choice"].default
     parts += f"c{choice}-" if choice != "exact" else ""
     rule = {} if args.val_rule is None else {"val_rule": args.val_rule}
-    run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}{parts}q{args.train_qualities}".replace(",", "_")
+    run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}{f'g{grey_share:g}-' if grey_share else ''}"
+    run = f"{run}{parts}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(
         teacher=teacher,
         name=f"{tag}-student",
@@ -178,6 +181,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         progress=True,
         run_dir=home.home / "runs" / run,
         **low_light,
+        **grey,
         **trainable,
         **rule,
     )
@@ -193,6 +197,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         "history": details["history"],
         "orig_share": details.get("orig_share"),
         "low_light": details.get("low_light"),
+        "grey_share": details.get("grey_share", 0.0),
         "trainable": details.get("trainable"),
         "validation": details.get("validation"),
         "student_input_side": details.get("student_input_side"),
@@ -295,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-qualities", help="default: the degraded levels of the dataset")
     p.add_argument("--epochs", type=int, default=DistillConfig.model_fields["epochs"].default)
     p.add_argument("--low-light-share", type=float, help="default: DistillConfig's")
+    p.add_argument("--grey-share", type=float, help="default: DistillConfig's")
     p.add_argument("--trainable", help="parts the student trains, e.g. conv4,conv5,netvlad; default: DistillConfig's")
     p.add_argument("--val-rule", choices=["self", "neighbours"], help="default: DistillConfig's")
     p.add_argument("--old-query-limit", type=int, default=50, help="queries per set for the old-default column")

@@ -127,8 +127,10 @@ def run_tag(args: argparse.Namespace) -> str:
     val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
     # low light in the mix: named by its share; off (the default) keeps the names of runs made before it existed
     dark = args.low_light_share or DistillConfig.model_fields["low_light_share"].default
+    grey = args.grey_share or DistillConfig.model_fields["grey_share"].default  # likewise
     tag = (
-        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-{f'll{dark:g}-' if dark else ''}"
+        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-"
+        f"{f'll{dark:g}-' if dark else ''}{f'g{grey:g}-' if grey else ''}"
         f"{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
         f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}"
     )
@@ -159,6 +161,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
                 ("orig_share", args.orig_share),
                 ("val_fraction", args.val_fraction),
                 ("low_light_share", args.low_light_share),
+                ("grey_share", args.grey_share),
             )
             if v is not None
         },
@@ -174,6 +177,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         "chosen_by": details.get("validation"),  # the label-free validation (train.validation), not the test
         "stopped": details.get("stopped"),
         "low_light": details.get("low_light"),
+        "grey_share": details.get("grey_share", 0.0),
         "history": details["history"],
         "run_dir": str(result.run_dir),
     }
@@ -268,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orig-share", type=float, help="full-quality share of training samples (default: DistillConfig's)")
     p.add_argument("--val-fraction", type=float, help="held-out share for the label-free validation (default: its)")
     p.add_argument("--low-light-share", type=float, help="share of degraded samples also in low light (default: off)")
+    p.add_argument("--grey-share", type=float, help="share of degraded samples also in grey (default: DistillConfig's)")
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--name", default="gardens-student")

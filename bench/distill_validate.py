@@ -68,6 +68,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "e10": {"epochs": 10, "epoch_choice": "within-noise"},
     # the fourth: monochrome copies in the mix (scored with --twins grey as well)
     "grey": {"epochs": 10, "epoch_choice": "within-noise", "grey_share": 0.25},
+    # the fifth: each training image's mirror as a second label-free view
+    "mirror": {"epochs": 10, "epoch_choice": "within-noise", "mirror": True},
 }
 
 

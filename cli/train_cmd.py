@@ -149,6 +149,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="share of the degraded samples also taken by a monochrome camera (the -grey quality step; 0: off)",
     )
+    DISTILL.add(
+        q,
+        "--mirror",
+        action="store_true",
+        help="also train on each training image's left-right mirror (its own teacher target)",
+    )
     DISTILL.add(q, "--margin", field="triplet.margin", type=float, help="triplet margin (squared distance)")
     DISTILL.add(q, "--pos-dist", field="triplet.pos_dist", type=float, help="triplet positives within metres")
     DISTILL.add(q, "--neg-dist", field="triplet.neg_dist", type=float, help="triplet negatives beyond metres")

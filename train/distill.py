@@ -66,6 +66,7 @@ from vpr.train.distill_data import (
     TeacherTargets,
     collect_images,
     has_positions,
+    mirrored,
     split_student,
     trainable_names,
 )
@@ -135,6 +136,9 @@ class DistillConfig(BaseModel):
     # step: luma in all three channels), drawn independently of low light: for
     # clients with mono sensors or IR night modes querying a colour database.
     grey_share: float = Field(0.0, ge=0, le=1)
+    # Also train on each training image's left-right mirror (its own teacher
+    # target; the held-out validation is unchanged): twice the label-free pairs.
+    mirror: bool = False
     # Held-out share of the images for the label-free validation that chooses the
     # registered epoch and stops training (train.validation); 0: off (then the
     # training loss chooses).
@@ -314,7 +318,9 @@ class Distiller:
         paths = [i.path for i in self.images]
         # The size rule (policy `database`): targets from the originals at their own
         # size, the student's inputs at the size an index of these images records.
-        self.description = description_record(paths, database_config(self.teacher.net.config.preprocess))
+        self.description = description_record(
+            paths[: self.n_originals], database_config(self.teacher.net.config.preprocess)
+        )
         self.input_side = query_side({DESCRIPTION_KEY: self.description})
         self.student_preprocess = query_config(self.student.config.preprocess, self.input_side)
         self.targets = TeacherTargets(
@@ -352,6 +358,8 @@ class Distiller:
                 "the triplet loss needs positions: train from a dataset with UTM positions "
                 "(--dataset KIND:PATH), or drop 'triplet' from the loss"
             )
+        if "triplet" in self.losses and cfg.mirror:
+            raise ValueError("mirrored training images have no positions: drop 'triplet' from the loss or --mirror")
         utm = np.array([i.utm for i in self.images], np.float64) if positions else None
         self.train_ids, self.validation = make_validation_set(
             len(self.images),
@@ -362,6 +370,12 @@ class Distiller:
             cfg.val_rule,
         )
         self.val_ids = self.validation.val_ids if self.validation else np.zeros(0, np.int64)
+        # the validation and the size rule look at the originals only: the first `n_originals` images
+        self.n_originals = len(self.images)
+        if cfg.mirror:
+            folder = Path(cfg.cache_dir) if cfg.cache_dir else self.home.cache_dir / "distill"
+            self.images = [*self.images, *mirrored([self.images[i] for i in self.train_ids], folder / "mirror")]
+            self.train_ids = np.concatenate([self.train_ids, np.arange(self.n_originals, len(self.images))])
         self.val_mode = "none" if self.validation is None else rule_name(cfg.val_rule)
 
     # -- setup / resume
@@ -547,7 +561,7 @@ class Distiller:
         if self.validation is None:
             return None
         ids = [int(i) for i in self.validation.val_ids]
-        db = self.targets.desc.numpy()
+        db = self.targets.desc.numpy()[: self.n_originals]
         if self.validation.database_ids is not None:
             db = db[self.validation.database_ids]
         per_quality: dict[str, dict[str, float]] = {}
@@ -739,6 +753,7 @@ class Distiller:
             "orig_share": cfg.orig_share,
             "low_light": {"share": cfg.low_light_share, "factor": cfg.low_light_factor},
             "grey_share": cfg.grey_share,
+            "mirror": cfg.mirror,
             "description": self.description,
             "student_input_side": self.input_side,
             "losses": self.losses.describe(),

@@ -77,6 +77,30 @@ def collect_images(cfg: Any) -> tuple[list[TrainImage], dict[str, Any]]:
     return images, {**source, "image_count": len(images)}
 
 
+def mirrored(images: list[TrainImage], folder: Path) -> list[TrainImage]:
+    """Each image's left-right mirror, as a PNG file in `folder` named by the
+    original's content (made once, written atomically; the pixels are exact, so
+    the same original always gives the same file and the caches keyed by
+    content find it again). A second, label-free view of the same training
+    pair: degrade(mirror(x)) must give teacher(mirror(x)). No positions: a
+    mirror is not a place one could stand at."""
+    import io
+
+    from PIL import Image
+
+    from vpr.model.fileio import atomic_write_bytes
+
+    out = []
+    for im in images:
+        dst = folder / f"{image_sha256(im.path)}.png"
+        if not dst.exists():
+            buf = io.BytesIO()
+            load_image(im.path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, format="PNG")
+            atomic_write_bytes(dst, buf.getvalue())
+        out.append(TrainImage(dst))
+    return out
+
+
 def has_positions(images: list[TrainImage]) -> bool:
     return all(i.utm is not None for i in images)
 
