@@ -162,6 +162,8 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     # without low light (the default) a run keeps the name runs had before the option existed; grey likewise
     grey = {} if args.grey_share is None else {"grey_share": args.grey_share}
     grey_share = grey.get("grey_share", DistillConfig.model_fields["grey_share"].default)
+    dim = {} if args.dim_share is None else {"dim_share": args.dim_share}
+    dim_share = dim.get("dim_share", DistillConfig.model_fields["dim_share"].default)
     trainable = {} if args.trainable is None else {"trainable": args.trainable.split(",")}
     parts = f"t{args.trainable}-" if args.trainable else ""  # default parts: the name runs always had
     parts += f"v{args.val_rule}-" if args.val_rule else ""
@@ -170,6 +172,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     parts += f"c{choice}-" if choice != "exact" else ""
     rule = {} if args.val_rule is None else {"val_rule": args.val_rule}
     run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}{f'g{grey_share:g}-' if grey_share else ''}"
+    run += f"dim{dim_share:g}-" if dim_share else ""
     run = f"{run}{parts}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(
         teacher=teacher,
@@ -182,6 +185,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         run_dir=home.home / "runs" / run,
         **low_light,
         **grey,
+        **dim,
         **trainable,
         **rule,
     )
@@ -198,6 +202,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         "orig_share": details.get("orig_share"),
         "low_light": details.get("low_light"),
         "grey_share": details.get("grey_share", 0.0),
+        "dim": details.get("dim"),
         "trainable": details.get("trainable"),
         "validation": details.get("validation"),
         "student_input_side": details.get("student_input_side"),
@@ -301,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=DistillConfig.model_fields["epochs"].default)
     p.add_argument("--low-light-share", type=float, help="default: DistillConfig's")
     p.add_argument("--grey-share", type=float, help="default: DistillConfig's")
+    p.add_argument("--dim-share", type=float, help="default: DistillConfig's")
     p.add_argument("--trainable", help="parts the student trains, e.g. conv4,conv5,netvlad; default: DistillConfig's")
     p.add_argument("--val-rule", choices=["self", "neighbours"], help="default: DistillConfig's")
     p.add_argument("--old-query-limit", type=int, default=50, help="queries per set for the old-default column")

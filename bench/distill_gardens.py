@@ -128,9 +128,10 @@ def run_tag(args: argparse.Namespace) -> str:
     # low light in the mix: named by its share; off (the default) keeps the names of runs made before it existed
     dark = args.low_light_share or DistillConfig.model_fields["low_light_share"].default
     grey = args.grey_share or DistillConfig.model_fields["grey_share"].default  # likewise
+    dim = args.dim_share or DistillConfig.model_fields["dim_share"].default  # likewise
     tag = (
         f"ms{args.max_side}-{args.policy}-o{share}-v{val}-"
-        f"{f'll{dark:g}-' if dark else ''}{f'g{grey:g}-' if grey else ''}"
+        f"{f'll{dark:g}-' if dark else ''}{f'g{grey:g}-' if grey else ''}{f'dim{dim:g}-' if dim else ''}"
         f"{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
         f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}"
     )
@@ -162,6 +163,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
                 ("val_fraction", args.val_fraction),
                 ("low_light_share", args.low_light_share),
                 ("grey_share", args.grey_share),
+                ("dim_share", args.dim_share),
             )
             if v is not None
         },
@@ -178,6 +180,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         "stopped": details.get("stopped"),
         "low_light": details.get("low_light"),
         "grey_share": details.get("grey_share", 0.0),
+        "dim": details.get("dim"),
         "history": details["history"],
         "run_dir": str(result.run_dir),
     }
@@ -273,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, help="held-out share for the label-free validation (default: its)")
     p.add_argument("--low-light-share", type=float, help="share of degraded samples also in low light (default: off)")
     p.add_argument("--grey-share", type=float, help="share of degraded samples also in grey (default: DistillConfig's)")
+    p.add_argument("--dim-share", type=float, help="share of degraded samples also underexposed (DistillConfig's)")
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--name", default="gardens-student")

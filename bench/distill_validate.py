@@ -42,7 +42,7 @@ from vpr.describe.cache import DescriptorCache
 from vpr.describe.describe import describe, describe_many
 from vpr.evaluation.evaluate import first_positive_ranks, recall_from_ranks
 from vpr.index.meta import description_record
-from vpr.media.degrade import in_grey, parse_qualities
+from vpr.media.degrade import in_condition, parse_qualities
 from vpr.model.extract import cpu_name
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import database_config, list_images, query_config
@@ -70,6 +70,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "grey": {"epochs": 10, "epoch_choice": "within-noise", "grey_share": 0.25},
     # the fifth: each training image's mirror as a second label-free view
     "mirror": {"epochs": 10, "epoch_choice": "within-noise", "mirror": True},
+    # the sixth: underexposed copies (-dim8) in the mix (scored with --twins dim8 as well)
+    "dim": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25},
 }
 
 
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="names from CANDIDATES, or a+b combinations")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--twins", choices=["grey"], help="also score each level taken by a monochrome camera")
+    p.add_argument("--twins", help="also score each level under this capture condition (grey, dim8, dark32)")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     train, val = list_images(train_dir), list_images(val_dir)
     pos = positives(len(train), len(val))
     levels = [str(q) for q in parse_qualities(SMALL_LEVELS)]
-    twins = [str(in_grey(q)) for q in levels] if args.twins == "grey" else []
+    twins = [str(in_condition(q, args.twins)) for q in levels] if args.twins else []
     qualities = ["orig", *levels, *twins]
     report: dict[str, Any] = {
         "argv": sys.argv,

@@ -151,6 +151,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     DISTILL.add(
         q,
+        "--dim-share",
+        type=float,
+        help="share of the degraded samples also taken underexposed (the -dim<F> step: no gain; 0: off)",
+    )
+    DISTILL.add(q, "--dim-factor", type=int, help="underexposure: F times less light, kept dark")
+    DISTILL.add(
+        q,
         "--mirror",
         action="store_true",
         help="also train on each training image's left-right mirror (its own teacher target)",

@@ -12,6 +12,8 @@ A quality spec is a short string:
   gave the camera F times less light (night, indoors), the camera's gain
   brought the brightness back, and the sensor's shot and read noise came
   with it (`low_light`: a physical model, not a filter fitted to a dataset).
+  ``-dim<F>`` instead: the same light and noise without the gain, so the
+  frame stays F times darker (a camera at its exposure and gain limits).
 - then optionally ``-grey``: a monochrome camera (robots' global-shutter
   sensors, IR night modes): the picture's luma (ITU-R 601, Pillow's "L") in
   all three channels.
@@ -83,14 +85,15 @@ _MIN_SIDE = {"h264": 2, "h265": 16}
 _LABELS = {"h264": "H.264", "h265": "HEVC (H.265)"}
 
 SPEC_HELP = (
-    "orig or h<N>, optionally followed by -dark<F> (F times less light), then by -grey "
+    "orig or h<N>, optionally followed by -dark<F> (F times less light) or -dim<F> (the same "
+    "without the camera's gain), then by -grey "
     "(a monochrome camera), then optionally by one of "
     "-jpeg<Q>, -webp<Q>, -h264-qp<Q>, -h265-qp<Q>, -h264-kbps<N> (e.g. h180-jpeg20, h240-h264-qp38, "
     "h180-dark32-jpeg20, h120-grey-jpeg20)"
 )
 _SPEC_RE = re.compile(
     r"^(?:(?P<orig>orig)|h(?P<height>\d+))"
-    r"(?:-dark(?P<dark>\d+))?"
+    r"(?:-(?P<light>dark|dim)(?P<dark>\d+))?"
     r"(?P<grey>-grey)?"
     r"(?:-(?P<img>jpeg|webp)(?P<imgq>\d+)"
     r"|-(?P<vid>h264|h265)-qp(?P<qp>\d+)"
@@ -121,11 +124,12 @@ class Quality:
     kbps: int | None = None  # H.264 target bitrate (instead of a QP)
     dark: int | None = None  # low light: F times less light before the codec (None: as taken)
     grey: bool = False  # a monochrome camera: luma in all three channels, after the light, before the codec
+    gain: bool = True  # low light: the camera's gain restores the brightness (-dark) or not (-dim)
 
     def __str__(self) -> str:
         base = "orig" if self.height is None else f"h{self.height}"
         if self.dark is not None:
-            base += f"-dark{self.dark}"
+            base += f"-{'dark' if self.gain else 'dim'}{self.dark}"
         if self.grey:
             base += "-grey"
         if self.codec in ("jpeg", "webp"):
@@ -184,13 +188,14 @@ def parse_quality(spec: str | Quality) -> Quality:
         raise _bad(spec, f"height must be {MIN_HEIGHT}..{MAX_HEIGHT} pixels, got {height}")
     dark = None if m["dark"] is None else int(m["dark"])
     grey = m["grey"] is not None
+    gain = m["light"] != "dim"
     if dark is not None and not 2 <= dark <= MAX_DARK:
-        raise _bad(spec, f"the light factor of -dark must be 2..{MAX_DARK}, got {dark}")
+        raise _bad(spec, f"the light factor of -{m['light']} must be 2..{MAX_DARK}, got {dark}")
     if m["img"]:
         q = int(m["imgq"])
         if not 1 <= q <= 100:
             raise _bad(spec, f"{m['img'].upper()} quality must be 1..100, got {q}")
-        return Quality(height, m["img"], q, dark=dark, grey=grey)
+        return Quality(height, m["img"], q, dark=dark, grey=grey, gain=gain)
     if m["vid"] or m["kbps"]:
         codec = m["vid"] or "h264"
         _require_encoder(spec, codec)
@@ -198,24 +203,33 @@ def parse_quality(spec: str | Quality) -> Quality:
             kbps = int(m["kbps"])
             if not 1 <= kbps <= MAX_KBPS:
                 raise _bad(spec, f"bitrate must be 1..{MAX_KBPS} kbit/s, got {kbps}")
-            return Quality(height, codec, None, kbps, dark, grey)
+            return Quality(height, codec, None, kbps, dark, grey, gain)
         qp = int(m["qp"])
         if not 0 <= qp <= 51:
             raise _bad(spec, f"{_LABELS[codec]} QP must be 0..51, got {qp}")
-        return Quality(height, codec, qp, dark=dark, grey=grey)
-    return Quality(height, dark=dark, grey=grey)
+        return Quality(height, codec, qp, dark=dark, grey=grey, gain=gain)
+    return Quality(height, dark=dark, grey=grey, gain=gain)
+
+
+def in_condition(spec: str | Quality, condition: str) -> Quality:
+    """`spec` taken under a capture condition, written as its step without the
+    dash: `dark<F>`, `dim<F>` or `grey` (parsed as a spec's step is). A spec
+    that already has a light step keeps its own; `grey` is idempotent."""
+    try:
+        cond = parse_quality(f"orig-{condition}")
+    except ValueError as e:
+        raise ValueError(f"bad capture condition {condition!r}: expected dark<F>, dim<F> or grey ({e})") from None
+    if cond.codec is not None:
+        raise ValueError(f"bad capture condition {condition!r}: expected dark<F>, dim<F> or grey, not a codec")
+    q = parse_quality(spec)
+    if cond.dark is not None and q.dark is None:
+        q = dataclasses.replace(q, dark=cond.dark, gain=cond.gain)
+    return dataclasses.replace(q, grey=q.grey or cond.grey)
 
 
 def in_low_light(spec: str | Quality, factor: int) -> Quality:
-    """`spec` taken with `factor` times less light (a spec that already has a
-    -dark step keeps its own)."""
-    q = parse_quality(spec)
-    return q if q.dark is not None else parse_quality(str(dataclasses.replace(q, dark=factor)))
-
-
-def in_grey(spec: str | Quality) -> Quality:
-    """`spec` taken by a monochrome camera (the -grey step; idempotent)."""
-    return dataclasses.replace(parse_quality(spec), grey=True)
+    """`spec` taken with `factor` times less light, the camera's gain on (-dark<F>)."""
+    return in_condition(spec, f"dark{factor}")
 
 
 def _require_encoder(spec: str, codec: str) -> None:
@@ -273,19 +287,20 @@ def _linear_to_srgb(v: np.ndarray) -> np.ndarray:
     return np.where(v <= 0.0031308, v * 12.92, 1.055 * np.power(v, 1 / 2.4) - 0.055)
 
 
-def low_light(img: Image.Image, factor: int) -> Image.Image:
+def low_light(img: Image.Image, factor: int, gain: bool = True) -> Image.Image:
     """The picture as a camera would take it with `factor` times less light.
 
     Per pixel and colour channel: sRGB -> linear light -> electrons collected
     (`FULL_WELL` for white, divided by `factor`) -> plus shot noise (variance =
     the signal) and read noise (`READ_NOISE`) -> times the gain `factor`, which
-    restores the brightness -> clipped -> sRGB, 8 bits. The noise is drawn from
-    a generator seeded by the image's own pixels: same input, same output."""
+    restores the brightness (without `gain`, the -dim step: times 1, the frame
+    stays dark) -> clipped -> sRGB, 8 bits. The noise is drawn from a generator
+    seeded by the image's own pixels: same input, same output."""
     arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     rng = np.random.default_rng([zlib.crc32(arr.tobytes()), arr.shape[0], arr.shape[1], factor])
     electrons = _srgb_to_linear(arr.astype(np.float64) / 255.0) * (FULL_WELL / factor)
     noisy = electrons + rng.standard_normal(arr.shape) * np.sqrt(electrons + READ_NOISE**2)
-    linear = np.clip(noisy * (factor / FULL_WELL), 0.0, 1.0)
+    linear = np.clip(noisy * ((factor if gain else 1) / FULL_WELL), 0.0, 1.0)
     return Image.fromarray(np.round(_linear_to_srgb(linear) * 255.0).astype(np.uint8))
 
 
@@ -294,7 +309,7 @@ def _before_codec(img: Image.Image, q: Quality) -> Image.Image:
     img = img if img.mode == "RGB" else img.convert("RGB")
     size = q.output_size(*img.size)
     img = img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
-    img = img if q.dark is None else low_light(img, q.dark)
+    img = img if q.dark is None else low_light(img, q.dark, q.gain)
     return img.convert("L").convert("RGB") if q.grey else img
 
 

@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -136,6 +137,10 @@ class DistillConfig(BaseModel):
     # step: luma in all three channels), drawn independently of low light: for
     # clients with mono sensors or IR night modes querying a colour database.
     grey_share: float = Field(0.0, ge=0, le=1)
+    # Share of the degraded samples also taken underexposed (the -dim<F> step: the
+    # low-light sensor model without the camera's gain, so the frame stays dark).
+    dim_share: float = Field(0.0, ge=0, le=1)
+    dim_factor: int = Field(8, ge=2, le=1024)
     # Also train on each training image's left-right mirror (its own teacher
     # target; the held-out validation is unchanged): twice the label-free pairs.
     mirror: bool = False
@@ -176,12 +181,24 @@ class DistillConfig(BaseModel):
         if (self.images is None) == (self.dataset is None):
             raise ValueError("give exactly one source of training images: images (a folder) or dataset (KIND:PATH)")
         losses = parse_loss(self.loss, self.loss_weights)  # validates names and weights
+        if self.mirror and "triplet" in losses:
+            raise ValueError("mirrored training images have no positions: drop 'triplet' from the loss, or mirror")
         self.loss, self.loss_weights = str(losses), losses.weights
         check_name(self.name)
         return self
 
     def loss_set(self) -> LossSet:
         return parse_loss(self.loss, self.loss_weights)
+
+    def conditions(self) -> list[tuple[str, float]]:
+        """The capture conditions in the training mix, as (step, share of the degraded
+        samples), in the order `plan_qualities` draws them; shares of 0 left out."""
+        every = [
+            (f"dark{self.low_light_factor}", self.low_light_share),
+            ("grey", self.grey_share),
+            (f"dim{self.dim_factor}", self.dim_share),
+        ]
+        return [(step, share) for step, share in every if share > 0]
 
 
 # How `plan_qualities` draws; recorded in a run's state so that a run is never
@@ -221,20 +238,18 @@ def plan_qualities(
     orig_share: float,
     n: int,
     seed: list[int],
-    low_light_share: float = 0.0,
-    low_light_factor: int = 32,
-    grey_share: float = 0.0,
+    conditions: Sequence[tuple[str, float]] = (),
 ) -> list[str]:
     """One quality per image for an epoch: `orig` with probability `orig_share`,
-    else one of the degraded `qualities` uniformly (seeded), taken in low light
-    (`in_low_light`) with probability `low_light_share` and by a monochrome
-    camera (`in_grey`) with probability `grey_share`, independently.
+    else one of the degraded `qualities` uniformly (seeded), then taken under
+    each capture condition (`media.degrade.in_condition`: `dark32`, `grey`,
+    `dim8`, ...) with its probability, independently.
 
     An `orig` in `qualities` does not add to the share: the share is what it
     says (before issue 12's validation run it did, and `orig` listed among
     four degraded levels made 0.25 into 0.40). A list of `orig` alone trains
     at full quality only; a list without it draws as it always did."""
-    from vpr.media.degrade import in_grey, in_low_light
+    from vpr.media.degrade import in_condition
 
     degraded = [q for q in qualities if q != "orig"]
     if not degraded:
@@ -243,26 +258,19 @@ def plan_qualities(
     draws = rng.integers(0, len(degraded), n)
     full = rng.random(n) < orig_share if orig_share > 0 else np.zeros(n, bool)
     plan = ["orig" if f else degraded[d] for f, d in zip(full, draws)]
-    if low_light_share > 0:  # drawn after the others: a share of 0 gives the plan it always gave
-        dark = rng.random(n) < low_light_share
-        plan = [str(in_low_light(q, low_light_factor)) if d and not f else q for q, d, f in zip(plan, dark, full)]
-    if grey_share > 0:  # drawn last, for the same reason
-        grey = rng.random(n) < grey_share
-        plan = [str(in_grey(q)) if g and not f else q for q, g, f in zip(plan, grey, full)]
+    for step, share in conditions:  # drawn after the others: no condition gives the plan it always gave
+        taken = rng.random(n) < share
+        plan = [str(in_condition(q, step)) if t and not f else q for q, t, f in zip(plan, taken, full)]
     return plan
 
 
-def camera_twins(
-    qualities: list[str], low_light_share: float, low_light_factor: int, grey_share: float = 0.0
-) -> list[str]:
-    """The validation's extra qualities: each training quality (and `orig`) in low
-    light, and by a monochrome camera, for the conditions in the mix (none when off)."""
-    from vpr.media.degrade import in_grey, in_low_light
+def camera_twins(qualities: list[str], conditions: Sequence[tuple[str, float]]) -> list[str]:
+    """The validation's extra qualities: each training quality (and `orig`) under
+    each capture condition in the mix (none without conditions)."""
+    from vpr.media.degrade import in_condition
 
     every = ["orig", *qualities]
-    dark = [str(in_low_light(q, low_light_factor)) for q in every] if low_light_share > 0 else []
-    grey = [str(in_grey(q)) for q in every] if grey_share > 0 else []
-    return list(dict.fromkeys([*dark, *grey]))
+    return list(dict.fromkeys(str(in_condition(q, step)) for step, share in conditions if share > 0 for q in every))
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -358,13 +366,11 @@ class Distiller:
                 "the triplet loss needs positions: train from a dataset with UTM positions "
                 "(--dataset KIND:PATH), or drop 'triplet' from the loss"
             )
-        if "triplet" in self.losses and cfg.mirror:
-            raise ValueError("mirrored training images have no positions: drop 'triplet' from the loss or --mirror")
         utm = np.array([i.utm for i in self.images], np.float64) if positions else None
         self.train_ids, self.validation = make_validation_set(
             len(self.images),
             cfg.val_fraction,
-            [*cfg.qualities, *camera_twins(cfg.qualities, cfg.low_light_share, cfg.low_light_factor, cfg.grey_share)],
+            [*cfg.qualities, *camera_twins(cfg.qualities, cfg.conditions())],
             utm,
             cfg.val_radius,
             cfg.val_rule,
@@ -489,15 +495,7 @@ class Distiller:
         """This process's image order for `epoch` and each image's quality (seeded, same for any world size)."""
         n = len(self.images)
         cfg = self.cfg
-        quality = plan_qualities(
-            cfg.qualities,
-            cfg.orig_share,
-            n,
-            [cfg.seed, epoch, 7],
-            cfg.low_light_share,
-            cfg.low_light_factor,
-            cfg.grey_share,
-        )
+        quality = plan_qualities(cfg.qualities, cfg.orig_share, n, [cfg.seed, epoch, 7], cfg.conditions())
         order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
         pad = (-len(order)) % self.ctx.world_size
         order = np.concatenate([order, order[:pad]])
@@ -753,6 +751,7 @@ class Distiller:
             "orig_share": cfg.orig_share,
             "low_light": {"share": cfg.low_light_share, "factor": cfg.low_light_factor},
             "grey_share": cfg.grey_share,
+            "dim": {"share": cfg.dim_share, "factor": cfg.dim_factor},
             "mirror": cfg.mirror,
             "description": self.description,
             "student_input_side": self.input_side,

@@ -220,8 +220,8 @@ def test_in_low_light_adds_the_step_once():
 def test_grey_step_is_a_monochrome_camera_before_the_codec():
     img = textured(160, 90, seed=3)
     assert str(dg.parse_quality("H120-GREY-JPEG20")) == "h120-grey-jpeg20"
-    assert str(dg.in_grey("h90-dark32-h264-qp40")) == "h90-dark32-grey-h264-qp40"
-    assert dg.in_grey(dg.in_grey("orig")) == dg.parse_quality("orig-grey")
+    assert str(dg.in_condition("h90-dark32-h264-qp40", "grey")) == "h90-dark32-grey-h264-qp40"
+    assert dg.in_condition(dg.in_condition("orig", "grey"), "grey") == dg.parse_quality("orig-grey")
     assert not dg.parse_quality("orig-grey").is_original  # it changes the pixels
     with pytest.raises(ValueError, match="bad quality spec"):
         dg.parse_quality("h90-grey-dark32")  # the light comes before the sensor's colour
@@ -233,6 +233,21 @@ def test_grey_step_is_a_monochrome_camera_before_the_codec():
         assert np.abs(arr[..., 0] - arr[..., 1]).max() <= 2 and np.abs(arr[..., 1] - arr[..., 2]).max() <= 2, spec
     colour = np.asarray(degrade_image(img, "h60-jpeg20")).astype(int)
     assert np.abs(colour[..., 0] - colour[..., 2]).max() > 20  # the colour step keeps colour
+
+
+def test_dim_step_is_low_light_without_the_gain():
+    img = textured(160, 90, seed=4)
+    q = dg.parse_quality("h60-dim8-jpeg20")
+    assert str(q) == "h60-dim8-jpeg20" and q.dark == 8 and not q.gain
+    assert str(dg.in_condition("h60-jpeg20", "dim8")) == "h60-dim8-jpeg20"
+    assert str(dg.in_condition("h60-dark32-jpeg20", "dim8")) == "h60-dark32-jpeg20"  # one light step
+    dim, dark = degrade_image(img, "orig-dim8"), degrade_image(img, "orig-dark8")
+    assert to_linear(dim).mean() == pytest.approx(to_linear(img).mean() / 8, rel=0.05)  # eight times darker
+    assert to_linear(dark).mean() == pytest.approx(to_linear(img).mean(), rel=0.05)  # the gain brings it back
+    assert np.array_equal(np.asarray(dim), np.asarray(dg.low_light(img, 8, gain=False)))
+    for bad in ("h90", "jpeg20", "dimx", "dark1"):
+        with pytest.raises(ValueError, match="bad capture condition"):
+            dg.in_condition("orig", bad)
 
 
 def test_sequence_is_one_clip_with_inter_frames():

@@ -120,6 +120,8 @@ def test_config_validation_names_the_problem(tmp_path, images):
         config("t@1", images, tmp_path, loss="mse+kd")
     with pytest.raises(ValueError, match="bad model name"):
         config("t@1", images, tmp_path, name="no/slash")
+    with pytest.raises(ValueError, match="mirrored training images have no positions"):
+        config("t@1", images, tmp_path, loss="mse+triplet", mirror=True)
 
 
 # ---- the smoke run through the CLI ------------------------------------------------------------
@@ -257,7 +259,7 @@ def test_label_free_validation_picks_the_epoch_with_the_best_self_retrieval(tmp_
     assert res.best_epoch == chosen and best is not None
     assert m["metrics"]["val_recall@1"] == pytest.approx(best[0])
     # with low light in the mix, the validation checks every quality in low light too
-    twins = camera_twins(QUALITIES, cfg.low_light_share, cfg.low_light_factor)
+    twins = camera_twins(QUALITIES, cfg.conditions())
     assert twins == ["orig-dark32", "h48-dark32-jpeg30", "h36-dark32"]
     assert set(res.history[0]["val"]["per_quality"]) == {*QUALITIES, *twins}
     assert m["details"]["low_light"] == {"share": 0.5, "factor": 32}
@@ -379,7 +381,7 @@ def test_triplet_training_with_positions_reports_validation_recall(tmp_path):
     assert m["details"]["train_images"] == 9 and m["details"]["losses"] == {"mse": 1.0, "triplet": 0.5}
     for h in res.history:
         assert 0.0 <= h["val"]["recall@1"] <= h["val"]["recall@5"] <= 1.0
-        twins = camera_twins(["orig", "h36"], cfg.low_light_share, cfg.low_light_factor)
+        twins = camera_twins(["orig", "h36"], cfg.conditions())
         assert set(h["val"]["per_quality"]) == {"orig", "h36", *twins}
         assert h["triplet"] >= 0
     assert "val_recall@1" in m["metrics"]

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import TINY_CONFIG, random_images
+from vpr.describe.cache import image_sha256
 from vpr.model.network import build_model
+from vpr.model.preprocess import load_image
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
 from vpr.train import ddp
@@ -134,36 +136,51 @@ def test_low_light_share_of_the_training_mix():
     qs = ["h90-jpeg20", "h60-jpeg20", "h90-h264-qp40"]
     cfg = DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path("."))
     assert (cfg.low_light_share, cfg.low_light_factor) == (0.0, 32)  # off unless asked for
-    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], 0.25, 32)
+    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], cfg.model_copy(update={"low_light_share": 0.25}).conditions())
     dark = [q for q in plan if "-dark32" in q]
     assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)  # full quality stays full quality
     assert len(dark) / len(plan) == pytest.approx(0.75 * 0.25, abs=0.01)  # a quarter of the degraded ones
     assert {q.replace("-dark32", "") for q in dark} == set(qs)
     # off: exactly the plan without the option (old runs reproduce)
-    assert plan_qualities(qs, 0.25, 500, [0, 1, 7], 0.0) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
+    assert plan_qualities(qs, 0.25, 500, [0, 1, 7], cfg.conditions()) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
     # the validation checks every training quality in low light too, `orig` included
-    assert camera_twins(["h90-jpeg20", "orig"], 0.25, 32) == ["orig-dark32", "h90-dark32-jpeg20"]
-    assert camera_twins(qs, 0.0, 32) == []
+    assert camera_twins(["h90-jpeg20", "orig"], [("dark32", 0.25)]) == ["orig-dark32", "h90-dark32-jpeg20"]
+    assert camera_twins(qs, cfg.conditions()) == [] and cfg.conditions() == []
 
 
 def test_monochrome_share_of_the_training_mix():
     qs = ["h90-jpeg20", "h60-jpeg20", "h90-h264-qp40"]
     assert DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path(".")).grey_share == 0.0
-    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], 0.0, 32, 0.25)
+    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], [("grey", 0.25)])
     grey = [q for q in plan if "-grey" in q]
     assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)
     assert len(grey) / len(plan) == pytest.approx(0.75 * 0.25, abs=0.01)
     assert {q.replace("-grey", "") for q in grey} == set(qs) and "h90-grey-jpeg20" in grey
-    assert plan_qualities(qs, 0.25, 500, [0, 1, 7], 0.0, 32, 0.0) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
-    # both conditions: drawn independently, so some samples are dark and grey
-    both = plan_qualities(qs, 0.25, 20000, [0, 1, 7], 0.5, 32, 0.5)
-    assert sum("-dark32-grey" in q for q in both) / len(both) == pytest.approx(0.75 * 0.25, abs=0.015)
-    assert camera_twins(["h90-jpeg20"], 0.0, 32, 0.25) == ["orig-grey", "h90-grey-jpeg20"]
-    assert camera_twins(["h90-jpeg20"], 0.5, 16, 0.5) == [
+    # conditions are drawn independently, in DistillConfig.conditions' order: some samples are dark and grey
+    cfg = DistillConfig(
+        teacher="t@1",
+        name="s",
+        qualities=qs,
+        images=Path("."),
+        low_light_share=0.5,
+        low_light_factor=16,
+        grey_share=0.5,
+        dim_share=0.25,
+    )
+    assert cfg.conditions() == [("dark16", 0.5), ("grey", 0.5), ("dim8", 0.25)]
+    both = plan_qualities(qs, 0.25, 20000, [0, 1, 7], cfg.conditions()[:2])
+    assert sum("-dark16-grey" in q for q in both) / len(both) == pytest.approx(0.75 * 0.25, abs=0.015)
+    # a light step already taken stays: -dim is drawn after -dark and never stacks on it
+    every = plan_qualities(qs, 0.25, 20000, [0, 1, 7], cfg.conditions())
+    assert not any("-dark16" in q and "-dim" in q for q in every) and any("-dim8" in q for q in every)
+    assert camera_twins(["h90-jpeg20"], [("grey", 0.25)]) == ["orig-grey", "h90-grey-jpeg20"]
+    assert camera_twins(["h90-jpeg20"], cfg.conditions()) == [
         "orig-dark16",
         "h90-dark16-jpeg20",
         "orig-grey",
         "h90-grey-jpeg20",
+        "orig-dim8",
+        "h90-dim8-jpeg20",
     ]
 
 
@@ -190,6 +207,36 @@ def test_student_inherits_the_size_rule_from_its_teacher(tmp_path):
     # degraded 32x24 copies are upsampled to the database's 48 px, not to max_side 96
     assert (d.student_preprocess.max_side, d.student_preprocess.small_policy) == (48, "upsample")
     assert tuple(d.student_input(0, "h24-jpeg20").shape[-2:]) == tuple(d.student_input(0, "orig").shape[-2:])
+
+
+def test_mirror_adds_a_second_view_of_the_training_images_only(tmp_path):
+    home = tmp_path / "home"
+    teacher = tiny_teacher(home)
+    images = tmp_path / "imgs"
+    random_images(images, 10, size=(64, 48), seed=6)
+    cfg = DistillConfig(teacher=teacher, name="s", qualities=["h24"], images=images, mirror=True, progress=False)
+    ctx = ddp.init_distributed("cpu")
+    try:
+        d = Distiller(cfg, HomeSettings(home=home), ctx)
+        plain = Distiller(cfg.model_copy(update={"mirror": False}), HomeSettings(home=home), ctx)
+        again = Distiller(cfg, HomeSettings(home=home), ctx)
+    finally:
+        ddp.shutdown(ctx)
+    held_out = set(d.val_ids.tolist())
+    originals = [i for i in plain.train_ids.tolist()]
+    assert held_out == set(plain.val_ids.tolist()) and len(held_out) == 1  # the same held-out image
+    assert len(d.images) == 10 + 9 and d.n_originals == 10
+    assert d.train_ids.tolist() == [*originals, *range(10, 19)]  # every training image and its mirror
+    for k, i in enumerate(originals):  # each mirror is its original flipped, pixel for pixel
+        flipped = np.asarray(load_image(d.images[i].path))[:, ::-1]
+        assert np.array_equal(np.asarray(load_image(d.images[10 + k].path)), flipped)
+    assert not any(d.images[10 + k].path == d.images[i].path for k, i in enumerate(originals))
+    # the held-out image has no mirror anywhere in training
+    assert image_sha256(d.images[next(iter(held_out))].path) not in {p.path.stem for p in d.images[10:]}
+    # made once: a second run finds the same files; the size rule reads the originals only
+    assert [i.path for i in again.images] == [i.path for i in d.images]
+    assert d.description == plain.description
+    assert len(d.targets.paths) == 19
 
 
 @pytest.mark.slow
