@@ -251,7 +251,7 @@ def test_label_free_validation_picks_the_epoch_with_the_best_self_retrieval(tmp_
     # the registered epoch is the one `improves` picks, epoch after epoch, on the recorded scores
     best, chosen, top = None, 0, 0.0
     for epoch, h in enumerate(res.history, 1):
-        assert h["val"]["queries"] == 2 * 6  # 2 held-out images x 3 qualities and their low-light twins
+        assert h["val"]["queries"] == 2 * 9  # 2 held-out images x 3 qualities, their low-light and dim twins
         s = (h["val"]["recall@1"], -h["val"]["val_loss"])
         top = max(top, s[0])
         if improves(s, best, top, h["val"]["queries"], "within-noise"):
@@ -260,9 +260,12 @@ def test_label_free_validation_picks_the_epoch_with_the_best_self_retrieval(tmp_
     assert m["metrics"]["val_recall@1"] == pytest.approx(best[0])
     # with low light in the mix, the validation checks every quality in low light too
     twins = camera_twins(QUALITIES, cfg.conditions())
-    assert twins == ["orig-dark32", "h48-dark32-jpeg30", "h36-dark32"]
+    assert twins == ["orig-dark32", "h48-dark32-jpeg30", "h36-dark32", "orig-dim8", "h48-dim8-jpeg30", "h36-dim8"]
     assert set(res.history[0]["val"]["per_quality"]) == {*QUALITIES, *twins}
-    assert m["details"]["low_light"] == {"share": 0.5, "factor": 32}
+    assert m["details"]["low_light"] == {"share": 0.5, "factor": 32} and m["details"]["dim"] == {
+        "share": 0.25,
+        "factor": 8,
+    }
     state = json.loads((res.run_dir / "state.json").read_text())
     assert state["best"]["epoch"] == res.best_epoch and state["baseline"]["rule"] == "self-retrieval"
 

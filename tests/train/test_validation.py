@@ -136,16 +136,18 @@ def test_low_light_share_of_the_training_mix():
     qs = ["h90-jpeg20", "h60-jpeg20", "h90-h264-qp40"]
     cfg = DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path("."))
     assert (cfg.low_light_share, cfg.low_light_factor) == (0.0, 32)  # off unless asked for
-    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], cfg.model_copy(update={"low_light_share": 0.25}).conditions())
+    plan = plan_qualities(qs, 0.25, 20000, [0, 1, 7], [("dark32", 0.25)])
     dark = [q for q in plan if "-dark32" in q]
     assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)  # full quality stays full quality
     assert len(dark) / len(plan) == pytest.approx(0.75 * 0.25, abs=0.01)  # a quarter of the degraded ones
     assert {q.replace("-dark32", "") for q in dark} == set(qs)
     # off: exactly the plan without the option (old runs reproduce)
-    assert plan_qualities(qs, 0.25, 500, [0, 1, 7], cfg.conditions()) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
+    assert plan_qualities(qs, 0.25, 500, [0, 1, 7], []) == plan_qualities(qs, 0.25, 500, [0, 1, 7])
     # the validation checks every training quality in low light too, `orig` included
     assert camera_twins(["h90-jpeg20", "orig"], [("dark32", 0.25)]) == ["orig-dark32", "h90-dark32-jpeg20"]
-    assert camera_twins(qs, cfg.conditions()) == [] and cfg.conditions() == []
+    assert camera_twins(qs, []) == []
+    # by default a quarter of the degraded samples are underexposed (-dim8), nothing else
+    assert cfg.conditions() == [("dim8", 0.25)]
 
 
 def test_monochrome_share_of_the_training_mix():
