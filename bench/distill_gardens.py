@@ -128,7 +128,8 @@ def run_tag(args: argparse.Namespace) -> str:
     # low light in the mix: named by its share; off (the default) keeps the names of runs made before it existed
     dark = args.low_light_share or DistillConfig.model_fields["low_light_share"].default
     grey = args.grey_share or DistillConfig.model_fields["grey_share"].default  # likewise
-    dim = args.dim_share or DistillConfig.model_fields["dim_share"].default  # likewise
+    # underexposed copies (on by default since issue 12's sixth validation): named when on
+    dim = DistillConfig.model_fields["dim_share"].default if args.dim_share is None else args.dim_share
     tag = (
         f"ms{args.max_side}-{args.policy}-o{share}-v{val}-"
         f"{f'll{dark:g}-' if dark else ''}{f'g{grey:g}-' if grey else ''}{f'dim{dim:g}-' if dim else ''}"

@@ -13,8 +13,9 @@ decides the registered epoch and when to stop (`train.validation`), a
 quarter of the samples stay at full quality (`orig_share`), a share of the
 degraded ones are also taken underexposed (`dim_share`, a quarter) and can
 be taken in low light with the camera's gain (`low_light_share`) or by a
-monochrome camera (`grey_share`), both off by default, and the student is trained at the input size an index of its
-images records (the size rule of `model.preprocess`, inherited from the teacher).
+monochrome camera (`grey_share`), both off by default, and the student is
+trained at the input size an index of its images records (the size rule of
+`model.preprocess`, inherited from the teacher).
 
 How a step is computed (and why it is cheap on a CPU):
 
@@ -416,6 +417,7 @@ class Distiller:
         default = {k: to_jsonable_python(f.default) for k, f in fields.items() if not f.is_required()}
         default["quality_plan"] = 1  # runs before the version was recorded
         default["epoch_choice"] = "exact"  # runs before the choice existed
+        default["dim_share"] = 0.0  # runs before the -dim step existed
         was = {k: old.config.get(k, default.get(k)) for k in set(old.config) | set(new)}
         if "orig" not in self.cfg.qualities:  # both plans draw alike without a listed `orig`
             was["quality_plan"] = new["quality_plan"]

@@ -325,6 +325,12 @@ def test_resume_after_a_crash_reaches_the_same_student(tmp_path, images, monkeyp
     with pytest.raises(ValueError, match=r"different settings \(quality_plan: 1 -> 2"):
         run_distill(cfg, settings, resume=True)
     older["config"]["quality_plan"] = 2
+    # ... and the underexposed copies: a run from before the -dim step ran without them
+    del older["config"]["dim_share"]
+    state_path.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"different settings \(dim_share: 0.0 -> 0.25"):
+        run_distill(cfg, settings, resume=True)
+    older["config"]["dim_share"] = 0.25
     state_path.write_text(json.dumps(older))
     resumed = run_distill(cfg, settings, resume=True)
     assert states_close(trained_student(home, str(straight.ref)), trained_student(home, str(resumed.ref)), 1e-6)
