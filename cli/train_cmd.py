@@ -136,25 +136,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="share of training samples at full quality (orig; a listed orig does not add to it)",
     )
-    DISTILL.add(
-        q,
-        "--low-light-share",
-        type=float,
-        help="share of the degraded samples also taken in low light (the -dark<F> quality step; 0: off)",
-    )
+    # the capture conditions in the mix (DistillConfig.conditions), each with its share of the degraded samples
+    for flag, how in (
+        ("--low-light-share", "in low light (the -dark<F> step: the camera's gain on; 0: off)"),
+        ("--grey-share", "by a monochrome camera (the -grey step; 0: off)"),
+        ("--dim-share", "underexposed (the -dim<F> step: no gain; 0: off)"),
+    ):
+        DISTILL.add(q, flag, type=float, help=f"share of the degraded samples also taken {how}")
     DISTILL.add(q, "--low-light-factor", type=int, help="low light: F times less light than the image had")
-    DISTILL.add(
-        q,
-        "--grey-share",
-        type=float,
-        help="share of the degraded samples also taken by a monochrome camera (the -grey quality step; 0: off)",
-    )
-    DISTILL.add(
-        q,
-        "--dim-share",
-        type=float,
-        help="share of the degraded samples also taken underexposed (the -dim<F> step: no gain; 0: off)",
-    )
     DISTILL.add(q, "--dim-factor", type=int, help="underexposure: F times less light, kept dark")
     DISTILL.add(
         q,
