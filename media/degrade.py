@@ -227,11 +227,6 @@ def in_condition(spec: str | Quality, condition: str) -> Quality:
     return dataclasses.replace(q, grey=q.grey or cond.grey)
 
 
-def in_low_light(spec: str | Quality, factor: int) -> Quality:
-    """`spec` taken with `factor` times less light, the camera's gain on (-dark<F>)."""
-    return in_condition(spec, f"dark{factor}")
-
-
 def _require_encoder(spec: str, codec: str) -> None:
     name = _ENCODERS[codec]
     if not encoder_available(name):

@@ -209,12 +209,12 @@ def test_low_light_is_deterministic_per_image_and_noisier_with_less_light():
     assert len(clip.images) == 2 and clip.bitrate_kbps is not None
 
 
-def test_in_low_light_adds_the_step_once():
-    assert str(dg.in_low_light("h180-jpeg20", 32)) == "h180-dark32-jpeg20"
-    assert str(dg.in_low_light("orig", 16)) == "orig-dark16"
-    assert str(dg.in_low_light("h90-dark8-h264-qp40", 32)) == "h90-dark8-h264-qp40"
+def test_low_light_condition_adds_the_step_once():
+    assert str(dg.in_condition("h180-jpeg20", "dark32")) == "h180-dark32-jpeg20"
+    assert str(dg.in_condition("orig", "dark16")) == "orig-dark16"
+    assert str(dg.in_condition("h90-dark8-h264-qp40", "dark32")) == "h90-dark8-h264-qp40"
     with pytest.raises(ValueError, match="light factor"):
-        dg.in_low_light("h90", 1)
+        dg.in_condition("h90", "dark1")
 
 
 def test_grey_step_is_a_monochrome_camera_before_the_codec():
