@@ -91,6 +91,22 @@ def setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def condition_shares(args: argparse.Namespace) -> tuple[dict[str, float], str]:
+    """The capture-condition shares given on the command line (--low-light-share,
+    --grey-share, --dim-share; the others stay DistillConfig's) and their part of a
+    run's name: each condition named when its share is not 0, so that runs made
+    before a condition existed (or while it is off) keep their names."""
+    given: dict[str, float] = {}
+    name = ""
+    for field, short in (("low_light_share", "ll"), ("grey_share", "g"), ("dim_share", "dim")):
+        value = getattr(args, field)
+        if value is not None:
+            given[field] = value
+        share = DistillConfig.model_fields[field].default if value is None else value
+        name += f"{short}{share:g}-" if share else ""
+    return given, name
+
+
 def loadavg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -157,13 +173,7 @@ def old_default(reg: Registry, teacher: LoadedModel) -> str:
 
 
 def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_dir: Path, tag: str) -> dict:
-    low_light = {} if args.low_light_share is None else {"low_light_share": args.low_light_share}
-    share = low_light.get("low_light_share", DistillConfig.model_fields["low_light_share"].default)
-    # without low light (the default) a run keeps the name runs had before the option existed; grey likewise
-    grey = {} if args.grey_share is None else {"grey_share": args.grey_share}
-    grey_share = grey.get("grey_share", DistillConfig.model_fields["grey_share"].default)
-    dim = {} if args.dim_share is None else {"dim_share": args.dim_share}
-    dim_share = dim.get("dim_share", DistillConfig.model_fields["dim_share"].default)
+    conditions, named = condition_shares(args)
     trainable = {} if args.trainable is None else {"trainable": args.trainable.split(",")}
     parts = f"t{args.trainable}-" if args.trainable else ""  # default parts: the name runs always had
     parts += f"v{args.val_rule}-" if args.val_rule else ""
@@ -171,9 +181,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     choice = DistillConfig.model_fields["epoch_choice"].default
     parts += f"c{choice}-" if choice != "exact" else ""
     rule = {} if args.val_rule is None else {"val_rule": args.val_rule}
-    run = f"{tag}-e{args.epochs}-{f'll{share:g}-' if share else ''}{f'g{grey_share:g}-' if grey_share else ''}"
-    run += f"dim{dim_share:g}-" if dim_share else ""
-    run = f"{run}{parts}q{args.train_qualities}".replace(",", "_")
+    run = f"{tag}-e{args.epochs}-{named}{parts}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(
         teacher=teacher,
         name=f"{tag}-student",
@@ -183,9 +191,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         seed=0,
         progress=True,
         run_dir=home.home / "runs" / run,
-        **low_light,
-        **grey,
-        **dim,
+        **conditions,
         **trainable,
         **rule,
     )

@@ -44,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from beyond_gardens import condition_shares
+
 from vpr.data.datasets import PlaceDataset, open_dataset
 from vpr.describe.cache import DescriptorCache
 from vpr.evaluation.evaluate import evaluate
@@ -125,14 +127,9 @@ def run_tag(args: argparse.Namespace) -> str:
     choice = DistillConfig.model_fields["epoch_choice"].default
     share += f"-c{choice}" if choice != "exact" else ""
     val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
-    # low light in the mix: named by its share; off (the default) keeps the names of runs made before it existed
-    dark = args.low_light_share or DistillConfig.model_fields["low_light_share"].default
-    grey = args.grey_share or DistillConfig.model_fields["grey_share"].default  # likewise
-    # underexposed copies (on by default since issue 12's sixth validation): named when on
-    dim = DistillConfig.model_fields["dim_share"].default if args.dim_share is None else args.dim_share
+    named = condition_shares(args)[1]  # the capture conditions in the mix, each named when on
     tag = (
-        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-"
-        f"{f'll{dark:g}-' if dark else ''}{f'g{grey:g}-' if grey else ''}{f'dim{dim:g}-' if dim else ''}"
+        f"ms{args.max_side}-{args.policy}-o{share}-v{val}-{named}"
         f"{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
         f"e{args.epochs}-{args.schedule}-b{args.batch_size}-s{args.seed}-l{args.limit or 'all'}-q{args.train_qualities}"
     )
@@ -162,12 +159,10 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
             for k, v in (
                 ("orig_share", args.orig_share),
                 ("val_fraction", args.val_fraction),
-                ("low_light_share", args.low_light_share),
-                ("grey_share", args.grey_share),
-                ("dim_share", args.dim_share),
             )
             if v is not None
         },
+        **condition_shares(args)[0],
     )
     clock = Clock()
     result = run_distill(cfg, home, resume=cfg.run_dir.joinpath("state.json").exists())

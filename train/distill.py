@@ -314,6 +314,7 @@ class Distiller:
         self.prefix, self.head, self.cut = split_student(self.student, self.trainable)
         self.params = [p for p in self.head.parameters() if p.requires_grad]
         self.images, self.source = collect_images(cfg)
+        self.cache_folder = Path(cfg.cache_dir) if cfg.cache_dir else home.cache_dir / "distill"  # prefixes, mirrors
         self._setup_split()
         self._setup_data()
         self.opt = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -327,7 +328,6 @@ class Distiller:
         """The caches: teacher targets always (computed once; on disk in THE descriptor
         cache, or in memory); prefix outputs unless turned off."""
         cfg = self.cfg
-        folder = Path(cfg.cache_dir) if cfg.cache_dir else self.home.cache_dir / "distill"
         disk = cfg.prefix_cache == "disk"
         budget = cfg.cache_memory_mb << 20
         paths = [i.path for i in self.images]
@@ -346,7 +346,9 @@ class Distiller:
             cfg.batch_size,
             cfg.progress,
         )
-        prefix_cache = None if cfg.prefix_cache == "off" else TensorCache(budget, folder / "prefix" if disk else None)
+        prefix_cache = (
+            None if cfg.prefix_cache == "off" else TensorCache(budget, self.cache_folder / "prefix" if disk else None)
+        )
         self.inputs = PrefixRunner(
             self.prefix,
             self.cut,
@@ -386,8 +388,8 @@ class Distiller:
         # the validation and the size rule look at the originals only: the first `n_originals` images
         self.n_originals = len(self.images)
         if cfg.mirror:
-            folder = Path(cfg.cache_dir) if cfg.cache_dir else self.home.cache_dir / "distill"
-            self.images = [*self.images, *mirrored([self.images[i] for i in self.train_ids], folder / "mirror")]
+            mirrors = mirrored([self.images[i] for i in self.train_ids], self.cache_folder / "mirror")
+            self.images = [*self.images, *mirrors]
             self.train_ids = np.concatenate([self.train_ids, np.arange(self.n_originals, len(self.images))])
         self.val_mode = "none" if self.validation is None else rule_name(cfg.val_rule)
 
