@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,12 +92,12 @@ def setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def condition_shares(args: argparse.Namespace) -> tuple[dict[str, float], str]:
-    """The capture-condition shares given on the command line (--low-light-share,
-    --grey-share, --dim-share; the others stay DistillConfig's) and their part of a
-    run's name: each condition named when its share is not 0, so that runs made
-    before a condition existed (or while it is off) keep their names."""
-    given: dict[str, float] = {}
+def recipe_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The recipe settings given on the command line (--low-light-share, --grey-share,
+    --dim-share, --level-weights; the others stay DistillConfig's) and their part of a
+    run's name: each named when it differs from what runs had before it existed (a
+    condition's share 0, levels drawn uniformly), so that those runs keep their names."""
+    given: dict[str, Any] = {}
     name = ""
     for field, short in (("low_light_share", "ll"), ("grey_share", "g"), ("dim_share", "dim")):
         value = getattr(args, field)
@@ -104,7 +105,14 @@ def condition_shares(args: argparse.Namespace) -> tuple[dict[str, float], str]:
             given[field] = value
         share = DistillConfig.model_fields[field].default if value is None else value
         name += f"{short}{share:g}-" if share else ""
+    if args.level_weights is not None:
+        given["level_weights"] = args.level_weights
+    draw = args.level_weights or DistillConfig.model_fields["level_weights"].default
+    name += f"lw{draw}-" if draw != "uniform" else ""
     return given, name
+
+
+LEVEL_WEIGHTS = typing.get_args(DistillConfig.model_fields["level_weights"].annotation)
 
 
 def loadavg() -> list[float]:
@@ -173,7 +181,7 @@ def old_default(reg: Registry, teacher: LoadedModel) -> str:
 
 
 def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_dir: Path, tag: str) -> dict:
-    conditions, named = condition_shares(args)
+    recipe, named = recipe_options(args)
     trainable = {} if args.trainable is None else {"trainable": args.trainable.split(",")}
     parts = f"t{args.trainable}-" if args.trainable else ""  # default parts: the name runs always had
     parts += f"v{args.val_rule}-" if args.val_rule else ""
@@ -191,7 +199,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         seed=0,
         progress=True,
         run_dir=home.home / "runs" / run,
-        **conditions,
+        **recipe,
         **trainable,
         **rule,
     )
@@ -209,6 +217,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         "low_light": details.get("low_light"),
         "grey_share": details.get("grey_share", 0.0),
         "dim": details.get("dim"),
+        "level_weights": details.get("level_weights"),
         "trainable": details.get("trainable"),
         "validation": details.get("validation"),
         "student_input_side": details.get("student_input_side"),
@@ -313,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--low-light-share", type=float, help="default: DistillConfig's")
     p.add_argument("--grey-share", type=float, help="default: DistillConfig's")
     p.add_argument("--dim-share", type=float, help="default: DistillConfig's")
+    p.add_argument("--level-weights", choices=LEVEL_WEIGHTS, help="default: DistillConfig's")
     p.add_argument("--trainable", help="parts the student trains, e.g. conv4,conv5,netvlad; default: DistillConfig's")
     p.add_argument("--val-rule", choices=["self", "neighbours"], help="default: DistillConfig's")
     p.add_argument("--old-query-limit", type=int, default=50, help="queries per set for the old-default column")

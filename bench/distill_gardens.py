@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from beyond_gardens import condition_shares
+from beyond_gardens import LEVEL_WEIGHTS, recipe_options
 
 from vpr.data.datasets import PlaceDataset, open_dataset
 from vpr.describe.cache import DescriptorCache
@@ -127,7 +127,7 @@ def run_tag(args: argparse.Namespace) -> str:
     choice = DistillConfig.model_fields["epoch_choice"].default
     share += f"-c{choice}" if choice != "exact" else ""
     val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
-    named = condition_shares(args)[1]  # the capture conditions in the mix, each named when on
+    named = recipe_options(args)[1]  # the capture conditions in the mix and the levels' draw, named when on
     tag = (
         f"ms{args.max_side}-{args.policy}-o{share}-v{val}-{named}"
         f"{args.loss}-w{args.loss_weights or '1'}-lr{args.lr:g}-{args.trainable}-"
@@ -162,7 +162,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
             )
             if v is not None
         },
-        **condition_shares(args)[0],
+        **recipe_options(args)[0],
     )
     clock = Clock()
     result = run_distill(cfg, home, resume=cfg.run_dir.joinpath("state.json").exists())
@@ -177,6 +177,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         "low_light": details.get("low_light"),
         "grey_share": details.get("grey_share", 0.0),
         "dim": details.get("dim"),
+        "level_weights": details.get("level_weights"),
         "history": details["history"],
         "run_dir": str(result.run_dir),
     }
@@ -273,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--low-light-share", type=float, help="share of degraded samples also in low light (default: off)")
     p.add_argument("--grey-share", type=float, help="share of degraded samples also in grey (default: DistillConfig's)")
     p.add_argument("--dim-share", type=float, help="share of degraded samples also underexposed (DistillConfig's)")
+    p.add_argument("--level-weights", choices=LEVEL_WEIGHTS, help="how degraded levels are drawn (DistillConfig's)")
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--name", default="gardens-student")

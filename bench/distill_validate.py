@@ -73,7 +73,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the fifth: each training image's mirror as a second label-free view
     "mirror": {"epochs": 10, "epoch_choice": "within-noise", "mirror": True, **BEFORE_DIM},
     # the sixth: underexposed copies (-dim8) in the mix (scored with --twins dim8 as well); adopted
-    "dim": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25},
+    "dim": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "uniform"},
+    # pre-registration 7 (docs/PREREGISTRATIONS.md): the degraded levels drawn by the baseline's held-out loss
+    "gap": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "baseline-loss"},
 }
 
 

@@ -151,6 +151,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also train on each training image's left-right mirror (its own teacher target)",
     )
+    DISTILL.add(
+        q,
+        "--level-weights",
+        help="how the degraded levels are drawn: 'uniform', or 'baseline-loss' (each in proportion to the "
+        "untrained student's held-out loss at that level, measured before training)",
+    )
     DISTILL.add(q, "--margin", field="triplet.margin", type=float, help="triplet margin (squared distance)")
     DISTILL.add(q, "--pos-dist", field="triplet.pos_dist", type=float, help="triplet positives within metres")
     DISTILL.add(q, "--neg-dist", field="triplet.neg_dist", type=float, help="triplet negatives beyond metres")

@@ -13,9 +13,11 @@ decides the registered epoch and when to stop (`train.validation`), a
 quarter of the samples stay at full quality (`orig_share`), a share of the
 degraded ones are also taken underexposed (`dim_share`, a quarter) and can
 be taken in low light with the camera's gain (`low_light_share`) or by a
-monochrome camera (`grey_share`), both off by default, and the student is
-trained at the input size an index of its images records (the size rule of
-`model.preprocess`, inherited from the teacher).
+monochrome camera (`grey_share`), both off by default, the degraded levels
+can be drawn in proportion to what there is to learn at each
+(`level_weights`), and the student is trained at the input size an index of
+its images records (the size rule of `model.preprocess`, inherited from the
+teacher).
 
 How a step is computed (and why it is cheap on a CPU):
 
@@ -151,6 +153,11 @@ class DistillConfig(BaseModel):
     # Also train on each training image's left-right mirror (its own teacher
     # target; the held-out validation is unchanged): twice the label-free pairs.
     mirror: bool = False
+    # How the listed degraded levels are drawn: "uniform", or "baseline-loss": each in
+    # proportion to the untrained student's (= the teacher's) held-out loss at that level,
+    # measured by the validation before the first epoch (`level_draw_weights`), so that
+    # samples go where there is most to learn. Needs the validation (val_fraction > 0).
+    level_weights: Literal["uniform", "baseline-loss"] = "uniform"
     # Held-out share of the images for the label-free validation that chooses the
     # registered epoch and stops training (train.validation); 0: off (then the
     # training loss chooses).
@@ -188,6 +195,11 @@ class DistillConfig(BaseModel):
         if (self.images is None) == (self.dataset is None):
             raise ValueError("give exactly one source of training images: images (a folder) or dataset (KIND:PATH)")
         losses = parse_loss(self.loss, self.loss_weights)  # validates names and weights
+        if self.level_weights == "baseline-loss" and self.val_fraction == 0:
+            raise ValueError(
+                "level_weights 'baseline-loss' is measured by the held-out validation: "
+                "give val_fraction > 0, or draw the levels 'uniform'"
+            )
         if self.mirror and "triplet" in losses:
             raise ValueError("mirrored training images have no positions: drop 'triplet' from the loss, or mirror")
         self.loss, self.loss_weights = str(losses), losses.weights
@@ -246,11 +258,13 @@ def plan_qualities(
     n: int,
     seed: list[int],
     conditions: Sequence[tuple[str, float]] = (),
+    weights: Sequence[float] | None = None,
 ) -> list[str]:
     """One quality per image for an epoch: `orig` with probability `orig_share`,
-    else one of the degraded `qualities` uniformly (seeded), then taken under
-    each capture condition (`media.degrade.in_condition`: `dark32`, `grey`,
-    `dim8`, ...) with its probability, independently.
+    else one of the degraded `qualities` (seeded; uniformly, or with the
+    probabilities `weights`, one per degraded level in list order), then taken
+    under each capture condition (`media.degrade.in_condition`: `dark32`,
+    `grey`, `dim8`, ...) with its probability, independently.
 
     An `orig` in `qualities` does not add to the share: the share is what it
     says (before issue 12's validation run it did, and `orig` listed among
@@ -262,13 +276,33 @@ def plan_qualities(
     if not degraded:
         return ["orig"] * n
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(degraded), n)
+    if weights is None:  # the uniform draw as it always was: old runs reproduce
+        draws = rng.integers(0, len(degraded), n)
+    else:
+        if len(weights) != len(degraded):
+            raise ValueError(f"{len(weights)} weights for {len(degraded)} degraded levels ({', '.join(degraded)})")
+        draws = rng.choice(len(degraded), n, p=np.asarray(weights, np.float64) / sum(weights))
     full = rng.random(n) < orig_share if orig_share > 0 else np.zeros(n, bool)
     plan = ["orig" if f else degraded[d] for f, d in zip(full, draws)]
     for step, share in conditions:  # drawn after the others: no condition gives the plan it always gave
         taken = rng.random(n) < share
         plan = [str(in_condition(q, step)) if t and not f else q for q, t, f in zip(plan, taken, full)]
     return plan
+
+
+def level_draw_weights(qualities: list[str], baseline: dict[str, Any] | None) -> list[float]:
+    """`level_weights` "baseline-loss": one probability per degraded level of
+    `qualities` (list order), proportional to the baseline validation's held-out
+    loss at that level (`Distiller.validate` before training: the teacher on
+    degraded inputs against itself on the originals). Uniform if every loss is 0."""
+    degraded = [q for q in qualities if q != "orig"]
+    per_quality = (baseline or {}).get("per_quality") or {}
+    missing = [q for q in degraded if q not in per_quality]
+    if missing:
+        raise ValueError(f"the baseline validation has no loss for {', '.join(missing)}: cannot weigh the levels")
+    losses = [max(0.0, float(per_quality[q]["val_loss"])) for q in degraded]
+    total = sum(losses)
+    return [x / total for x in losses] if total > 0 else [1 / len(degraded)] * len(degraded)
 
 
 def camera_twins(qualities: list[str], conditions: Sequence[tuple[str, float]]) -> list[str]:
@@ -420,6 +454,7 @@ class Distiller:
         default["quality_plan"] = 1  # runs before the version was recorded
         default["epoch_choice"] = "exact"  # runs before the choice existed
         default["dim_share"] = 0.0  # runs before the -dim step existed
+        default["level_weights"] = "uniform"  # runs before the levels could be weighed
         was = {k: old.config.get(k, default.get(k)) for k in set(old.config) | set(new)}
         if "orig" not in self.cfg.qualities:  # both plans draw alike without a listed `orig`
             was["quality_plan"] = new["quality_plan"]
@@ -505,12 +540,21 @@ class Distiller:
         """This process's image order for `epoch` and each image's quality (seeded, same for any world size)."""
         n = len(self.images)
         cfg = self.cfg
-        quality = plan_qualities(cfg.qualities, cfg.orig_share, n, [cfg.seed, epoch, 7], cfg.conditions())
+        quality = plan_qualities(
+            cfg.qualities, cfg.orig_share, n, [cfg.seed, epoch, 7], cfg.conditions(), self.level_weights()
+        )
         order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
         pad = (-len(order)) % self.ctx.world_size
         order = np.concatenate([order, order[:pad]])
         mine = order[self.ctx.rank :: self.ctx.world_size]
         return [int(i) for i in mine], {int(i): quality[i] for i in mine}
+
+    def level_weights(self) -> list[float] | None:
+        """The draw of the degraded levels: None (uniform), or their probabilities from
+        the baseline validation (`level_draw_weights`), the same on every process."""
+        if self.cfg.level_weights == "uniform":
+            return None
+        return level_draw_weights(self.cfg.qualities, self.state.baseline)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         ids, quality = self.epoch_plan(epoch)
@@ -699,11 +743,18 @@ class Distiller:
 
     def _log_baseline(self) -> None:
         """Validation of the untrained student (= the teacher on degraded inputs), for reference."""
+        # every process keeps it: the levels' draw may be weighed by it (level_weights)
+        val = ddp.broadcast(self.validate() if self.ctx.is_main else None, self.ctx)
+        self.state.baseline = val
         if self.ctx.is_main:
-            val = self.validate()
-            self.state.baseline = val
             self.files.append_metrics({"kind": "baseline", "epoch": 0, "val": val})
             log.info("before training: %s", json.dumps({k: v for k, v in (val or {}).items() if k != "per_quality"}))
+            weights = self.level_weights()
+            if weights is not None:
+                degraded = [q for q in self.cfg.qualities if q != "orig"]
+                log.info(
+                    "levels drawn by baseline loss: %s", ", ".join(f"{q} {w:.2f}" for q, w in zip(degraded, weights))
+                )
         ddp.barrier(self.ctx)
 
     def _metrics(self, train: dict[str, float], val: dict[str, Any] | None) -> dict[str, Any]:
@@ -763,6 +814,14 @@ class Distiller:
             "grey_share": cfg.grey_share,
             "dim": {"share": cfg.dim_share, "factor": cfg.dim_factor},
             "mirror": cfg.mirror,
+            "level_weights": {
+                "rule": cfg.level_weights,
+                **(
+                    {"p": dict(zip([q for q in cfg.qualities if q != "orig"], w))}
+                    if (w := self.level_weights())
+                    else {}
+                ),
+            },
             "description": self.description,
             "student_input_side": self.input_side,
             "losses": self.losses.describe(),

@@ -19,7 +19,14 @@ from vpr.model.preprocess import load_image
 from vpr.model.registry import Registry
 from vpr.settings import HomeSettings
 from vpr.train import ddp
-from vpr.train.distill import DistillConfig, Distiller, camera_twins, plan_qualities, run_distill
+from vpr.train.distill import (
+    DistillConfig,
+    Distiller,
+    camera_twins,
+    level_draw_weights,
+    plan_qualities,
+    run_distill,
+)
 from vpr.train.validation import (
     EPOCH_CHOICES,
     holdout_split,
@@ -292,3 +299,68 @@ def test_epoch_choice_within_the_validation_noise():
     with pytest.raises(ValueError, match="unknown epoch choice"):
         improves((0.9, -0.4), best, top=0.94, queries=50, choice="best")
     assert DistillConfig(teacher="t@1", name="s", qualities=["h90"], images=Path(".")).epoch_choice in EPOCH_CHOICES
+
+
+def test_levels_drawn_in_proportion_to_the_baseline_loss():
+    qs = ["h90", "h60-jpeg20", "h45-jpeg20"]
+    baseline = {"per_quality": {"orig": {"val_loss": 0.0}, **{q: {"val_loss": v} for q, v in zip(qs, [0.1, 0.3, 0.6])}}}
+    weights = level_draw_weights(["orig", *qs], baseline)  # a listed `orig` is not a degraded level
+    assert weights == pytest.approx([0.1, 0.3, 0.6])
+    plan = plan_qualities(qs, 0.25, 40000, [0, 1, 7], [("dim8", 0.25)], weights)
+    assert plan.count("orig") / len(plan) == pytest.approx(0.25, abs=0.01)  # full quality is not reweighed
+    dim = [q for q in plan if "-dim8" in q]
+    assert len(dim) / len(plan) == pytest.approx(0.75 * 0.25, abs=0.01)  # nor are the conditions
+    level = [q.replace("-dim8", "") for q in plan if q != "orig"]
+    assert {q: level.count(q) / len(level) for q in qs} == pytest.approx(dict(zip(qs, [0.1, 0.3, 0.6])), abs=0.01)
+    assert "h90" not in plan_qualities(qs, 0.0, 1000, [0, 1, 7], weights=[0.0, 1.0, 1.0])
+    # the same loss everywhere (or none at all) draws uniformly
+    flat = {"per_quality": {q: {"val_loss": 0.0} for q in qs}}
+    assert level_draw_weights(qs, flat) == pytest.approx([1 / 3] * 3)
+    with pytest.raises(ValueError, match="no loss for h45-jpeg20"):
+        level_draw_weights(qs, {"per_quality": {q: {"val_loss": 1.0} for q in qs[:2]}})
+    with pytest.raises(ValueError, match="2 weights for 3 degraded levels"):
+        plan_qualities(qs, 0.25, 10, [0], weights=[0.5, 0.5])
+    cfg = DistillConfig(teacher="t@1", name="s", qualities=qs, images=Path("."))
+    assert cfg.level_weights == "uniform"
+    with pytest.raises(ValueError, match="measured by the held-out validation"):
+        DistillConfig(
+            teacher="t@1", name="s", qualities=qs, images=Path("."), level_weights="baseline-loss", val_fraction=0
+        )
+
+
+def test_a_run_weighs_its_levels_by_its_own_baseline(tmp_path):
+    home = tmp_path / "home"
+    teacher = tiny_teacher(home)
+    images = tmp_path / "imgs"
+    random_images(images, 10, size=(64, 48), seed=6)
+    qs = ["h48", "h16-jpeg5"]
+    cfg = DistillConfig(
+        teacher=teacher,
+        name="s",
+        qualities=qs,
+        images=images,
+        epochs=1,
+        batch_size=4,
+        dim_share=0.0,
+        level_weights="baseline-loss",
+        progress=False,
+    )
+    res = run_distill(cfg, HomeSettings(home=home))
+    state = json.loads((res.run_dir / "state.json").read_text())
+    losses = [state["baseline"]["per_quality"][q]["val_loss"] for q in qs]
+    assert losses[1] > losses[0] > 0  # a 16 px JPEG 5 copy is further from the original than a 48 px one
+    details = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)["details"]
+    p = details["level_weights"]["p"]
+    assert details["level_weights"]["rule"] == "baseline-loss"
+    assert [p[q] for q in qs] == pytest.approx([x / sum(losses) for x in losses])
+    # the run drew its epoch with those weights: the same plan as plan_qualities given them
+    ctx = ddp.init_distributed("cpu")
+    try:
+        d = Distiller(cfg, HomeSettings(home=home), ctx)
+    finally:
+        ddp.shutdown(ctx)
+    d.state.baseline = state["baseline"]
+    ids, quality = d.epoch_plan(1)
+    full = plan_qualities(qs, cfg.orig_share, len(d.images), [cfg.seed, 1, 7], [], [p[q] for q in qs])
+    assert [quality[i] for i in ids] == [full[i] for i in ids]
+    assert full != plan_qualities(qs, cfg.orig_share, len(d.images), [cfg.seed, 1, 7])
