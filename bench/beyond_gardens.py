@@ -94,9 +94,9 @@ def setup(args: argparse.Namespace) -> None:
 
 def recipe_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """The recipe settings given on the command line (--low-light-share, --grey-share,
-    --dim-share, --level-weights; the others stay DistillConfig's) and their part of a
-    run's name: each named when it differs from what runs had before it existed (a
-    condition's share 0, levels drawn uniformly), so that those runs keep their names."""
+    --dim-share, --crop-share, --level-weights; the others stay DistillConfig's) and
+    their part of a run's name: each named when it differs from what runs had before it
+    existed (a share 0, levels drawn uniformly), so that those runs keep their names."""
     given: dict[str, Any] = {}
     name = ""
     for field, short in (("low_light_share", "ll"), ("grey_share", "g"), ("dim_share", "dim")):
@@ -105,6 +105,10 @@ def recipe_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             given[field] = value
         share = DistillConfig.model_fields[field].default if value is None else value
         name += f"{short}{share:g}-" if share else ""
+    if args.crop_share is not None:
+        given["crop_share"] = args.crop_share
+    crop = DistillConfig.model_fields["crop_share"].default if args.crop_share is None else args.crop_share
+    name += f"cr{crop:g}-" if crop else ""
     if args.level_weights is not None:
         given["level_weights"] = args.level_weights
     draw = args.level_weights or DistillConfig.model_fields["level_weights"].default
@@ -218,6 +222,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
         "grey_share": details.get("grey_share", 0.0),
         "dim": details.get("dim"),
         "level_weights": details.get("level_weights"),
+        "crop": details.get("crop"),
         "trainable": details.get("trainable"),
         "validation": details.get("validation"),
         "student_input_side": details.get("student_input_side"),
@@ -323,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grey-share", type=float, help="default: DistillConfig's")
     p.add_argument("--dim-share", type=float, help="default: DistillConfig's")
     p.add_argument("--level-weights", choices=LEVEL_WEIGHTS, help="default: DistillConfig's")
+    p.add_argument("--crop-share", type=float, help="default: DistillConfig's")
     p.add_argument("--trainable", help="parts the student trains, e.g. conv4,conv5,netvlad; default: DistillConfig's")
     p.add_argument("--val-rule", choices=["self", "neighbours"], help="default: DistillConfig's")
     p.add_argument("--old-query-limit", type=int, default=50, help="queries per set for the old-default column")

@@ -178,6 +178,7 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, gard
         "grey_share": details.get("grey_share", 0.0),
         "dim": details.get("dim"),
         "level_weights": details.get("level_weights"),
+        "crop": details.get("crop"),
         "history": details["history"],
         "run_dir": str(result.run_dir),
     }
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grey-share", type=float, help="share of degraded samples also in grey (default: DistillConfig's)")
     p.add_argument("--dim-share", type=float, help="share of degraded samples also underexposed (DistillConfig's)")
     p.add_argument("--level-weights", choices=LEVEL_WEIGHTS, help="how degraded levels are drawn (DistillConfig's)")
+    p.add_argument("--crop-share", type=float, help="share of degraded samples seen through a crop (DistillConfig's)")
     p.add_argument("--clusters", type=int, default=64)
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--name", default="gardens-student")

@@ -73,9 +73,17 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the fifth: each training image's mirror as a second label-free view
     "mirror": {"epochs": 10, "epoch_choice": "within-noise", "mirror": True, **BEFORE_DIM},
     # the sixth: underexposed copies (-dim8) in the mix (scored with --twins dim8 as well); adopted
-    "dim": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "uniform"},
+    "dim": {
+        "epochs": 10,
+        "epoch_choice": "within-noise",
+        "dim_share": 0.25,
+        "level_weights": "uniform",
+        "crop_share": 0.0,
+    },
     # pre-registration 7 (docs/PREREGISTRATIONS.md): the degraded levels drawn by the baseline's held-out loss
     "gap": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "baseline-loss"},
+    # pre-registration 8: half the degraded samples seen through a shifted crop of 0.8 of each side
+    "crop": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "crop_share": 0.5},
 }
 
 

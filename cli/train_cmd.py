@@ -157,6 +157,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how the degraded levels are drawn: 'uniform', or 'baseline-loss' (each in proportion to the "
         "untrained student's held-out loss at that level, measured before training)",
     )
+    DISTILL.add(
+        q,
+        "--crop-share",
+        type=float,
+        help="share of the degraded samples seen through a shifted crop of --crop-fraction of each side "
+        "(targets: the teacher's of the whole original)",
+    )
+    DISTILL.add(q, "--crop-fraction", type=float, help="crop window: this fraction of each side")
     DISTILL.add(q, "--margin", field="triplet.margin", type=float, help="triplet margin (squared distance)")
     DISTILL.add(q, "--pos-dist", field="triplet.pos_dist", type=float, help="triplet positives within metres")
     DISTILL.add(q, "--neg-dist", field="triplet.neg_dist", type=float, help="triplet negatives beyond metres")

@@ -15,7 +15,8 @@ degraded ones are also taken underexposed (`dim_share`, a quarter) and can
 be taken in low light with the camera's gain (`low_light_share`) or by a
 monochrome camera (`grey_share`), both off by default, the degraded levels
 can be drawn in proportion to what there is to learn at each
-(`level_weights`), and the student is trained at the input size an index of
+(`level_weights`), a share of them can be seen through a shifted crop
+(`crop_share`), and the student is trained at the input size an index of
 its images records (the size rule of `model.preprocess`, inherited from the
 teacher).
 
@@ -158,6 +159,12 @@ class DistillConfig(BaseModel):
     # measured by the validation before the first epoch (`level_draw_weights`), so that
     # samples go where there is most to learn. Needs the validation (val_fraction > 0).
     level_weights: Literal["uniform", "baseline-loss"] = "uniform"
+    # Share of the degraded samples the student sees through a window of `crop_fraction`
+    # of each side of its frozen prefix's output, at a seeded random position (a shifted
+    # view, as a query taken a step aside; `crop_view`); its targets stay the teacher's of
+    # the whole original. `orig` samples and the validation always see whole images.
+    crop_share: float = Field(0.0, ge=0, le=1)
+    crop_fraction: float = Field(0.8, gt=0, le=1)
     # Held-out share of the images for the label-free validation that chooses the
     # registered epoch and stops training (train.validation); 0: off (then the
     # training loss chooses).
@@ -288,6 +295,24 @@ def plan_qualities(
         taken = rng.random(n) < share
         plan = [str(in_condition(q, step)) if t and not f else q for q, t, f in zip(plan, taken, full)]
     return plan
+
+
+def plan_crops(plan: list[str], share: float, seed: list[int]) -> list[tuple[float, float] | None]:
+    """Per sample of an epoch's plan: None (the whole view), or, for a `share` of the
+    degraded samples (seeded), the window's relative position (top, left) in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    taken = rng.random(len(plan)) < share
+    at = rng.random((len(plan), 2))
+    return [(float(a[0]), float(a[1])) if t and q != "orig" else None for q, t, a in zip(plan, taken, at)]
+
+
+def crop_view(x: torch.Tensor, fraction: float, at: tuple[float, float]) -> torch.Tensor:
+    """The window of `fraction` of each side of a (..., h, w) map whose top-left corner
+    sits at the relative position `at` of the free range (0: first row/column, ->1: last)."""
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = min(h - ch, int(at[0] * (h - ch + 1))), min(w - cw, int(at[1] * (w - cw + 1)))
+    return x[..., top : top + ch, left : left + cw]
 
 
 def level_draw_weights(qualities: list[str], baseline: dict[str, Any] | None) -> list[float]:
@@ -454,7 +479,6 @@ class Distiller:
         default["quality_plan"] = 1  # runs before the version was recorded
         default["epoch_choice"] = "exact"  # runs before the choice existed
         default["dim_share"] = 0.0  # runs before the -dim step existed
-        default["level_weights"] = "uniform"  # runs before the levels could be weighed
         was = {k: old.config.get(k, default.get(k)) for k in set(old.config) | set(new)}
         if "orig" not in self.cfg.qualities:  # both plans draw alike without a listed `orig`
             was["quality_plan"] = new["quality_plan"]
@@ -502,11 +526,20 @@ class Distiller:
             )
         return parts
 
-    def train_step(self, ids: list[int], qualities: list[str], step: int) -> dict[str, float]:
-        """One optimizer step on a batch; returns the batch's loss terms."""
+    def train_step(
+        self,
+        ids: list[int],
+        qualities: list[str],
+        step: int,
+        crops: Sequence[tuple[float, float] | None] | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on a batch (each sample whole, or through its crop window);
+        returns the batch's loss terms."""
         if self.miner is not None:
             self.miner.maybe_refresh(step)
         inputs = [self.student_input(i, q) for i, q in zip(ids, qualities)]
+        if crops is not None:
+            inputs = [x if at is None else crop_view(x, self.cfg.crop_fraction, at) for x, at in zip(inputs, crops)]
         groups = group_by_shape(inputs)
         self.opt.zero_grad(set_to_none=True)
         logged: dict[str, float] = defaultdict(float)
@@ -536,18 +569,20 @@ class Distiller:
         return dict(logged)
 
     # -- epochs
-    def epoch_plan(self, epoch: int) -> tuple[list[int], dict[int, str]]:
-        """This process's image order for `epoch` and each image's quality (seeded, same for any world size)."""
+    def epoch_plan(self, epoch: int) -> tuple[list[int], dict[int, str], dict[int, tuple[float, float] | None]]:
+        """This process's image order for `epoch`, each image's quality and crop window
+        (seeded, the same for any world size)."""
         n = len(self.images)
         cfg = self.cfg
         quality = plan_qualities(
             cfg.qualities, cfg.orig_share, n, [cfg.seed, epoch, 7], cfg.conditions(), self.level_weights()
         )
+        crop = plan_crops(quality, cfg.crop_share, [cfg.seed, epoch, 11])
         order = self.train_ids[np.random.default_rng([self.cfg.seed, epoch, 3]).permutation(len(self.train_ids))]
         pad = (-len(order)) % self.ctx.world_size
         order = np.concatenate([order, order[:pad]])
         mine = order[self.ctx.rank :: self.ctx.world_size]
-        return [int(i) for i in mine], {int(i): quality[i] for i in mine}
+        return [int(i) for i in mine], {int(i): quality[i] for i in mine}, {int(i): crop[i] for i in mine}
 
     def level_weights(self) -> list[float] | None:
         """The draw of the degraded levels: None (uniform), or their probabilities from
@@ -557,7 +592,7 @@ class Distiller:
         return level_draw_weights(self.cfg.qualities, self.state.baseline)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        ids, quality = self.epoch_plan(epoch)
+        ids, quality, crop = self.epoch_plan(epoch)
         bs = self.cfg.batch_size
         sums: dict[str, float] = defaultdict(float)
         bar = tqdm(
@@ -568,7 +603,7 @@ class Distiller:
         )
         for b in range(0, len(ids), bs):
             batch = ids[b : b + bs]
-            out = self.train_step(batch, [quality[i] for i in batch], self.state.step)
+            out = self.train_step(batch, [quality[i] for i in batch], self.state.step, [crop[i] for i in batch])
             self.state.step += 1
             for k, v in out.items():
                 sums[k] += v
@@ -814,6 +849,7 @@ class Distiller:
             "grey_share": cfg.grey_share,
             "dim": {"share": cfg.dim_share, "factor": cfg.dim_factor},
             "mirror": cfg.mirror,
+            "crop": {"share": cfg.crop_share, "fraction": cfg.crop_fraction},
             "level_weights": {
                 "rule": cfg.level_weights,
                 **(

@@ -23,7 +23,9 @@ from vpr.train.distill import (
     DistillConfig,
     Distiller,
     camera_twins,
+    crop_view,
     level_draw_weights,
+    plan_crops,
     plan_qualities,
     run_distill,
 )
@@ -360,7 +362,53 @@ def test_a_run_weighs_its_levels_by_its_own_baseline(tmp_path):
     finally:
         ddp.shutdown(ctx)
     d.state.baseline = state["baseline"]
-    ids, quality = d.epoch_plan(1)
+    ids, quality, crop = d.epoch_plan(1)
     full = plan_qualities(qs, cfg.orig_share, len(d.images), [cfg.seed, 1, 7], [], [p[q] for q in qs])
     assert [quality[i] for i in ids] == [full[i] for i in ids]
     assert full != plan_qualities(qs, cfg.orig_share, len(d.images), [cfg.seed, 1, 7])
+    assert set(crop.values()) == {None}  # no crops unless asked for
+
+
+def test_crop_windows_of_the_prefix_maps():
+    x = torch.arange(2 * 10 * 20, dtype=torch.float32).reshape(2, 10, 20)
+    assert torch.equal(crop_view(x, 0.8, (0.0, 0.0)), x[:, :8, :16])  # top left
+    assert torch.equal(crop_view(x, 0.8, (0.999, 0.999)), x[:, 2:, 4:])  # bottom right
+    assert torch.equal(crop_view(x, 0.8, (0.5, 0.5)), x[:, 1:9, 2:18])
+    assert torch.equal(crop_view(x, 1.0, (0.7, 0.2)), x)
+    assert crop_view(x, 0.01, (0.5, 0.5)).shape == (2, 1, 1)
+    plan = plan_qualities(["h90-jpeg20", "h45-jpeg20"], 0.25, 20000, [0, 1, 7])
+    crops = plan_crops(plan, 0.5, [0, 1, 11])
+    assert crops == plan_crops(plan, 0.5, [0, 1, 11])  # seeded
+    assert all(c is None for q, c in zip(plan, crops) if q == "orig")  # full quality stays whole
+    degraded = [c for q, c in zip(plan, crops) if q != "orig"]
+    assert sum(c is not None for c in degraded) / len(degraded) == pytest.approx(0.5, abs=0.015)
+    tops = [c[0] for c in degraded if c is not None]
+    assert min(tops) >= 0 and max(tops) < 1 and np.mean(tops) == pytest.approx(0.5, abs=0.02)
+    assert plan_crops(plan, 0.0, [0, 1, 11]) == [None] * len(plan)
+
+
+def test_the_student_trains_on_the_crop_windows_and_keeps_whole_targets(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    teacher = tiny_teacher(home)
+    images = tmp_path / "imgs"
+    random_images(images, 10, size=(64, 48), seed=6)
+    cfg = DistillConfig(
+        teacher=teacher, name="s", qualities=["h48"], images=images, crop_share=1.0, batch_size=4, progress=False
+    )
+    ctx = ddp.init_distributed("cpu")
+    try:
+        d = Distiller(cfg, HomeSettings(home=home), ctx)
+        d._prepare(resume=False)
+        ids, quality, crop = d.epoch_plan(1)
+        assert all((c is None) == (quality[i] == "orig") for i, c in crop.items())
+        whole = d.student_input(ids[0], "h48")
+        shapes: list[tuple[int, ...]] = []
+        real = d.head_ddp.forward
+        monkeypatch.setattr(d.head_ddp, "forward", lambda x: shapes.append(tuple(x.shape)) or real(x))
+        d.total_steps = 1
+        out = d.train_step(ids[:2], ["h48", "h48"], 0, [(0.0, 0.0), None])
+    finally:
+        ddp.shutdown(ctx)
+    cropped = crop_view(whole, 0.8, (0.0, 0.0)).shape
+    assert sorted(shapes) == sorted([(1, *cropped), (1, *whole.shape)])  # one pass per shape
+    assert cropped[-1] < whole.shape[-1] and math.isfinite(out["loss"])
