@@ -84,6 +84,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "gap": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "baseline-loss"},
     # pre-registration 8: half the degraded samples seen through a shifted crop of 0.8 of each side
     "crop": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "crop_share": 0.5},
+    # pre-registration 9: a regional feature term beside the descriptor and the channel correlations
+    "regions": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "loss": "mse+ickd+regions"},
 }
 
 

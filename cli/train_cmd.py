@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated quality specs drawn per sample, e.g. orig,h240,h180-jpeg20,h120-jpeg20,h180-h264-qp40",
     )
     DISTILL.add(q, "--register", field="name", required=True, metavar="NAME", help="registry name of the student")
-    DISTILL.add(q, "--loss", help="'+'-joined set of mse, ickd, triplet")
+    DISTILL.add(q, "--loss", help="'+'-joined set of mse, ickd, regions, triplet")
     q.add_argument("--loss-weights", help="name=value pairs (mse=1,ickd=1) or numbers in loss order; default 1 each")
     DISTILL.add(
         q,

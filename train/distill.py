@@ -76,7 +76,7 @@ from vpr.train.distill_data import (
     split_student,
     trainable_names,
 )
-from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, triplet_loss
+from vpr.train.losses import DEFAULT_LOSS, LossSet, ickd_loss, mse_loss, parse_loss, region_loss, triplet_loss
 from vpr.train.mining import NegativeMiner, TripletConfig
 from vpr.train.run_state import RunFiles, RunState, load_optimizer, optimizer_tensors
 from vpr.train.validation import (
@@ -404,6 +404,7 @@ class Distiller:
             DescriptorCache(Path(cfg.cache_dir) if cfg.cache_dir else self.home.cache_dir) if disk else None,
             cfg.batch_size,
             cfg.progress,
+            regions="regions" in self.losses,
         )
         prefix_cache = (
             None if cfg.prefix_cache == "off" else TensorCache(budget, self.cache_folder / "prefix" if disk else None)
@@ -517,6 +518,8 @@ class Distiller:
             parts["mse"] = mse_loss(desc, self.targets.desc[ids].to(self.device))
         if "ickd" in self.losses:
             parts["ickd"] = ickd_loss(fmap, self.targets.grams(ids).to(self.device))
+        if "regions" in self.losses:
+            parts["regions"] = region_loss(fmap, self.targets.regions(ids).to(self.device))
         if "triplet" in self.losses:
             assert self.miner is not None  # _prepare makes a miner whenever the losses include triplet
             pos, neg, mask = self.miner.select(ids, desc, step)
@@ -660,6 +663,10 @@ class Distiller:
             if "ickd" in self.losses:
                 parts["ickd"] = torch.stack(
                     [ickd_loss(m.unsqueeze(0), self.targets.grams([i])) for i, m in zip(ids, maps)]
+                ).mean()
+            if "regions" in self.losses:
+                parts["regions"] = torch.stack(
+                    [region_loss(m.unsqueeze(0), self.targets.regions([i])) for i, m in zip(ids, maps)]
                 ).mean()
             loss = float(sum(self.losses.weight(k) * float(v) for k, v in parts.items()))
             per_quality[q] = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from vpr.model.preprocess import database_config, list_images, load_image, to_in
 from vpr.model.registry import LoadedModel
 from vpr.train import ddp
 from vpr.train.distill_cache import TensorCache
-from vpr.train.losses import channel_correlation
+from vpr.train.losses import channel_correlation, region_features
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ CACHE_VERSION = 1
 # descriptors under this name (part of the key): bump it when
 # `losses.channel_correlation` changes.
 GRAM = "gram-v1"
+REGIONS = "regions-4x4-v1"  # the name of `region_features` in the descriptor cache
 
 
 # ---- training images ---------------------------------------------------------------
@@ -210,11 +212,12 @@ class PrefixRunner:
 
 
 class TeacherTargets:
-    """Per training image, the teacher's descriptor and channel correlation of the original.
+    """Per training image, the teacher's descriptor and channel correlation of the
+    original, and its region features when the loss has the `regions` term.
 
-    Both come from one `describe` call (the teacher at `orig`, the correlation
-    as an extra of the same forward pass). With a cache (`prefix_cache="disk"`)
-    the correlations stay on disk and are read per batch; without, they are held in memory."""
+    All come from one `describe` call (the teacher at `orig`, the others as
+    extras of the same forward pass). With a cache (`prefix_cache="disk"`)
+    the extras stay on disk and are read per batch; without, they are held in memory."""
 
     def __init__(
         self,
@@ -224,11 +227,15 @@ class TeacherTargets:
         cache: DescriptorCache | None,
         batch_size: int = 8,
         progress: bool = True,
+        regions: bool = False,
     ) -> None:
         self.teacher, self.paths, self.device, self.cache = teacher, [Path(p) for p in paths], device, cache
         self.batch_size, self.progress = batch_size, progress
+        self.extras: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {GRAM: channel_correlation}
+        if regions:
+            self.extras[REGIONS] = region_features
         self.desc = torch.zeros(0)  # (N, D) once prepared
-        self._grams: np.ndarray | CachedRows | None = None
+        self._rows: dict[str, np.ndarray | CachedRows] = {}
         self.computed = self.cached = 0
 
     def _describe(self, paths: list[Path], show: bool) -> Described:
@@ -240,7 +247,7 @@ class TeacherTargets:
             batch_size=self.batch_size,
             device=self.device,
             progress="teacher" if (self.progress and show) else False,
-            extras={GRAM: channel_correlation},
+            extras=self.extras,
             resize=database_config,  # originals at their own size (policy `database`)
         )
 
@@ -255,12 +262,19 @@ class TeacherTargets:
         self.computed += out.computed
         self.cached = len(self.paths) - self.computed  # by this process: read, not computed
         self.desc = torch.from_numpy(out.desc)
-        self._grams = out.extras[GRAM]
+        self._rows = dict(out.extras)
+
+    def rows(self, extra: str, ids: list[int] | np.ndarray) -> torch.Tensor:
+        """The teacher's `extra` (GRAM, REGIONS) of images `ids`, stacked."""
+        if extra not in self._rows:
+            raise RuntimeError(f"teacher targets: no {extra} (call prepare() first; REGIONS needs regions=True)")
+        return torch.from_numpy(np.ascontiguousarray(self._rows[extra][np.asarray(ids, dtype=np.int64)]))
 
     def grams(self, ids: list[int] | np.ndarray) -> torch.Tensor:
-        if self._grams is None:
-            raise RuntimeError("teacher targets: call prepare() first")
-        return torch.from_numpy(np.ascontiguousarray(self._grams[np.asarray(ids, dtype=np.int64)]))
+        return self.rows(GRAM, ids)
+
+    def regions(self, ids: list[int] | np.ndarray) -> torch.Tensor:
+        return self.rows(REGIONS, ids)
 
     def stats(self) -> dict[str, int]:
         return {"computed": self.computed, "cached": self.cached}

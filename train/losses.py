@@ -6,6 +6,10 @@
   (Liu et al., "Exploring Inter-Channel Correlation for Diversity-preserved
   Knowledge Distillation", ICCV 2021), in a form that compares maps of
   different spatial sizes.
+- `regions`: the student's conv map against the teacher's of the original,
+  region by region: both pooled to a fixed grid, each region's channel vector
+  compared (feature distillation, as the "hints" of Romero et al., FitNets,
+  ICLR 2015, in a form that compares maps of different spatial sizes).
 - `triplet`: the weakly supervised triplet ranking loss of NetVLAD
   (Arandjelovic et al., CVPR 2016), with the student's descriptor as the
   anchor and the teacher's descriptors (what the served index holds) as the
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-LOSS_NAMES = ("mse", "ickd", "triplet")
+LOSS_NAMES = ("mse", "ickd", "regions", "triplet")
 DEFAULT_LOSS = "mse+ickd"
 EPS = 1e-12
 
@@ -85,6 +89,32 @@ def ickd_loss(student_map: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (gs - gt).pow(2).sum(dim=2).mean(dim=1).mean()
 
 
+REGION_GRID = (4, 4)  # rows x columns of `region_features`
+
+
+def region_features(fmap: torch.Tensor, grid: tuple[int, int] = REGION_GRID) -> torch.Tensor:
+    """Per region of a fixed grid, the L2-normalised mean channel vector of a conv map:
+    (B, C, h, w) -> (B, rows * columns, C). Maps of any size give the same grid
+    (adaptive average pooling), so a student's map of an upsampled query compares
+    with the teacher's of the original."""
+    if fmap.dim() != 4:
+        raise ValueError(f"regions: expected a (B, C, h, w) feature map, got shape {tuple(fmap.shape)}")
+    pooled = F.adaptive_avg_pool2d(fmap.float(), grid).flatten(2)  # (B, C, R)
+    return F.normalize(pooled.transpose(1, 2), p=2, dim=2, eps=EPS)
+
+
+def region_loss(student_map: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch and the regions of || r_S - r_T ||^2, with r from
+    `region_features` (unit vectors, so in [0, 4]). `teacher` is either the
+    teacher's map (B, C, h', w') or its precomputed region features (B, R, C),
+    which is what training caches."""
+    rs = region_features(student_map)
+    rt = teacher.float() if teacher.dim() == 3 else region_features(teacher)
+    if rs.shape != rt.shape:
+        raise ValueError(f"regions: student {tuple(rs.shape)} vs teacher {tuple(rt.shape)}; they must match")
+    return (rs - rt).pow(2).sum(dim=2).mean()
+
+
 def triplet_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,
@@ -136,7 +166,7 @@ class LossSet:
 
     @property
     def needs_maps(self) -> bool:
-        return "ickd" in self.terms
+        return "ickd" in self.terms or "regions" in self.terms
 
     @property
     def needs_descriptors(self) -> bool:
@@ -157,7 +187,7 @@ class LossSet:
 
 
 def parse_loss(spec: str, weights: str | dict[str, float] | None = None) -> LossSet:
-    """`mse`, `ickd+mse`, `mse+ickd+triplet`... -> LossSet (canonical order mse, ickd, triplet)."""
+    """`mse`, `ickd+mse`, `mse+ickd+triplet`... -> LossSet (canonical order mse, ickd, regions, triplet)."""
     names = [s.strip().lower() for s in str(spec).split("+")]
     if not spec or any(not n for n in names):
         raise ValueError(f"bad loss {spec!r}: expected terms joined by '+', e.g. {DEFAULT_LOSS}")

@@ -18,6 +18,8 @@ from vpr.train.losses import (
     mse_loss,
     parse_loss,
     parse_loss_weights,
+    region_features,
+    region_loss,
     triplet_loss,
 )
 
@@ -203,3 +205,26 @@ def test_gradients_flow_only_into_trainable_layers(config, trainable, expect_pre
     assert got == trainable_params
     assert all(n.startswith(expect_prefixes) for n in got)
     assert {p for p in expect_prefixes} == {next(e for e in expect_prefixes if n.startswith(e)) for n in got}
+
+
+def test_regions_compare_where_features_are_not_only_which():
+    torch.manual_seed(0)
+    fmap = torch.relu(torch.randn(2, 16, 8, 12))
+    r = region_features(fmap)
+    assert r.shape == (2, 16, 16) and torch.allclose(r.norm(dim=2), torch.ones(2, 16))
+    # by hand: region (0, 0) is the mean of the top-left 2x3 cells, normalised
+    assert torch.allclose(r[:, 0], F.normalize(fmap[:, :, :2, :3].mean(dim=(2, 3)), dim=1), atol=1e-6)
+    assert region_loss(fmap, fmap.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    assert region_loss(fmap, r).item() == pytest.approx(0.0, abs=1e-7)  # precomputed targets, as training caches
+    # a 2x nearest-upsampled copy (an upsampled query's map) has the same regions
+    up = F.interpolate(fmap, scale_factor=2, mode="nearest")
+    assert region_loss(up, fmap).item() == pytest.approx(0.0, abs=1e-6)
+    # the same features in other places: the channel correlations cannot tell, the regions can
+    flipped = fmap.flip(-1)
+    assert ickd_loss(flipped, fmap).item() == pytest.approx(0.0, abs=1e-6)
+    assert region_loss(flipped, fmap).item() > 0.01
+    assert 0 <= region_loss(torch.relu(torch.randn(2, 16, 8, 12)), fmap).item() <= 4
+    with pytest.raises(ValueError, match="must match"):
+        region_loss(fmap, region_features(fmap[:, :8]))
+    assert parse_loss("regions+mse").terms == ("mse", "regions") and parse_loss("mse+ickd").needs_maps
+    assert parse_loss("mse+regions").needs_maps and not parse_loss("mse").needs_maps

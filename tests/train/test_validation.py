@@ -412,3 +412,28 @@ def test_the_student_trains_on_the_crop_windows_and_keeps_whole_targets(tmp_path
     cropped = crop_view(whole, 0.8, (0.0, 0.0)).shape
     assert sorted(shapes) == sorted([(1, *cropped), (1, *whole.shape)])  # one pass per shape
     assert cropped[-1] < whole.shape[-1] and math.isfinite(out["loss"])
+
+
+def test_a_run_with_the_regions_term_reads_the_teachers_regions(tmp_path):
+    home = tmp_path / "home"
+    teacher = tiny_teacher(home)
+    images = tmp_path / "imgs"
+    random_images(images, 10, size=(64, 48), seed=6)
+    cfg = DistillConfig(
+        teacher=teacher,
+        name="s",
+        qualities=["h24-jpeg20"],
+        images=images,
+        epochs=1,
+        batch_size=4,
+        loss="mse+ickd+regions",
+        progress=False,
+    )
+    res = run_distill(cfg, HomeSettings(home=home))
+    state = json.loads((res.run_dir / "state.json").read_text())
+    val = state["baseline"]["per_quality"]["h24-jpeg20"]
+    assert val["regions"] > 0 and val["val_loss"] == pytest.approx(val["mse"] + val["ickd"] + val["regions"])
+    assert state["baseline"]["per_quality"]["orig"]["regions"] == pytest.approx(0.0, abs=1e-5)  # the teacher itself
+    assert res.history[0]["regions"] > 0
+    details = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)["details"]
+    assert details["losses"] == {"mse": 1.0, "ickd": 1.0, "regions": 1.0}
