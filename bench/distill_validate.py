@@ -1,11 +1,13 @@
 """Choose the distillation recipe on a validation split, never on test queries (issue 12).
 
-The validation data is the database traversal only: small-image Gardens Point
-`day_left` (160x90, as `beyond_gardens.py --dataset small-gardens` makes it).
+The validation data is the database traversal only: Gardens Point `day_left`,
+either small (`--size small`, the default: 160x90, as `beyond_gardens.py
+--dataset small-gardens` makes it, at the small set's levels) or as it is
+(`--size full`: 960x540, which the teacher describes at 640 px, at the 640 px
+headline's levels, where small queries are upsampled 3x as in the test).
 Its even frames are the training images and the database, its odd frames the
-queries, degraded at the small set's levels; a query is right when its first
-match is within +-2 frames (the dataset's own tolerance). No `day_right` or
-`night_right` image is read.
+queries; a query is right when its first match is within +-2 frames (the
+dataset's own tolerance). No `day_right` or `night_right` image is read.
 
 Per candidate recipe (one change from the `DistillConfig` defaults) and seed:
 a student is distilled label-free from a teacher clustered on the even frames
@@ -13,7 +15,7 @@ only, exactly as `vpr train distill` would (held-out validation inside the run,
 early stop); then recall@1 of teacher and student on the odd frames at each
 level, through THE description path and THE recall function, with the size
 rule an index applies. The candidates and the adoption rule were written down
-before the first run (docs/BENCHMARKS.md, issue 12).
+before the first run (docs/PREREGISTRATIONS.md).
 
     nice -n 5 .venv/bin/python bench/distill_validate.py --threads 2 --json bench/results/distill_validate.json
 """
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from beyond_gardens import SMALL_LEVELS, get_teacher, loadavg, setup, small_gardens
+from distill_gardens import QUALITIES as FULL_LEVELS
 
 from vpr.describe.cache import DescriptorCache
 from vpr.describe.describe import describe, describe_many
@@ -113,7 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gardens", type=Path, default=SHARED / "datasets" / "gardens_point_walking")
     p.add_argument("--weights", type=Path, default=SHARED / "weights" / "vgg16_imagenet_caffe_features.safetensors")
-    p.add_argument("--home", type=Path, default=REPO / "var" / "bench-validate")
+    p.add_argument(
+        "--size",
+        choices=["small", "full"],
+        default="small",
+        help="small: day_left at 160x90 and the small set's levels; full: day_left as it is (the teacher "
+        "describes it at 640 px) and the 640 px headline's levels",
+    )
+    p.add_argument("--home", type=Path, help="default: var/bench-validate (small) or var/bench-validate-full")
     p.add_argument("--samples", type=int, default=50_000, help="local features for k-means")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="names from CANDIDATES, or a+b combinations")
     p.add_argument("--seeds", default="0,1")
@@ -122,13 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     setup(args)
+    args.home = args.home or REPO / "var" / ("bench-validate" if args.size == "small" else "bench-validate-full")
     home = HomeSettings(home=args.home)
     reg = Registry(home.models_dir)
-    small = small_gardens(args.gardens, args.home / "data", (160, 90))
-    train_dir, val_dir = split(Path(small["day_right"].database[0].path).parent, args.home / "data")
+    if args.size == "small":
+        day_left = Path(small_gardens(args.gardens, args.home / "data", (160, 90))["day_right"].database[0].path).parent
+    else:
+        day_left = args.gardens / "day_left"
+    train_dir, val_dir = split(day_left, args.home / "data")
     train, val = list_images(train_dir), list_images(val_dir)
     pos = positives(len(train), len(val))
-    levels = [str(q) for q in parse_qualities(SMALL_LEVELS)]
+    levels = [str(q) for q in parse_qualities(SMALL_LEVELS if args.size == "small" else FULL_LEVELS) if q != "orig"]
     twins = [str(in_condition(q, args.twins)) for q in levels] if args.twins else []
     qualities = ["orig", *levels, *twins]
     report: dict[str, Any] = {
@@ -138,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "loadavg_start": loadavg(),
+        "size": args.size,
         "train_images": len(train),
         "val_queries": len(val),
         "qualities": qualities,
