@@ -259,6 +259,11 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, cfg: DistillConfig) -
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
 
 
+def degraded_levels(qualities: list[str]) -> list[str]:
+    """The listed qualities the plan draws from when it does not draw `orig`."""
+    return [q for q in qualities if q != "orig"]
+
+
 def plan_qualities(
     qualities: list[str],
     orig_share: float,
@@ -279,7 +284,7 @@ def plan_qualities(
     at full quality only; a list without it draws as it always did."""
     from vpr.media.degrade import in_condition
 
-    degraded = [q for q in qualities if q != "orig"]
+    degraded = degraded_levels(qualities)
     if not degraded:
         return ["orig"] * n
     rng = np.random.default_rng(seed)
@@ -320,7 +325,7 @@ def level_draw_weights(qualities: list[str], baseline: dict[str, Any] | None) ->
     `qualities` (list order), proportional to the baseline validation's held-out
     loss at that level (`Distiller.validate` before training: the teacher on
     degraded inputs against itself on the originals). Uniform if every loss is 0."""
-    degraded = [q for q in qualities if q != "orig"]
+    degraded = degraded_levels(qualities)
     per_quality = (baseline or {}).get("per_quality") or {}
     missing = [q for q in degraded if q not in per_quality]
     if missing:
@@ -793,10 +798,8 @@ class Distiller:
             log.info("before training: %s", json.dumps({k: v for k, v in (val or {}).items() if k != "per_quality"}))
             weights = self.level_weights()
             if weights is not None:
-                degraded = [q for q in self.cfg.qualities if q != "orig"]
-                log.info(
-                    "levels drawn by baseline loss: %s", ", ".join(f"{q} {w:.2f}" for q, w in zip(degraded, weights))
-                )
+                drawn = zip(degraded_levels(self.cfg.qualities), weights)
+                log.info("levels drawn by baseline loss: %s", ", ".join(f"{q} {w:.2f}" for q, w in drawn))
         ddp.barrier(self.ctx)
 
     def _metrics(self, train: dict[str, float], val: dict[str, Any] | None) -> dict[str, Any]:
@@ -839,6 +842,7 @@ class Distiller:
 
     def _details(self) -> dict[str, Any]:
         cfg = self.cfg
+        levels, weights = degraded_levels(cfg.qualities), self.level_weights()
         return {
             "source": "distill",
             "teacher": str(self.teacher.ref),
@@ -857,14 +861,7 @@ class Distiller:
             "dim": {"share": cfg.dim_share, "factor": cfg.dim_factor},
             "mirror": cfg.mirror,
             "crop": {"share": cfg.crop_share, "fraction": cfg.crop_fraction},
-            "level_weights": {
-                "rule": cfg.level_weights,
-                **(
-                    {"p": dict(zip([q for q in cfg.qualities if q != "orig"], w))}
-                    if (w := self.level_weights())
-                    else {}
-                ),
-            },
+            "level_weights": {"rule": cfg.level_weights, **({"p": dict(zip(levels, weights))} if weights else {})},
             "description": self.description,
             "student_input_side": self.input_side,
             "losses": self.losses.describe(),

@@ -35,7 +35,7 @@ from vpr.model.preprocess import database_config, list_images, load_image, to_in
 from vpr.model.registry import LoadedModel
 from vpr.train import ddp
 from vpr.train.distill_cache import TensorCache
-from vpr.train.losses import channel_correlation, region_features
+from vpr.train.losses import REGION_GRID, channel_correlation, region_features
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ CACHE_VERSION = 1
 # descriptors under this name (part of the key): bump it when
 # `losses.channel_correlation` changes.
 GRAM = "gram-v1"
-REGIONS = "regions-4x4-v1"  # the name of `region_features` in the descriptor cache
+REGIONS = f"regions-{REGION_GRID[0]}x{REGION_GRID[1]}-v1"  # `losses.region_features` in the descriptor cache
 
 
 # ---- training images ---------------------------------------------------------------
