@@ -83,22 +83,9 @@ def test_neighbours_rule_leaves_the_held_out_images_out_and_asks_for_a_neighbour
 
 
 def test_a_run_with_the_neighbours_rule_records_it(tmp_path):
-    home = tmp_path / "home"
-    teacher = tiny_teacher(home)
-    images = tmp_path / "imgs"
-    random_images(images, 20, size=(64, 48), seed=7)
-    cfg = DistillConfig(
-        teacher=teacher,
-        name="s",
-        qualities=["h24"],
-        images=images,
-        epochs=1,
-        batch_size=4,
-        val_rule="neighbours",
-        progress=False,
-    )
-    res = run_distill(cfg, HomeSettings(home=home))
-    m = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)
+    home, cfg = tiny_run(tmp_path, n_images=20, seed=7, val_rule="neighbours")
+    res = run_distill(cfg, home)
+    m = Registry(home.models_dir).manifest(res.ref)
     assert m["details"]["validation"] == "neighbours" and m["details"]["val_images"] == 2
     assert res.history[0]["val"]["rule"] == "neighbours"
     assert 0.0 <= res.history[0]["val"]["recall@1"] <= 1.0
@@ -200,6 +187,15 @@ def tiny_teacher(home: Path) -> str:
     net = build_model(TINY_CONFIG)  # max_side 96, small_policy `database` (the default)
     net.netvlad.init_from_centroids(F.normalize(torch.randn(8, net.backbone.out_channels), dim=1).numpy(), alpha=10.0)
     return str(Registry(HomeSettings(home=home).models_dir).register("teacher", net, role="teacher"))
+
+
+def tiny_run(tmp_path: Path, n_images: int = 10, seed: int = 6, **settings) -> tuple[HomeSettings, DistillConfig]:
+    """A tiny teacher, `n_images` random images and a one-epoch run's config with `settings`."""
+    home = HomeSettings(home=tmp_path / "home")
+    images = tmp_path / "imgs"
+    random_images(images, n_images, size=(64, 48), seed=seed)
+    base: dict = dict(teacher=tiny_teacher(home.home), name="s", qualities=["h24"], images=images, epochs=1)
+    return home, DistillConfig(**{**base, "batch_size": 4, "progress": False, **settings})
 
 
 def test_student_inherits_the_size_rule_from_its_teacher(tmp_path):
@@ -331,34 +327,20 @@ def test_levels_drawn_in_proportion_to_the_baseline_loss():
 
 
 def test_a_run_weighs_its_levels_by_its_own_baseline(tmp_path):
-    home = tmp_path / "home"
-    teacher = tiny_teacher(home)
-    images = tmp_path / "imgs"
-    random_images(images, 10, size=(64, 48), seed=6)
     qs = ["h48", "h16-jpeg5"]
-    cfg = DistillConfig(
-        teacher=teacher,
-        name="s",
-        qualities=qs,
-        images=images,
-        epochs=1,
-        batch_size=4,
-        dim_share=0.0,
-        level_weights="baseline-loss",
-        progress=False,
-    )
-    res = run_distill(cfg, HomeSettings(home=home))
+    home, cfg = tiny_run(tmp_path, qualities=qs, dim_share=0.0, level_weights="baseline-loss")
+    res = run_distill(cfg, home)
     state = json.loads((res.run_dir / "state.json").read_text())
     losses = [state["baseline"]["per_quality"][q]["val_loss"] for q in qs]
     assert losses[1] > losses[0] > 0  # a 16 px JPEG 5 copy is further from the original than a 48 px one
-    details = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)["details"]
+    details = Registry(home.models_dir).manifest(res.ref)["details"]
     p = details["level_weights"]["p"]
     assert details["level_weights"]["rule"] == "baseline-loss"
     assert [p[q] for q in qs] == pytest.approx([x / sum(losses) for x in losses])
     # the run drew its epoch with those weights: the same plan as plan_qualities given them
     ctx = ddp.init_distributed("cpu")
     try:
-        d = Distiller(cfg, HomeSettings(home=home), ctx)
+        d = Distiller(cfg, home, ctx)
     finally:
         ddp.shutdown(ctx)
     d.state.baseline = state["baseline"]
@@ -388,16 +370,10 @@ def test_crop_windows_of_the_prefix_maps():
 
 
 def test_the_student_trains_on_the_crop_windows_and_keeps_whole_targets(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    teacher = tiny_teacher(home)
-    images = tmp_path / "imgs"
-    random_images(images, 10, size=(64, 48), seed=6)
-    cfg = DistillConfig(
-        teacher=teacher, name="s", qualities=["h48"], images=images, crop_share=1.0, batch_size=4, progress=False
-    )
+    home, cfg = tiny_run(tmp_path, qualities=["h48"], crop_share=1.0)
     ctx = ddp.init_distributed("cpu")
     try:
-        d = Distiller(cfg, HomeSettings(home=home), ctx)
+        d = Distiller(cfg, home, ctx)
         d._prepare(resume=False)
         ids, quality, crop = d.epoch_plan(1)
         assert all((c is None) == (quality[i] == "orig") for i, c in crop.items())
@@ -415,25 +391,12 @@ def test_the_student_trains_on_the_crop_windows_and_keeps_whole_targets(tmp_path
 
 
 def test_a_run_with_the_regions_term_reads_the_teachers_regions(tmp_path):
-    home = tmp_path / "home"
-    teacher = tiny_teacher(home)
-    images = tmp_path / "imgs"
-    random_images(images, 10, size=(64, 48), seed=6)
-    cfg = DistillConfig(
-        teacher=teacher,
-        name="s",
-        qualities=["h24-jpeg20"],
-        images=images,
-        epochs=1,
-        batch_size=4,
-        loss="mse+ickd+regions",
-        progress=False,
-    )
-    res = run_distill(cfg, HomeSettings(home=home))
+    home, cfg = tiny_run(tmp_path, qualities=["h24-jpeg20"], loss="mse+ickd+regions")
+    res = run_distill(cfg, home)
     state = json.loads((res.run_dir / "state.json").read_text())
     val = state["baseline"]["per_quality"]["h24-jpeg20"]
     assert val["regions"] > 0 and val["val_loss"] == pytest.approx(val["mse"] + val["ickd"] + val["regions"])
     assert state["baseline"]["per_quality"]["orig"]["regions"] == pytest.approx(0.0, abs=1e-5)  # the teacher itself
     assert res.history[0]["regions"] > 0
-    details = Registry(HomeSettings(home=home).models_dir).manifest(res.ref)["details"]
+    details = Registry(home.models_dir).manifest(res.ref)["details"]
     assert details["losses"] == {"mse": 1.0, "ickd": 1.0, "regions": 1.0}
