@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     train_dir, val_dir = split(day_left, args.home / "data")
     train, val = list_images(train_dir), list_images(val_dir)
     pos = positives(len(train), len(val))
-    levels = [str(q) for q in parse_qualities(SMALL_LEVELS if args.size == "small" else FULL_LEVELS) if str(q) != "orig"]
+    listed = parse_qualities(SMALL_LEVELS if args.size == "small" else FULL_LEVELS)
+    levels = [str(q) for q in listed if str(q) != "orig"]
     twins = [str(in_condition(q, args.twins)) for q in levels] if args.twins else []
     qualities = ["orig", *levels, *twins]
     report: dict[str, Any] = {
