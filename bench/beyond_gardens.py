@@ -99,16 +99,13 @@ def recipe_options(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     existed (a share 0, levels drawn uniformly), so that those runs keep their names."""
     given: dict[str, Any] = {}
     name = ""
-    for field, short in (("low_light_share", "ll"), ("grey_share", "g"), ("dim_share", "dim")):
+    shares = (("low_light_share", "ll"), ("grey_share", "g"), ("dim_share", "dim"), ("crop_share", "cr"))
+    for field, short in shares:
         value = getattr(args, field)
         if value is not None:
             given[field] = value
         share = DistillConfig.model_fields[field].default if value is None else value
         name += f"{short}{share:g}-" if share else ""
-    if args.crop_share is not None:
-        given["crop_share"] = args.crop_share
-    crop = DistillConfig.model_fields["crop_share"].default if args.crop_share is None else args.crop_share
-    name += f"cr{crop:g}-" if crop else ""
     if args.level_weights is not None:
         given["level_weights"] = args.level_weights
     draw = args.level_weights or DistillConfig.model_fields["level_weights"].default
