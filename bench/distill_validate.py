@@ -89,6 +89,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "crop": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "crop_share": 0.5},
     # pre-registration 9: a regional feature term beside the descriptor and the channel correlations
     "regions": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "loss": "mse+ickd+regions"},
+    # pre-registration 11: a schedule twice as long (scored on the full split, dark twins first)
+    "e20": {
+        "epochs": 20,
+        "epoch_choice": "within-noise",
+        "dim_share": 0.25,
+        "level_weights": "uniform",
+        "crop_share": 0.0,
+    },
 }
 
 
