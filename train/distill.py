@@ -109,10 +109,12 @@ class DistillConfig(BaseModel):
     loss: str = DEFAULT_LOSS
     loss_weights: dict[str, float] | None = None
     trainable: list[str] | None = None  # backbone blocks + netvlad/pca; None: backbone default + netvlad
-    # At most this many (the validation stops earlier). 10: on a validation split of the
-    # database traversal, with `within-noise`, every run registered its last of 5 epochs,
-    # and 10 scored higher by a rule fixed before the run (docs/BENCHMARKS.md, issue 12).
-    epochs: int = Field(10, ge=1)
+    # At most this many (the validation stops earlier); the cosine schedule spans them.
+    # 20: on validation splits of the database traversal every run registered its last
+    # epoch, at 5 and again at 10, and each doubling scored higher by a rule fixed before
+    # its run (docs/PREREGISTRATIONS.md 11; docs/BENCHMARKS.md, issue 12). It costs up to
+    # twice the training time of 10.
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)  # per process
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
