@@ -62,7 +62,7 @@ from vpr.describe.cache import DescriptorCache
 from vpr.describe.describe import describe, describe_many
 from vpr.evaluation.evaluate import NO_POSITIVE, first_positive_ranks, recall_from_ranks
 from vpr.index.meta import description_record
-from vpr.media.degrade import parse_qualities
+from vpr.media.degrade import codec_versions, parse_qualities
 from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import cpu_name
 from vpr.model.fileio import atomic_write_json, sha256_file
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "codecs": codec_versions(),
         "loadavg_start": loadavg(),
         "qualities": qualities,
     }

@@ -49,7 +49,7 @@ from beyond_gardens import LEVEL_WEIGHTS, recipe_options
 from vpr.data.datasets import PlaceDataset, open_dataset
 from vpr.describe.cache import DescriptorCache
 from vpr.evaluation.evaluate import evaluate
-from vpr.media.degrade import parse_qualities
+from vpr.media.degrade import codec_versions, parse_qualities
 from vpr.model.config import BackboneConfig, ModelConfig, NetVLADConfig, PreprocessConfig
 from vpr.model.extract import cpu_name
 from vpr.model.fileio import atomic_write_bytes, atomic_write_json, sha256_file
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "codecs": codec_versions(),
         "device": str(device),
         "loadavg_start": loadavg(),
     }

@@ -45,7 +45,7 @@ from vpr.describe.cache import DescriptorCache
 from vpr.describe.describe import describe, describe_many
 from vpr.evaluation.evaluate import first_positive_ranks, recall_from_ranks
 from vpr.index.meta import description_record
-from vpr.media.degrade import in_condition, parse_qualities
+from vpr.media.degrade import codec_versions, in_condition, parse_qualities
 from vpr.model.extract import cpu_name
 from vpr.model.fileio import atomic_write_json
 from vpr.model.preprocess import database_config, list_images, query_config
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "codecs": codec_versions(),
         "loadavg_start": loadavg(),
         "size": args.size,
         "train_images": len(train),

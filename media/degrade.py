@@ -169,6 +169,27 @@ def encoder_available(name: str) -> bool:
         return False
 
 
+def codec_versions() -> dict[str, str]:
+    """The libraries whose output a degraded copy is: Pillow (resampling, the light steps),
+    libjpeg(-turbo) and libwebp (image codecs), PyAV and FFmpeg's libavcodec (video codecs).
+    Another version may encode other bytes, so benchmark reports record these."""
+    import av
+    from PIL import __version__ as pillow
+    from PIL import features
+
+    def lib(name: str) -> str:
+        return str(features.version(name) or "absent")
+
+    turbo = features.check_feature("libjpeg_turbo")
+    return {
+        "pillow": pillow,
+        "jpeg": f"libjpeg-turbo {lib('libjpeg_turbo')}" if turbo else f"libjpeg {lib('jpg')}",
+        "webp": lib("webp"),
+        "av": str(av.__version__),
+        "libavcodec": ".".join(str(v) for v in av.library_versions["libavcodec"]),
+    }
+
+
 def _bad(spec: str, why: str) -> ValueError:
     return ValueError(f"bad quality spec {spec!r}: {why}")
 

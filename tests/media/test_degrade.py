@@ -300,3 +300,14 @@ def test_cli_degrade_bad_input(tmp_path: Path, capsys):
     assert "must not be the source folder" in capsys.readouterr().err
     assert main(["degrade", str(tmp_path / "nope"), str(tmp_path / "o"), "--quality", "h40"]) == 2
     assert "nope: not a folder" in capsys.readouterr().err
+
+
+def test_codec_versions_name_the_libraries_that_make_the_bytes():
+    import av
+    import PIL
+
+    v = dg.codec_versions()
+    assert set(v) == {"pillow", "jpeg", "webp", "av", "libavcodec"}
+    assert v["pillow"] == PIL.__version__ and v["av"] == str(av.__version__)
+    assert v["jpeg"].startswith(("libjpeg-turbo ", "libjpeg ")) and v["jpeg"].split()[-1][0].isdigit()
+    assert v["libavcodec"].count(".") == 2 and all(p.isdigit() for p in v["libavcodec"].split("."))
