@@ -97,6 +97,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "level_weights": "uniform",
         "crop_share": 0.0,
     },
+    # pre-registration 12: twice as long again
+    "e40": {
+        "epochs": 40,
+        "epoch_choice": "within-noise",
+        "dim_share": 0.25,
+        "level_weights": "uniform",
+        "crop_share": 0.0,
+    },
 }
 
 
