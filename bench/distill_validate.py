@@ -61,6 +61,9 @@ TOLERANCE = 2  # frames, as Gardens Point's ground truth
 # The first four ran when `exact` was the default epoch choice: pinned, so that they reproduce;
 # and all but the last before `-dim` existed: pinned to dim_share 0, as they ran.
 BEFORE_DIM = {"dim_share": 0.0}
+# From the sixth on, candidates that differ from the defaults of their time in the epochs only
+# pin those defaults, so that they reproduce after a default changes.
+AFTER_DIM = {"epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "uniform", "crop_share": 0.0}
 CANDIDATES: dict[str, dict[str, Any]] = {
     "base": {"epoch_choice": "exact", **BEFORE_DIM},
     "e15": {"epochs": 15, "epoch_choice": "exact", **BEFORE_DIM},
@@ -76,35 +79,17 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # the fifth: each training image's mirror as a second label-free view
     "mirror": {"epochs": 10, "epoch_choice": "within-noise", "mirror": True, **BEFORE_DIM},
     # the sixth: underexposed copies (-dim8) in the mix (scored with --twins dim8 as well); adopted
-    "dim": {
-        "epochs": 10,
-        "epoch_choice": "within-noise",
-        "dim_share": 0.25,
-        "level_weights": "uniform",
-        "crop_share": 0.0,
-    },
+    "dim": {"epochs": 10, **AFTER_DIM},
     # pre-registration 7 (docs/PREREGISTRATIONS.md): the degraded levels drawn by the baseline's held-out loss
     "gap": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "baseline-loss"},
     # pre-registration 8: half the degraded samples seen through a shifted crop of 0.8 of each side
     "crop": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "crop_share": 0.5},
     # pre-registration 9: a regional feature term beside the descriptor and the channel correlations
     "regions": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "loss": "mse+ickd+regions"},
-    # pre-registration 11: a schedule twice as long (scored on the full split, dark twins first)
-    "e20": {
-        "epochs": 20,
-        "epoch_choice": "within-noise",
-        "dim_share": 0.25,
-        "level_weights": "uniform",
-        "crop_share": 0.0,
-    },
+    # pre-registration 11: a schedule twice as long (scored on the full split, dark twins first); adopted
+    "e20": {"epochs": 20, **AFTER_DIM},
     # pre-registration 12: twice as long again
-    "e40": {
-        "epochs": 40,
-        "epoch_choice": "within-noise",
-        "dim_share": 0.25,
-        "level_weights": "uniform",
-        "crop_share": 0.0,
-    },
+    "e40": {"epochs": 40, **AFTER_DIM},
 }
 
 
