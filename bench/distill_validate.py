@@ -90,6 +90,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "e20": {"epochs": 20, **AFTER_DIM},
     # pre-registration 12: twice as long again
     "e40": {"epochs": 40, **AFTER_DIM},
+    # pre-registration 13: half the degraded samples underexposed
+    "dim50": {"epochs": 20, **AFTER_DIM, "dim_share": 0.5},
 }
 
 
