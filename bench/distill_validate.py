@@ -92,6 +92,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "e40": {"epochs": 40, **AFTER_DIM},
     # pre-registration 13: half the degraded samples underexposed
     "dim50": {"epochs": 20, **AFTER_DIM, "dim_share": 0.5},
+    # pre-registration 14: twice the learning rate over the same 20-epoch cosine
+    "lr2e-4": {"epochs": 20, **AFTER_DIM, "lr": 2e-4},
 }
 
 
