@@ -68,7 +68,7 @@ def test_distill_help_shows_the_models_defaults():
         assert f"default {_shown(value)}" in text, (dest, value)
         shown += 1
     assert shown >= 15  # epochs, lr, schedule, the triplet margins, ...
-    assert "(default 0.0001)" in text and "one of constant, cosine, step; default cosine" in text
+    assert "(default 0.0002)" in text and "one of constant, cosine, step; default cosine" in text
 
 
 def test_model_init_without_flags_is_model_config_defaults():
