@@ -69,6 +69,7 @@ AFTER_DIM = {
     "level_weights": "uniform",
     "crop_share": 0.0,
     "lr": 1e-4,  # the default until entry 14
+    "patience": 2,  # the default until entry 15
 }
 CANDIDATES: dict[str, dict[str, Any]] = {
     "base": {"epoch_choice": "exact", **BEFORE_DIM},
@@ -100,6 +101,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "dim50": {"epochs": 20, **AFTER_DIM, "dim_share": 0.5},
     # pre-registration 14: twice the learning rate over the same 20-epoch cosine
     "lr2e-4": {"epochs": 20, **AFTER_DIM, "lr": 2e-4},
+    # pre-registration 15: the whole schedule, the best epoch registered (scored on the small split)
+    "p-none": {"epochs": 20, **AFTER_DIM, "lr": 2e-4, "patience": None},
 }
 
 
