@@ -192,6 +192,9 @@ def get_student(home: HomeSettings, teacher: str, args: argparse.Namespace, db_d
     # the learning rate: named when it is not the one runs had before it changed (1e-4)
     lr = DistillConfig.model_fields["lr"].default
     parts += f"lr{lr:g}-" if lr != 1e-4 else ""
+    # the early stop: named when it is not the one runs had before it changed (patience 2)
+    patience = DistillConfig.model_fields["patience"].default
+    parts += f"p{patience}-" if patience != 2 else ""
     rule = {} if args.val_rule is None else {"val_rule": args.val_rule}
     run = f"{tag}-e{args.epochs}-{named}{parts}q{args.train_qualities}".replace(",", "_")
     cfg = DistillConfig(

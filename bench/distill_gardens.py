@@ -126,6 +126,9 @@ def run_tag(args: argparse.Namespace) -> str:
     # the epoch choice: named when it is not the one runs had before it existed ("exact")
     choice = DistillConfig.model_fields["epoch_choice"].default
     share += f"-c{choice}" if choice != "exact" else ""
+    # the early stop: named when it is not the one runs had before it changed (patience 2)
+    patience = DistillConfig.model_fields["patience"].default
+    share += f"-p{patience}" if patience != 2 else ""
     val = "d" if args.val_fraction is None else f"{args.val_fraction:g}"
     named = recipe_options(args)[1]  # the capture conditions in the mix and the levels' draw, named when on
     tag = (
