@@ -123,7 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="validation: 'self' (a held-out image finds its own original among all the images) or "
         "'neighbours' (held-out images left out; one must find a neighbour: harder, closer to a query)",
     )
-    DISTILL.add(q, "--patience", type=int, help="stop after this many epochs without a better validation score")
+    DISTILL.add(
+        q, "--patience", type=int, help="stop after this many epochs without a better validation score (default: off)"
+    )
     DISTILL.add(
         q,
         "--epoch-choice",

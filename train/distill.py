@@ -109,7 +109,7 @@ class DistillConfig(BaseModel):
     loss: str = DEFAULT_LOSS
     loss_weights: dict[str, float] | None = None
     trainable: list[str] | None = None  # backbone blocks + netvlad/pca; None: backbone default + netvlad
-    # At most this many (the validation stops earlier); the cosine schedule spans them.
+    # The schedule's length (with `patience` the validation may stop it earlier); the cosine spans it.
     # 20: on validation splits of the database traversal every run registered its last
     # epoch, at 5 and again at 10, and each doubling scored higher by a rule fixed before
     # its run (docs/PREREGISTRATIONS.md 11; docs/BENCHMARKS.md, issue 12). It costs up to
@@ -179,7 +179,12 @@ class DistillConfig(BaseModel):
     # "self": a held-out image must find its own original (or a neighbour) among all the images;
     # "neighbours": the held-out images are left out and one must find a neighbour (train.validation)
     val_rule: Literal["self", "neighbours"] = "self"
-    patience: int | None = Field(2, ge=1)  # stop after this many epochs without a better validation score
+    # Stop after this many epochs without a better validation score; None: train the whole
+    # schedule (the validation still chooses the registered epoch). None by default: with 2,
+    # a small held-out set ended runs while the learning rate was at its highest, and the
+    # whole schedule scored higher on a validation split by a rule fixed before the run
+    # (docs/PREREGISTRATIONS.md 15; docs/BENCHMARKS.md, issue 12).
+    patience: int | None = Field(None, ge=1)
     # How the best epoch is chosen (train.validation.improves): "exact" (highest held-out
     # recall@1, then the held-out loss) or "within-noise" (recalls within one standard
     # error count as tied and the held-out loss decides). "within-noise" won on a
