@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -290,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainable", default="conv5,netvlad")
     p.add_argument("--epochs", type=int, default=DistillConfig.model_fields["epochs"].default)
     p.add_argument("--lr", type=float, default=DistillConfig.model_fields["lr"].default)
-    schedules = ["constant", "cosine", "step"]
-    p.add_argument("--schedule", default=DistillConfig.model_fields["schedule"].default, choices=schedules)
+    schedule = DistillConfig.model_fields["schedule"]
+    p.add_argument("--schedule", default=schedule.default, choices=typing.get_args(schedule.annotation))
     p.add_argument("--batch-size", type=int, default=DistillConfig.model_fields["batch_size"].default)
     p.add_argument("--seed", type=int, default=0, help="training seed (quality draws, order)")
     p.add_argument("--teacher-seed", type=int, default=0, help="k-means seed of the teacher's clusters")
