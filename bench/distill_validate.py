@@ -58,41 +58,43 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TOLERANCE = 2  # frames, as Gardens Point's ground truth
 # Fixed before the first run (the pre-registration): one change each from the defaults.
-# The first four ran when `exact` was the default epoch choice: pinned, so that they reproduce;
-# and all but the last before `-dim` existed: pinned to dim_share 0, as they ran.
-BEFORE_DIM = {"dim_share": 0.0}
-# From the sixth on, candidates that differ from the defaults of their time in the epochs only
-# pin those defaults, so that they reproduce after a default changes.
+# Each candidate pins the defaults of its time that have changed since, so that it reproduces:
+# the learning rate and the early stop (until entries 14 and 15) for all of them; the 5 epochs
+# and `exact` epoch choice of the first ones; and dim_share 0 for all but the last before
+# `-dim` existed.
+UNTIL_14 = {"lr": 1e-4, "patience": 2}
+BEFORE_DIM = {"dim_share": 0.0, **UNTIL_14}
+FIRST = {"epochs": 5, "epoch_choice": "exact", **BEFORE_DIM}
+# From the sixth on: the defaults of that time.
 AFTER_DIM = {
     "epoch_choice": "within-noise",
     "dim_share": 0.25,
     "level_weights": "uniform",
     "crop_share": 0.0,
-    "lr": 1e-4,  # the default until entry 14
-    "patience": 2,  # the default until entry 15
+    **UNTIL_14,
 }
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "base": {"epoch_choice": "exact", **BEFORE_DIM},
-    "e15": {"epochs": 15, "epoch_choice": "exact", **BEFORE_DIM},
-    "lr3e-4": {"lr": 3e-4, "epoch_choice": "exact", **BEFORE_DIM},
-    "const": {"schedule": "constant", "epoch_choice": "exact", **BEFORE_DIM},
+    "base": FIRST,
+    "e15": {**FIRST, "epochs": 15},
+    "lr3e-4": {**FIRST, "lr": 3e-4},
+    "const": {**FIRST, "schedule": "constant"},
     # the second pre-registration: the epoch choice
-    "exact": {"epoch_choice": "exact", **BEFORE_DIM},
-    "within-noise": {"epoch_choice": "within-noise", **BEFORE_DIM},
+    "exact": FIRST,
+    "within-noise": {**FIRST, "epoch_choice": "within-noise"},
     # the third: longer training under the adopted epoch choice
-    "e10": {"epochs": 10, "epoch_choice": "within-noise", **BEFORE_DIM},
+    "e10": {**BEFORE_DIM, "epochs": 10, "epoch_choice": "within-noise"},
     # the fourth: monochrome copies in the mix (scored with --twins grey as well)
-    "grey": {"epochs": 10, "epoch_choice": "within-noise", "grey_share": 0.25, **BEFORE_DIM},
+    "grey": {**BEFORE_DIM, "epochs": 10, "epoch_choice": "within-noise", "grey_share": 0.25},
     # the fifth: each training image's mirror as a second label-free view
-    "mirror": {"epochs": 10, "epoch_choice": "within-noise", "mirror": True, **BEFORE_DIM},
+    "mirror": {**BEFORE_DIM, "epochs": 10, "epoch_choice": "within-noise", "mirror": True},
     # the sixth: underexposed copies (-dim8) in the mix (scored with --twins dim8 as well); adopted
     "dim": {"epochs": 10, **AFTER_DIM},
     # pre-registration 7 (docs/PREREGISTRATIONS.md): the degraded levels drawn by the baseline's held-out loss
-    "gap": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "level_weights": "baseline-loss"},
+    "gap": {"epochs": 10, **AFTER_DIM, "level_weights": "baseline-loss"},
     # pre-registration 8: half the degraded samples seen through a shifted crop of 0.8 of each side
-    "crop": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "crop_share": 0.5},
+    "crop": {"epochs": 10, **AFTER_DIM, "crop_share": 0.5},
     # pre-registration 9: a regional feature term beside the descriptor and the channel correlations
-    "regions": {"epochs": 10, "epoch_choice": "within-noise", "dim_share": 0.25, "loss": "mse+ickd+regions"},
+    "regions": {"epochs": 10, **AFTER_DIM, "loss": "mse+ickd+regions"},
     # pre-registration 11: a schedule twice as long (scored on the full split, dark twins first); adopted
     "e20": {"epochs": 20, **AFTER_DIM},
     # pre-registration 12: twice as long again
